@@ -1,0 +1,1 @@
+"""The stateful things qcrash compares: the reference disk model and the qcow2 implementation."""

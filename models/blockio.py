@@ -1,0 +1,180 @@
+"""The block-file seam: the one protocol through which every host read, write and flush of an image passes.
+
+Everything the qcow2 implementation does to its host file goes through a `BlockFile`.
+That is what lets the fault-injecting layer (`harness.faultfile`) sit underneath and
+record, drop, tear or truncate host operations. Every write names its *write site*
+(which on-disk structure it updates), so crash points and findings can be told apart
+by what was being written.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+from typing import Protocol, runtime_checkable
+
+
+class WriteSite(enum.StrEnum):
+    """What a host write updates; mirrors QEMU's BLKDBG_* events at the level qcrash needs."""
+
+    HEADER = "header"  # cluster 0 rewrite (qcow2_update_header)
+    DIRTY_BIT = "dirty-bit"  # the 8-byte incompatible_features field (mark_dirty)
+    REFTABLE_SWITCH = "reftable-switch"  # header bytes 48..59: new refcount table location
+    L1 = "l1"  # one active L1 entry, or the whole L1 at create time
+    L2 = "l2"  # an L2 table written back from the metadata cache
+    L2_ALLOC = "l2-alloc"  # a freshly allocated L2 table's first write
+    REFBLOCK = "refblock"  # a refcount block written back from the metadata cache
+    REFBLOCK_ALLOC = "refblock-alloc"  # a freshly allocated refcount block's first write
+    REFTABLE = "reftable"  # one refcount-table entry (refblock hookup)
+    REFTABLE_GROW = "reftable-grow"  # a whole new, larger refcount table
+    DATA = "data"  # guest data
+    REPAIR = "repair"  # a write made by check/repair
+    CREATE = "create"  # writes that lay out a fresh image
+    OTHER = "other"
+
+
+@runtime_checkable
+class BlockFile(Protocol):
+    """A byte-addressed host file. Reads past the end return only what exists."""
+
+    name: str
+
+    def pread(self, offset: int, length: int) -> bytes: ...
+
+    def pwrite(self, offset: int, data: bytes, site: WriteSite = WriteSite.OTHER) -> None: ...
+
+    def flush(self) -> None: ...
+
+    def truncate(self, size: int) -> None: ...
+
+    def size(self) -> int: ...
+
+
+def read_exact(f: BlockFile, offset: int, length: int) -> bytes:
+    """Read `length` bytes, padding with zeros past the end of the file (qcow2 reads holes as 0)."""
+    data = f.pread(offset, length)
+    if len(data) < length:
+        data += bytes(length - len(data))
+    return data
+
+
+class MemoryFile:
+    """An in-memory host file: the fast default for fuzzing."""
+
+    def __init__(self, data: bytes | bytearray = b"", name: str = "<memory>") -> None:
+        self.buf = bytearray(data)
+        self.name = name
+
+    def pread(self, offset: int, length: int) -> bytes:
+        _check_range(self.name, offset, length)
+        return bytes(self.buf[offset : offset + length])
+
+    def pwrite(self, offset: int, data: bytes, site: WriteSite = WriteSite.OTHER) -> None:
+        _check_range(self.name, offset, len(data))
+        end = offset + len(data)
+        if end > len(self.buf):
+            self.buf.extend(bytes(end - len(self.buf)))
+        self.buf[offset:end] = data
+
+    def flush(self) -> None:
+        pass
+
+    def truncate(self, size: int) -> None:
+        _check_range(self.name, size, 0)
+        if size < len(self.buf):
+            del self.buf[size:]
+        else:
+            self.buf.extend(bytes(size - len(self.buf)))
+
+    def size(self) -> int:
+        return len(self.buf)
+
+    def getvalue(self) -> bytes:
+        return bytes(self.buf)
+
+
+class OsFile:
+    """A real file, through os.pread / os.pwrite / os.fdatasync."""
+
+    def __init__(self, path: str | os.PathLike[str], *, readonly: bool = False, create: bool = False) -> None:
+        self.name = os.fspath(path)
+        flags = os.O_RDONLY if readonly else os.O_RDWR
+        if create:
+            flags |= os.O_CREAT | os.O_TRUNC
+        self.fd = os.open(self.name, flags, 0o644)
+
+    def pread(self, offset: int, length: int) -> bytes:
+        _check_range(self.name, offset, length)
+        chunks = []
+        while length > 0:
+            chunk = os.pread(self.fd, length, offset)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            offset += len(chunk)
+            length -= len(chunk)
+        return b"".join(chunks)
+
+    def pwrite(self, offset: int, data: bytes, site: WriteSite = WriteSite.OTHER) -> None:
+        _check_range(self.name, offset, len(data))
+        view = memoryview(data)
+        while view:
+            n = os.pwrite(self.fd, view, offset)
+            view = view[n:]
+            offset += n
+
+    def flush(self) -> None:
+        os.fdatasync(self.fd)
+
+    def truncate(self, size: int) -> None:
+        os.ftruncate(self.fd, size)
+
+    def size(self) -> int:
+        return os.fstat(self.fd).st_size
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+class CountingFile:
+    """A pass-through wrapper that counts host writes and flushes by write site (for cost tests and benchmarks)."""
+
+    def __init__(self, inner: BlockFile) -> None:
+        self.inner = inner
+        self.name = inner.name
+        self.writes: list[WriteSite] = []
+        self.flushes = 0
+        self.trace: list[str] = []
+
+    def pread(self, offset: int, length: int) -> bytes:
+        return self.inner.pread(offset, length)
+
+    def pwrite(self, offset: int, data: bytes, site: WriteSite = WriteSite.OTHER) -> None:
+        self.writes.append(site)
+        self.trace.append(str(site))
+        self.inner.pwrite(offset, data, site)
+
+    def flush(self) -> None:
+        self.flushes += 1
+        self.trace.append("F")
+        self.inner.flush()
+
+    def truncate(self, size: int) -> None:
+        self.trace.append("T")
+        self.inner.truncate(size)
+
+    def size(self) -> int:
+        return self.inner.size()
+
+    def reset(self) -> None:
+        self.writes.clear()
+        self.flushes = 0
+        self.trace.clear()
+
+
+def _check_range(name: str, offset: int, length: int) -> None:
+    # A negative offset would silently index from the end of a bytearray.
+    if offset < 0 or length < 0:
+        raise ValueError(f"{name}: invalid host range offset={offset} length={length}: must be non-negative")
