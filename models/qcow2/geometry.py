@@ -1,0 +1,95 @@
+"""Typed offsets and the cluster geometry helpers, named as in qcow2.h; no bare shifts outside this module."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import NewType
+
+GuestOffset = NewType("GuestOffset", int)
+HostOffset = NewType("HostOffset", int)
+GuestCluster = NewType("GuestCluster", int)
+HostCluster = NewType("HostCluster", int)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Geometry:
+    cluster_bits: int
+    refcount_order: int
+
+    @property
+    def cluster_size(self) -> int:
+        return 1 << self.cluster_bits
+
+    @property
+    def l2_entries(self) -> int:
+        return self.cluster_size // 8
+
+    @property
+    def refcount_bits(self) -> int:
+        return 1 << self.refcount_order
+
+    @property
+    def refcount_max(self) -> int:
+        return (1 << self.refcount_bits) - 1
+
+    @property
+    def refblock_entries(self) -> int:
+        return self.cluster_size * 8 // self.refcount_bits
+
+    def offset_into_cluster(self, offset: int) -> int:
+        return offset & (self.cluster_size - 1)
+
+    def start_of_cluster(self, offset: int) -> int:
+        return offset & ~(self.cluster_size - 1)
+
+    def size_to_clusters(self, size: int) -> int:
+        return (size + self.cluster_size - 1) >> self.cluster_bits
+
+    def offset_to_cluster(self, offset: int) -> HostCluster:
+        return HostCluster(offset >> self.cluster_bits)
+
+    def cluster_to_offset(self, cluster: int) -> HostOffset:
+        return HostOffset(cluster << self.cluster_bits)
+
+    def offset_to_l1_index(self, offset: GuestOffset) -> int:
+        return offset >> (self.cluster_bits + self.cluster_bits - 3)
+
+    def offset_to_l2_index(self, offset: GuestOffset) -> int:
+        return (offset >> self.cluster_bits) & (self.l2_entries - 1)
+
+    def size_to_l1(self, size: int) -> int:
+        """L1 entries needed for a virtual size (QEMU size_to_l1)."""
+        shift = self.cluster_bits + self.cluster_bits - 3
+        return (size + (1 << shift) - 1) >> shift
+
+    def reftable_index(self, cluster: int) -> int:
+        return cluster // self.refblock_entries
+
+    def refblock_index(self, cluster: int) -> int:
+        return cluster % self.refblock_entries
+
+    def is_aligned(self, offset: int) -> bool:
+        return self.offset_into_cluster(offset) == 0
+
+
+def get_refcount(block: bytes | bytearray, index: int, order: int) -> int:
+    """Read entry `index` of a refcount block of width 1 << order (sub-byte widths: bit 0 at the LSB)."""
+    if order < 3:
+        bits = 1 << order
+        per_byte = 8 // bits
+        return (block[index // per_byte] >> ((index % per_byte) * bits)) & ((1 << bits) - 1)
+    width = 1 << (order - 3)
+    return int.from_bytes(block[index * width : (index + 1) * width], "big")
+
+
+def set_refcount(block: bytearray, index: int, order: int, value: int) -> None:
+    if order < 3:
+        bits = 1 << order
+        per_byte = 8 // bits
+        shift = (index % per_byte) * bits
+        mask = ((1 << bits) - 1) << shift
+        pos = index // per_byte
+        block[pos] = (block[pos] & ~mask) | ((value << shift) & mask)
+        return
+    width = 1 << (order - 3)
+    block[index * width : (index + 1) * width] = value.to_bytes(width, "big")
