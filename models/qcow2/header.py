@@ -131,8 +131,8 @@ def cluster0_bytes(hdr: Header, extensions: list[HeaderExtension]) -> bytes:
     for ext in extensions:
         if ext.type != spec.EXT_FEATURE_TABLE:
             out += ext.pack()
-    # QEMU writes the feature-name table only when cluster_size > 4096.
-    if cs > 4096:
+    # QEMU writes the feature-name table only for v3 and when cluster_size > 4096.
+    if hdr.version >= 3 and cs > 4096:
         out += feature_table_extension().pack()
     out += bytes(8)  # end marker
     out += bytes(cs - len(out))

@@ -75,21 +75,25 @@ class RefcountMixin:
         """Allocate `n` contiguous clusters (refcounts raised in the cache); return the host offset."""
         while True:
             start = self._find_free(n)
-            # Making refcount blocks for the range consumes clusters, so search again after it.
-            if not self._ensure_refblocks(start, n):
+            hint = self.free_cluster_index
+            # As QEMU's alloc_clusters_noref: the hint moves past the range first, so refcount
+            # blocks made for the range land after it.
+            self.free_cluster_index = start + n
+            self._ensure_refblocks(start, n)
+            if not any(self.refcount(c) for c in range(start, start + n)):
                 break
+            self.free_cluster_index = hint  # a new block landed inside the range: search again
         for c in range(start, start + n):
             self._update_refcount(c, +1)
-        if start == self.free_cluster_index:
-            self.free_cluster_index = start + n
         return self.geo.cluster_to_offset(start)
 
-    def _ensure_refblocks(self, start: int, n: int) -> bool:
-        for ri in range(self.geo.reftable_index(start), self.geo.reftable_index(start + n - 1) + 1):
-            if not self._has_refblock(ri):
-                self._alloc_refblock(ri)
-                return True
-        return False
+    def _ensure_refblocks(self, start: int, n: int) -> None:
+        ri = self.geo.reftable_index(start)
+        while ri <= self.geo.reftable_index(start + n - 1):
+            if self._has_refblock(ri):
+                ri += 1
+            else:
+                self._alloc_refblock(ri)  # may allocate another range's block first; look again
 
     def _alloc_refblock(self, ri: int) -> None:
         if ri >= len(self.reftable):
