@@ -268,6 +268,24 @@ class Qcow2Image(RefcountMixin):
         """Whether the guest cluster holding `guest` maps to a data cluster (for judging foreign data)."""
         return self._lookup(guest)[1] is ClusterType.NORMAL
 
+    def allocated_guest_clusters(self) -> list[int]:
+        """Guest offsets of every cluster that maps to host data (NORMAL entries), in guest order."""
+        out = []
+        cs, per_l2 = self.geo.cluster_size, self.geo.l2_entries
+        for i in range(len(self.l1)):
+            l2_off = self._l2_table_offset(i)
+            if not l2_off:
+                continue
+            table = self.l2cache.get(l2_off)
+            for j in range(per_l2):
+                guest = (i * per_l2 + j) * cs
+                if guest >= self.hdr.size:
+                    break
+                entry = get_entry(table, j)
+                if entry and l2_cluster_type(entry, self.hdr.version) is ClusterType.NORMAL:
+                    out.append(guest)
+        return out
+
     def _l2_for_write(self, guest: int) -> tuple[int, bytearray]:
         """The L2 table for a guest offset, allocating it (R F L2 F L1 F, as QEMU's l2_allocate) if missing."""
         l1_index = self.geo.offset_to_l1_index(guest)

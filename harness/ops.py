@@ -1,0 +1,189 @@
+"""Workload operations as small serialisable values whose repr is valid Python, and their random generation."""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+from typing import Union
+
+from harness.config import Config
+
+SECTOR = 512
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Write:
+    offset: int
+    length: int
+    seed: int = 0
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class WriteZeroes:
+    offset: int
+    length: int
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Discard:
+    offset: int
+    length: int
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Read:
+    offset: int
+    length: int
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Flush:
+    pass
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Reopen:
+    """Clean close and open again, optionally switching lazy refcounts and the cache mode."""
+
+    lazy_refcounts: bool | None = None
+    cache_mode: str | None = None
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Crash:
+    """Crash at host-op `point` of the current log under `policy`, taking enumerated state `state`.
+
+    `point` and `state` are reduced modulo what exists, so any integers are valid (and shrink well).
+    """
+
+    point: int = -1  # negative counts back from the end: -1 = after the last host op
+    policy: str = "subsets"
+    state: int = 0
+    crash_id: str | None = None  # an exact crash-state id (as printed in findings); overrides the three above
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Check:
+    pass
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Repair:
+    mode: str = "all"
+
+
+Op = Union[Write, WriteZeroes, Discard, Read, Flush, Reopen, Crash, Check, Repair]
+OP_TYPES: dict[str, type] = {cls.__name__: cls for cls in (Write, WriteZeroes, Discard, Read, Flush, Reopen, Crash, Check, Repair)}
+GUEST_OPS = (Write, WriteZeroes, Discard, Flush)
+
+
+class OpError(ValueError):
+    """An operation value breaks a rule; the message names the op, the field, the value and the rule."""
+
+
+def op_to_dict(op: Op) -> dict:
+    return {"op": type(op).__name__, **dataclasses.asdict(op)}
+
+
+def op_from_dict(data: dict, where: str = "op") -> Op:
+    if not isinstance(data, dict) or "op" not in data:
+        raise OpError(f"{where}: must be an object with an 'op' field naming one of {', '.join(OP_TYPES)}")
+    name = data["op"]
+    cls = OP_TYPES.get(name)
+    if cls is None:
+        raise OpError(f"{where}.op = {name!r}: unknown operation; known: {', '.join(OP_TYPES)}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        if key == "op":
+            continue
+        if key not in fields:
+            raise OpError(f"{where}.{key}: not a field of {name} (fields: {', '.join(fields) or 'none'})")
+        kwargs[key] = value
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:
+        raise OpError(f"{where}: {name}: {exc}") from None
+
+
+def validate_op(op: Op, config: Config, where: str = "op") -> None:
+    """Guest ranges must be sector-aligned and inside the disk: crash judging is exact per 512-byte sector."""
+    if isinstance(op, (Write, WriteZeroes, Discard, Read)):
+        for field in ("offset", "length"):
+            value = getattr(op, field)
+            if not isinstance(value, int) or value < 0 or value % SECTOR:
+                raise OpError(f"{where}: {type(op).__name__}.{field} = {value!r}: must be a non-negative multiple of 512")
+        if op.length == 0 or op.offset + op.length > config.virtual_size:
+            raise OpError(f"{where}: {type(op).__name__} offset={op.offset} length={op.length}: "
+                          f"must be non-empty and end within the virtual size {config.virtual_size}")
+    if isinstance(op, Crash) and op.policy not in ("drop-unsynced", "prefix", "subsets", "torn", "truncate", "garbage"):
+        raise OpError(f"{where}: Crash.policy = {op.policy!r}: unknown crash policy")
+    if isinstance(op, Repair) and op.mode not in ("leaks", "all"):
+        raise OpError(f"{where}: Repair.mode = {op.mode!r}: must be 'leaks' or 'all'")
+
+
+def interesting_offset(rng: random.Random, config: Config) -> int:
+    """Offsets weighted toward cluster, L2-table and refcount-block boundaries, where metadata changes."""
+    cs = config.cluster_size
+    size = config.virtual_size
+    l2_span = cs * (cs // 8)
+    pick = rng.random()
+    if pick < 0.35:
+        base = rng.randrange(0, size, cs)
+    elif pick < 0.5 and l2_span < size:
+        base = rng.randrange(0, size, l2_span)
+        base = max(0, base + rng.choice((-cs, 0, 0, cs)))
+    elif pick < 0.65:
+        base = rng.randrange(0, min(size, 16 * cs), cs)  # a hot region, so overwrites and reuse happen
+    else:
+        base = rng.randrange(0, size, SECTOR)
+    return min(base, size - SECTOR)
+
+
+def random_range(rng: random.Random, config: Config) -> tuple[int, int]:
+    offset = interesting_offset(rng, config)
+    cs = config.cluster_size
+    choice = rng.random()
+    if choice < 0.4:
+        length = cs
+    elif choice < 0.6:
+        length = SECTOR * rng.randint(1, 8)
+    elif choice < 0.8:
+        length = cs * rng.randint(1, 3)
+    else:
+        length = SECTOR * rng.randint(1, max(1, 4 * cs // SECTOR))
+    length = min(length, config.virtual_size - offset)
+    return offset, max(SECTOR, length // SECTOR * SECTOR)
+
+
+def random_op(rng: random.Random, config: Config, *, allow_crash: bool = True) -> Op:
+    r = rng.random()
+    if r < 0.40:
+        off, n = random_range(rng, config)
+        return Write(off, n, rng.randrange(1 << 16))
+    if r < 0.48:
+        off, n = random_range(rng, config)
+        return WriteZeroes(off, n)
+    if r < 0.58:
+        off, n = random_range(rng, config)
+        return Discard(off, n)
+    if r < 0.68:
+        return Flush()
+    if r < 0.74:
+        off, n = random_range(rng, config)
+        return Read(off, n)
+    if r < 0.80:
+        lazy = rng.choice((None, True, False)) if config.version == 3 else None
+        return Reopen(lazy, rng.choice((None, "writeback", "writethrough", "directsync")))
+    if r < 0.83:
+        return Check()
+    if r < 0.85:
+        return Repair(rng.choice(("leaks", "all")))
+    if allow_crash:
+        return Crash(rng.randrange(-1, 64), rng.choice(("drop-unsynced", "prefix", "subsets", "subsets", "torn", "truncate")),
+                     rng.randrange(64))
+    return Flush()
+
+
+def random_ops(rng: random.Random, config: Config, n: int) -> list[Op]:
+    return [random_op(rng, config) for _ in range(n)]

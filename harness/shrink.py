@@ -1,0 +1,122 @@
+"""Shrinking a failing case beyond the sweep: make the crash explicit, then drop and simplify operations while the verdict holds."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+from harness.config import Config
+from harness.ops import Crash, Discard, Op, Read, Write, WriteZeroes
+from harness.oracle import Finding
+from harness.runner import Budget, Runner
+
+GUEST_OP_TYPES = (Write, WriteZeroes, Discard, Read)
+
+
+def reproduces(config: Config, ops: list[Op], seed: int, budget: Budget, verdict: str) -> Finding | None:
+    try:
+        runner = Runner(config, seed=seed, budget=budget)
+        findings = runner.run(ops)
+    except Exception:  # noqa: BLE001 - an invalid candidate (e.g. a crash id that no longer fits) does not reproduce
+        return None
+    for f in findings:
+        if str(f.verdict) == verdict:
+            return f
+    return None
+
+
+def explicit_crash(config: Config, ops: list[Op], seed: int, budget: Budget, finding: Finding) -> list[Op] | None:
+    """Turn a sweep finding into ops[:n+1] + Crash(...) that reproduces it with the sweep off."""
+    if finding.crash_id is None or finding.phase not in ("raw", "recovery", "recovery-crash"):
+        return None
+    runner = Runner(config, seed=seed, budget=dataclasses.replace(budget, sweep=False))
+    prefix = ops[: finding.op_index + 1]
+    for op in prefix:
+        runner.step(op)
+    from harness.crashstates import CrashState
+
+    state = CrashState.parse(finding.crash_id)
+    if state.point > runner.ff.point():
+        return None
+    return prefix + [runner.crash_op_for(state)]
+
+
+def shrink(config: Config, ops: list[Op], seed: int, budget: Budget, finding: Finding, *,
+           seconds: float = 30.0) -> tuple[list[Op], Budget, Finding]:
+    """Greedy delta-debugging: returns the smallest sequence found that still gives the same verdict."""
+    deadline = time.monotonic() + seconds
+    verdict = str(finding.verdict)
+    best, best_budget, best_finding = list(ops), budget, finding
+    explicit = explicit_crash(config, ops, seed, budget, finding)
+    quiet = dataclasses.replace(budget, sweep=False, recovery_every=1)
+    if explicit is not None:
+        hit = reproduces(config, explicit, seed, quiet, verdict)
+        if hit:
+            best, best_budget, best_finding = explicit, quiet, hit
+    if best_finding is finding:
+        best = best[: finding.op_index + 1]
+
+    def attempt(candidate: list[Op]) -> bool:
+        nonlocal best, best_finding
+        if time.monotonic() > deadline or not candidate:
+            return False
+        hit = reproduces(config, candidate, seed, best_budget, verdict)
+        if hit:
+            best, best_finding = candidate, hit
+            return True
+        return False
+
+    changed = True
+    while changed and time.monotonic() < deadline:
+        changed = False
+        # 1. drop single operations, from the front
+        i = 0
+        while i < len(best):
+            if attempt(best[:i] + best[i + 1 :]):
+                changed = True
+            else:
+                i += 1
+        # 2. simplify each operation
+        for i, op in enumerate(list(best)):
+            if i >= len(best):
+                break
+            for simpler in _simpler(op, config):
+                if attempt(best[:i] + [simpler] + best[i + 1 :]):
+                    changed = True
+                    break
+    return best, best_budget, best_finding
+
+
+def _simpler(op: Op, config: Config) -> list[Op]:
+    out: list[Op] = []
+    cs = config.cluster_size
+    if isinstance(op, GUEST_OP_TYPES):
+        for length in (512, cs):
+            if length < op.length:
+                out.append(dataclasses.replace(op, length=length))
+        if op.offset:
+            out.append(dataclasses.replace(op, offset=0))
+            if op.offset % cs:
+                out.append(dataclasses.replace(op, offset=op.offset - op.offset % cs))
+    if isinstance(op, Write) and op.seed:
+        out.append(dataclasses.replace(op, seed=0))
+    if isinstance(op, Crash) and op.crash_id is None:
+        if op.state:
+            out.append(dataclasses.replace(op, state=0))
+        for policy in ("drop-unsynced", "prefix", "subsets"):
+            if policy != op.policy:
+                out.append(dataclasses.replace(op, policy=policy, state=0))
+    return out
+
+
+def guest_op_count(ops: list[Op]) -> int:
+    return sum(1 for op in ops if not isinstance(op, Crash))
+
+
+def crash_atoms(ops: list[Op]) -> int:
+    """Crash-choice atoms: per Crash op, the kept/torn/cut choices beyond 'keep everything'."""
+    total = 0
+    for op in ops:
+        if isinstance(op, Crash):
+            total += 1 + (op.state > 0) + (op.policy not in ("prefix", "drop-unsynced"))
+    return total
