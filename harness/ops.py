@@ -150,8 +150,11 @@ def random_range(rng: random.Random, config: Config) -> tuple[int, int]:
         length = SECTOR * rng.randint(1, 8)
     elif choice < 0.8:
         length = cs * rng.randint(1, 3)
-    else:
+    elif choice < 0.97:
         length = SECTOR * rng.randint(1, max(1, 4 * cs // SECTOR))
+    else:
+        # Rarely a big write, so small clusters reach new refcount blocks and refcount-table growth.
+        length = SECTOR * rng.randint(256, 4096)
     length = min(length, config.virtual_size - offset)
     return offset, max(SECTOR, length // SECTOR * SECTOR)
 

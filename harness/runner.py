@@ -282,7 +282,11 @@ class Runner:
         t0 = time.perf_counter()
         candidates: list[CrashState] = []
         log = self.ff.log
-        for point in range(span.start + 1, span.end + 1):
+        points = list(range(span.start + 1, span.end + 1))
+        if len(points) > self.budget.states_per_op:
+            # Long ops (a big write, a refcount-table growth): sample the points, always keeping the last.
+            points = sorted(set(self.rng.sample(points[:-1], self.budget.states_per_op - 1)) | {points[-1]})
+        for point in points:
             candidates.extend(enumerate_point(log, point, self.budget.policies, k=self.budget.k,
                                               seed=self.seed, samples=self.budget.samples))
         if len(candidates) > self.budget.states_per_op:

@@ -1,0 +1,47 @@
+"""Collect every reproducer file under corpora/ as a regression test.
+
+- A file without injected bugs (a real bug that was fixed) must replay with no finding.
+- A file recorded with injected bugs guards the oracle: with the bugs on it must still
+  fail with the same verdict, and with them off it must pass.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+
+def pytest_collect_file(parent, file_path):
+    if file_path.suffix == ".json" and file_path.name != "package.json":
+        return ReproducerFile.from_parent(parent, path=file_path)
+    return None
+
+
+class ReproducerFile(pytest.File):
+    def collect(self):
+        yield ReproducerItem.from_parent(self, name=self.path.name)
+
+
+class ReproducerItem(pytest.Item):
+    def runtest(self) -> None:
+        from harness.corpus import load
+        from harness.runner import Runner
+        from models.qcow2 import inject
+
+        rep = load(self.path)
+        previous = inject.active()
+        try:
+            inject.set_active([])
+            clean = Runner(rep.config, seed=rep.seed, budget=rep.budget).run(rep.ops)
+            assert not clean, f"{self.path}: fails without injected bugs: {clean[0]}"
+            if rep.inject:
+                inject.set_active(rep.inject)
+                found = Runner(rep.config, seed=rep.seed, budget=rep.budget).run(rep.ops)
+                assert found, f"{self.path}: the oracle no longer catches {', '.join(rep.inject)}"
+                if rep.finding is not None:
+                    assert found[0].verdict == rep.finding.verdict, (
+                        f"{self.path}: verdict changed: {found[0].verdict} != {rep.finding.verdict}")
+        finally:
+            inject.set_active(previous)
+
+    def reportinfo(self):
+        return self.path, 0, f"reproducer {self.path.name}"

@@ -1,0 +1,60 @@
+"""The measuring commands: `qcrash zoo` (bug detection) and `qcrash bench` (speed and cost)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from harness.cli import UsageError
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("zoo", help="fuzz against each injected bug; table of time to detection")
+    p.add_argument("--budget", default="60s", help="time per bug (default 60s)")
+    p.add_argument("--bugs", default="", help="comma-separated bug names (default: all)")
+    p.add_argument("--jobs", default="1", help="bugs hunted in parallel, or 'auto'")
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--profile", choices=("dev", "ci", "nightly"), default="dev")
+    p.add_argument("--list", action="store_true", help="print the bug names and what each stands for")
+    p.add_argument("--out", default=None, help="report directory (default reports/zoo-<UTC time>)")
+    p.set_defaults(func=cmd_zoo)
+
+    p = sub.add_parser("bench", help="throughput, cost per write against qemu-img bench, memory")
+    p.add_argument("--quick", action="store_true", help="a short run (under 5 minutes)")
+    p.add_argument("--out", default=None, help="report directory (default reports/bench-<UTC time>)")
+    p.set_defaults(func=cmd_bench)
+
+
+def cmd_zoo(args: argparse.Namespace) -> int:
+    from harness import fuzz as fz
+    from harness import report as rp
+    from harness import zoo
+    from harness.cli_fuzz import parse_duration
+    from models.qcow2.inject import BUGS
+
+    if args.list:
+        width = max(map(len, BUGS))
+        for name, text in BUGS.items():
+            print(f"{name:<{width}}  {text}")
+        return 0
+    bugs = [b.strip() for b in args.bugs.split(",") if b.strip()] or list(BUGS)
+    unknown = [b for b in bugs if b not in BUGS]
+    if unknown:
+        raise UsageError(f"--bugs: unknown bug(s) {', '.join(unknown)}; see `qcrash zoo --list`")
+    jobs = fz.default_jobs() if args.jobs == "auto" else int(args.jobs)
+    seconds = parse_duration(args.budget)
+    out = Path(args.out) if args.out else Path("reports") / f"zoo-{rp.utc_stamp()}"
+    print(f"qcrash zoo: {len(bugs)} bugs, {seconds:g}s each, seed {args.seed}, jobs {jobs}", flush=True)
+    rows = zoo.run_zoo(bugs, seconds=seconds, seed=args.seed, jobs=jobs, profile=args.profile, out=out)
+    print(zoo.format_rows(rows))
+    detected = sum(r.detected for r in rows)
+    print(f"{detected}/{len(rows)} detected; table: {out}/zoo.md")
+    return 0 if detected == len(rows) else 1
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from harness import bench
+
+    out = bench.run(quick=args.quick, out=Path(args.out) if args.out else None)
+    print(f"bench: {out}/bench.md")
+    return 0
