@@ -22,8 +22,8 @@ from typing import NamedTuple
 
 SECTOR_SIZE = 512
 MAGIC = b"QCRASHPL"
-_HEADER = struct.Struct(">8sQQQ")  # magic, op_index, sector, seed
-HEADER_SIZE = _HEADER.size
+HEADER = struct.Struct(">8sQQQ")  # magic, op_index, sector, seed
+HEADER_SIZE = HEADER.size
 FILL_SIZE = SECTOR_SIZE - HEADER_SIZE
 _U64_MAX = (1 << 64) - 1
 _ZERO_SECTOR = bytes(SECTOR_SIZE)
@@ -50,7 +50,7 @@ def _check_u64(func: str, field: str, value: int) -> None:
 
 def payload_sector(op_index: int, sector: int, seed: int) -> bytes:
     """The 512-byte image of guest sector `sector` as written by operation `op_index` in run `seed`."""
-    header = _HEADER.pack(MAGIC, op_index, sector, seed)
+    header = HEADER.pack(MAGIC, op_index, sector, seed)
     digest = hashlib.blake2b(header, digest_size=64).digest()
     return header + (digest * 8)[:FILL_SIZE]
 
@@ -73,7 +73,7 @@ def make_payload(op_index: int, offset: int, length: int, seed: int) -> bytes:
     first = offset // SECTOR_SIZE
     last = (offset + length - 1) // SECTOR_SIZE
     _check_u64("make_payload", "last sector", last)
-    pack = _HEADER.pack
+    pack = HEADER.pack
     blake2b = hashlib.blake2b
     parts = []
     for sector in range(first, last + 1):
@@ -93,7 +93,7 @@ def identify_sector(data: bytes | bytearray | memoryview) -> SectorOrigin | None
         raise PayloadError(f"identify_sector: got {len(data)} bytes; a sector is exactly {SECTOR_SIZE} bytes")
     if bytes(data[: len(MAGIC)]) != MAGIC:
         return None
-    _, op_index, sector, seed = _HEADER.unpack_from(data)
+    _, op_index, sector, seed = HEADER.unpack_from(data)
     if payload_sector(op_index, sector, seed) != data:
         return None
     return SectorOrigin(op_index, sector, seed)

@@ -46,10 +46,17 @@ for another sector, or by an operation that never wrote here: data crossed over)
 `stale-or-lost` (a value the sector held before its durable point, or zeros where no
 zeroing is allowed) or `garbage` (nothing identifiable).
 
-Storage. Values are kept as CRC-32C fingerprints plus what it takes to rebuild the
-bytes: nothing for zeros, the (op, sector, seed) triple for intact payload sectors,
-a full 512-byte copy for anything else. Never-touched sectors cost nothing and read
-zero; writing zeros to a never-touched sector keeps it untouched.
+Judging compares CRC-32C fingerprints of whole sectors; a verdict then looks at the
+bytes themselves (`models.payload.identify_sector`) to say whose data it saw.
+
+Storage. Each value is its fingerprint plus what it takes to rebuild the bytes: nothing
+for zeros, an (op, seed) pair shared by the whole operation for an intact payload
+sector made for the sector that holds it (the sector number is the key), a full
+512-byte copy for anything else. That is about 170 bytes per payload sector on 64-bit
+CPython. Never-touched sectors cost nothing and read zero; zeros written to a
+never-touched sector leave it untouched. Lost values are remembered by fingerprint
+only, and the initial zeros not at all (zeros that are not allowed are data loss
+whatever their history).
 
 Sub-sector writes. `read()` is byte exact for any offset and length. For judging, a
 write that covers part of a sector makes a whole new sector value: the sector's current
@@ -64,13 +71,13 @@ from __future__ import annotations
 import enum
 import hashlib
 import struct
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
 from typing import NamedTuple
 
 import crcmod.predefined
 
-from models.payload import MAGIC, SectorOrigin, describe, identify_sector, payload_sector
+from models.payload import HEADER, MAGIC, SectorOrigin, describe, identify_sector, payload_sector
 
 SECTOR_SIZE = 512
 _ZERO_SECTOR = bytes(SECTOR_SIZE)
@@ -129,38 +136,65 @@ class CollapseError(RefDiskError):
         )
 
 
-@dataclass(frozen=True, slots=True)
-class SectorValue:
-    """One 512-byte sector value: its fingerprint and the means to rebuild it (nothing for zeros)."""
+class _Maker(NamedTuple):
+    """Who made a value: one per operation, shared by every value it makes (op_index None: the initial zeros)."""
 
-    fingerprint: int
-    origin: SectorOrigin | None = None  # an intact payload sector, regenerated on demand
-    raw: bytes | None = None  # anything else
-
-    @property
-    def is_zero(self) -> bool:
-        return self.origin is None and self.raw is None
-
-    def data(self) -> bytes:
-        if self.raw is not None:
-            return self.raw
-        if self.origin is not None:
-            return payload_sector(*self.origin)
-        return _ZERO_SECTOR
+    op_index: int | None
+    label: str  # "write #5", "discard #7 (zeros)", "initial zeros"
 
 
-ZERO = SectorValue(ZERO_FINGERPRINT)
+class _Val:
+    """One 512-byte sector value, stored compactly; immutable by convention.
+
+    src is None for zeros, an (op_index, seed) pair shared by one operation's values for
+    an intact payload sector of the sector that holds it (rebuilt by payload_sector), or
+    a full 512-byte copy of anything else.
+    """
+
+    __slots__ = ("fp", "maker", "src")
+
+    def __init__(self, fp: int, maker: _Maker, src: tuple[int, int] | bytes | None) -> None:
+        self.fp = fp
+        self.maker = maker
+        self.src = src
+
+    def data(self, sector: int) -> bytes:
+        src = self.src
+        if src is None:
+            return _ZERO_SECTOR
+        if type(src) is bytes:
+            return src
+        return payload_sector(src[0], sector, src[1])  # type: ignore[index]
+
+    def __repr__(self) -> str:
+        kind = "zeros" if self.src is None else "raw" if type(self.src) is bytes else f"payload{self.src}"
+        return f"<{self.maker.label}: {kind} crc32c {self.fp:#010x}>"
 
 
-def sector_value(chunk: bytes | bytearray | memoryview) -> SectorValue:
-    """The compact SectorValue of 512 bytes: zeros, an intact payload sector, or a full copy."""
-    if bytes(chunk[: len(MAGIC)]) == MAGIC:
-        origin = identify_sector(chunk)
-        if origin is not None:
-            return SectorValue(crc32c(chunk), origin)
-    if chunk == _ZERO_SECTOR:
-        return ZERO
-    return SectorValue(crc32c(chunk), None, bytes(chunk))
+_INITIAL = _Val(ZERO_FINGERPRINT, _Maker(None, "initial zeros"), None)
+
+
+class _Values:
+    """Makes the values of one operation, sharing what they have in common."""
+
+    __slots__ = ("maker", "zeros", "_keys")
+
+    def __init__(self, op_index: int, label: str, zeros_label: str) -> None:
+        self.maker = _Maker(op_index, label)
+        self.zeros = _Val(ZERO_FINGERPRINT, _Maker(op_index, zeros_label), None)
+        self._keys: dict[tuple[int, int], tuple[int, int]] = {}
+
+    def of(self, sector: int, chunk: bytes | bytearray | memoryview) -> _Val:
+        head = bytes(chunk[: HEADER.size])
+        if head[: len(MAGIC)] == MAGIC:
+            _, op_index, origin_sector, seed = HEADER.unpack(head)
+            # Only a payload made for this very sector is rebuilt from its header; anything else is copied.
+            if origin_sector == sector and payload_sector(op_index, sector, seed) == chunk:
+                key = self._keys.setdefault((op_index, seed), (op_index, seed))
+                return _Val(crc32c(chunk), self.maker, key)
+        if chunk == _ZERO_SECTOR:
+            return self.zeros
+        return _Val(crc32c(chunk), self.maker, bytes(chunk))
 
 
 class AllowedValue(NamedTuple):
@@ -204,17 +238,6 @@ class SectorVerdict:
         return self.message
 
 
-class _Slot(NamedTuple):
-    """A value in a sector's life: which operation put it there (None: the initial zeros) and its label."""
-
-    op_index: int | None
-    label: str
-    value: SectorValue
-
-
-_INITIAL = _Slot(None, "initial zeros", ZERO)
-
-
 @dataclass(frozen=True, slots=True)
 class _Op:
     """A live operation: in flight, or completed and not yet durable. Flushes keep what they cover."""
@@ -245,8 +268,7 @@ class ReferenceDisk:
             mode = CacheMode(cache_mode)
         except ValueError:
             raise InvalidRequest(
-                f"ReferenceDisk: cache_mode {cache_mode!r} is not one of "
-                + ", ".join(m.value for m in CacheMode)
+                f"ReferenceDisk: cache_mode {cache_mode!r} is not one of " + ", ".join(m.value for m in CacheMode)
             ) from None
         if not isinstance(discard_granularity, int) or discard_granularity <= 0 or discard_granularity % SECTOR_SIZE:
             raise InvalidRequest(
@@ -256,10 +278,11 @@ class ReferenceDisk:
         self.size = size
         self.cache_mode = mode
         self.discard_granularity = discard_granularity
-        self._cur: dict[int, SectorValue] = {}  # every touched sector: its current value
-        self._dur: dict[int, _Slot] = {}  # every touched sector: its durable value
-        self._pending: dict[int, tuple[_Slot, ...]] = {}  # values after the durable point, in begin order
-        self._past: dict[int, tuple[tuple[int, str], ...]] = {}  # (fingerprint, label) of values lost for good
+        # Every touched sector has a durable value; its current value is its last pending
+        # value, or the durable one when nothing is pending.
+        self._dur: dict[int, _Val] = {}
+        self._pending: dict[int, tuple[_Val, ...]] = {}  # values after the durable point, in begin order
+        self._past: dict[int, tuple[int | _Maker, ...]] = {}  # fp, maker, fp, maker...: values lost for good
         self._ops: dict[int, _Op] = {}  # live operations
         self._used: dict[int, OpKind] = {}  # every operation index ever begun
 
@@ -270,7 +293,7 @@ class ReferenceDisk:
         view = memoryview(data).cast("B")
         length = len(view)
         self._begin(OpKind.WRITE, op_index, offset, length)
-        label = f"write #{op_index}"
+        values = _Values(op_index, f"write #{op_index}", f"write #{op_index}")
         end = offset + length
         for sector in range(offset // SECTOR_SIZE, -(-end // SECTOR_SIZE)):
             base = sector * SECTOR_SIZE
@@ -279,36 +302,34 @@ class ReferenceDisk:
             if lo == 0 and hi == SECTOR_SIZE:
                 chunk: bytes | bytearray | memoryview = view[base - offset : base - offset + SECTOR_SIZE]
             else:
-                patched = bytearray(self._current(sector).data())
+                patched = bytearray(self._current(sector).data(sector))
                 patched[lo:hi] = view[base + lo - offset : base + hi - offset]
                 chunk = patched
-            self._push(sector, _Slot(op_index, label, sector_value(chunk)))
+            self._push(sector, values.of(sector, chunk))
 
     def begin_write_zeroes(self, op_index: int, offset: int, length: int) -> None:
         """Operation `op_index` starts zeroing guest bytes [offset, offset+length)."""
         self._begin(OpKind.WRITE_ZEROES, op_index, offset, length)
+        values = _Values(op_index, f"write_zeroes #{op_index}", f"write_zeroes #{op_index} (zeros)")
         end = offset + length
-        zeros = _Slot(op_index, f"write_zeroes #{op_index} (zeros)", ZERO)
-        label = f"write_zeroes #{op_index}"
         # Untouched sectors read zero already and stay untouched.
-        for sector in sorted(self._keys_in(self._cur, offset // SECTOR_SIZE, -(-end // SECTOR_SIZE))):
+        for sector in sorted(self._keys_in(self._dur, offset // SECTOR_SIZE, -(-end // SECTOR_SIZE))):
             base = sector * SECTOR_SIZE
             lo = max(offset, base) - base
             hi = min(end, base + SECTOR_SIZE) - base
             if lo == 0 and hi == SECTOR_SIZE:
-                self._push(sector, zeros)
+                self._push(sector, values.zeros)
             else:
-                patched = bytearray(self._cur[sector].data())
+                patched = bytearray(self._current(sector).data(sector))
                 patched[lo:hi] = bytes(hi - lo)
-                value = sector_value(patched)
-                self._push(sector, zeros if value.is_zero else _Slot(op_index, label, value))
+                self._push(sector, values.of(sector, patched))
 
     def begin_discard(self, op_index: int, offset: int, length: int) -> None:
         """Operation `op_index` starts discarding [offset, offset+length): whole granules inside it read zero."""
         self._begin(OpKind.DISCARD, op_index, offset, length)
         first, stop = self.discarded_sectors(offset, length)
-        zeros = _Slot(op_index, f"discard #{op_index} (zeros)", ZERO)
-        for sector in sorted(self._keys_in(self._cur, first, stop)):
+        zeros = _Val(ZERO_FINGERPRINT, _Maker(op_index, f"discard #{op_index} (zeros)"), None)
+        for sector in sorted(self._keys_in(self._dur, first, stop)):
             self._push(sector, zeros)
 
     def begin_flush(self, op_index: int) -> None:
@@ -326,7 +347,9 @@ class ReferenceDisk:
                 why = "is not in flight (it has completed already, or a crash ended it)"
             else:
                 why = "was never begun"
-            raise InvalidRequest(f"complete #{op_index}: operation #{op_index} {why}; only an operation in flight can complete")
+            raise InvalidRequest(
+                f"complete #{op_index}: operation #{op_index} {why}; only an operation in flight can complete"
+            )
         if op.kind is OpKind.FLUSH:
             del self._ops[op_index]
             self._make_durable(op.covers & self._ops.keys(), None, None)
@@ -343,18 +366,21 @@ class ReferenceDisk:
         return op_index
 
     def write_zeroes(self, offset: int, length: int, *, op_index: int | None = None) -> int:
+        """begin_write_zeroes then complete; returns the operation index."""
         op_index = self._index_or_next(op_index)
         self.begin_write_zeroes(op_index, offset, length)
         self.complete(op_index)
         return op_index
 
     def discard(self, offset: int, length: int, *, op_index: int | None = None) -> int:
+        """begin_discard then complete; returns the operation index."""
         op_index = self._index_or_next(op_index)
         self.begin_discard(op_index, offset, length)
         self.complete(op_index)
         return op_index
 
     def flush(self, *, op_index: int | None = None) -> int:
+        """begin_flush then complete; returns the operation index."""
         op_index = self._index_or_next(op_index)
         self.begin_flush(op_index)
         self.complete(op_index)
@@ -369,17 +395,27 @@ class ReferenceDisk:
     def read(self, offset: int, length: int) -> bytes:
         """What a guest read of [offset, offset+length) must return now, with no crash."""
         self._check_range("read", offset, length)
-        out = bytearray(length)
         end = offset + length
-        for sector in self._keys_in(self._cur, offset // SECTOR_SIZE, -(-end // SECTOR_SIZE)):
-            value = self._cur[sector]
-            if value.is_zero:
+        zeros = memoryview(bytes(length))  # calloc'ed: free until touched
+        parts: list[bytes | memoryview] = []
+        pos = offset
+        for sector in sorted(self._keys_in(self._dur, offset // SECTOR_SIZE, -(-end // SECTOR_SIZE))):
+            value = self._current(sector)
+            if value.src is None:
                 continue
             base = sector * SECTOR_SIZE
             lo = max(offset, base)
             hi = min(end, base + SECTOR_SIZE)
-            out[lo - offset : hi - offset] = value.data()[lo - base : hi - base]
-        return bytes(out)
+            if lo > pos:
+                parts.append(zeros[: lo - pos])
+            data = value.data(sector)
+            parts.append(data if hi - lo == SECTOR_SIZE else data[lo - base : hi - base])
+            pos = hi
+        if not parts:
+            return zeros.obj  # type: ignore[return-value]
+        if pos < end:
+            parts.append(zeros[: end - pos])
+        return b"".join(parts)
 
     def discarded_sectors(self, offset: int, length: int) -> tuple[int, int]:
         """The sectors [first, stop) a discard of [offset, offset+length) zeroes (maybe none)."""
@@ -396,7 +432,7 @@ class ReferenceDisk:
 
     def touched_sectors(self) -> frozenset[int]:
         """Every sector with any history; all others have always read zero."""
-        return frozenset(self._cur)
+        return frozenset(self._dur)
 
     def pending_sectors(self) -> frozenset[int]:
         """Sectors for which a crash may show more than one value."""
@@ -430,16 +466,32 @@ class ReferenceDisk:
         a caller that wants that checked too passes the sectors explicitly.
         """
         if sectors is None:
-            wanted = sorted(self._cur)
+            wanted = sorted(self._dur)
         else:
             wanted = sorted(set(sectors))
             for sector in wanted[:1] + wanted[-1:]:
                 self._check_sector("judge", sector)
         verdicts: list[SectorVerdict] = []
-        for sector, chunk in self._read_sectors(read_fn, wanted, "judge"):
-            fingerprint = crc32c(chunk)
-            if self._find(sector, fingerprint) is None:
-                verdicts.append(self._classify(sector, fingerprint, chunk))
+        find = self._find
+        durable = self._dur
+        for start, view in self._read_runs(read_fn, wanted, "judge"):
+            count = len(view) // SECTOR_SIZE
+            if view == _ZERO_SECTOR * count:
+                # All zeros (the common case for untouched space): only touched sectors can object.
+                sectors = self._keys_in(durable, start, start + count)
+                for sector in sectors:
+                    if find(sector, ZERO_FINGERPRINT) is None:
+                        k = (sector - start) * SECTOR_SIZE
+                        verdicts.append(self._classify(sector, ZERO_FINGERPRINT, view[k : k + SECTOR_SIZE]))
+                continue
+            for k in range(count):
+                chunk = view[k * SECTOR_SIZE : (k + 1) * SECTOR_SIZE]
+                if start + k not in durable and chunk == _ZERO_SECTOR:
+                    continue  # untouched and zero
+                fingerprint = crc32c(chunk)
+                if find(start + k, fingerprint) is None:
+                    verdicts.append(self._classify(start + k, fingerprint, chunk))
+        verdicts.sort(key=lambda v: v.sector)
         return verdicts
 
     def collapse(self, read_fn: ReadFn) -> None:
@@ -450,21 +502,23 @@ class ReferenceDisk:
         operation (in flight or not yet durable) is forgotten. Raises CollapseError,
         changing nothing, if a sector holds a value that is not allowed.
         """
-        chosen: dict[int, _Slot] = {}
+        chosen: dict[int, _Val] = {}
         bad: list[SectorVerdict] = []
-        for sector, chunk in self._read_sectors(read_fn, sorted(self._pending), "collapse"):
-            fingerprint = crc32c(chunk)
-            slot = self._find(sector, fingerprint)
-            if slot is None:
-                bad.append(self._classify(sector, fingerprint, chunk))
-            else:
-                chosen[sector] = slot
+        for start, view in self._read_runs(read_fn, sorted(self._pending), "collapse"):
+            for k in range(len(view) // SECTOR_SIZE):
+                sector = start + k
+                chunk = view[k * SECTOR_SIZE : (k + 1) * SECTOR_SIZE]
+                fingerprint = crc32c(chunk)
+                value = self._find(sector, fingerprint)
+                if value is None:
+                    bad.append(self._classify(sector, fingerprint, chunk))
+                else:
+                    chosen[sector] = value
         if bad:
             raise CollapseError(bad)
-        for sector, slot in chosen.items():
-            self._retire(sector, (self._dur[sector], *self._pending[sector]), slot.value.fingerprint)
-            self._dur[sector] = slot
-            self._cur[sector] = slot.value
+        for sector, value in chosen.items():
+            self._retire(sector, (self._dur[sector], *self._pending[sector]), value.fp)
+            self._dur[sector] = value
         self._pending.clear()
         self._ops.clear()
 
@@ -476,7 +530,6 @@ class ReferenceDisk:
         new.size = self.size
         new.cache_mode = self.cache_mode
         new.discard_granularity = self.discard_granularity
-        new._cur = dict(self._cur)
         new._dur = dict(self._dur)
         new._pending = dict(self._pending)
         new._past = dict(self._past)
@@ -491,16 +544,15 @@ class ReferenceDisk:
         never touched; the memory of lost values does not count.
         """
         h = hashlib.sha256(f"{self.size}|{self.cache_mode}|{self.discard_granularity}".encode())
-        pack = struct.Struct(">QII").pack
-        for sector in sorted(self._cur):
-            cur = self._cur[sector]
-            dur = self._dur[sector].value
+        pack = struct.Struct(">QI").pack
+        for sector in sorted(self._dur):
+            durable = self._dur[sector]
             pend = self._pending.get(sector, ())
-            if not pend and cur.is_zero and dur.is_zero:
+            if not pend and durable.src is None:
                 continue
-            h.update(pack(sector, cur.fingerprint, dur.fingerprint))
-            for slot in pend:
-                h.update(f"|{slot.op_index}:{slot.value.fingerprint}".encode())
+            h.update(pack(sector, durable.fp))
+            for value in pend:
+                h.update(f"|{value.maker.op_index}:{value.fp}".encode())
         for index, op in sorted(self._ops.items()):
             h.update(f"|op{index}:{op.kind}:{op.completed}:{sorted(op.covers)}".encode())
         return h.hexdigest()
@@ -509,7 +561,7 @@ class ReferenceDisk:
         return (
             f"ReferenceDisk(size={self.size}, cache_mode={str(self.cache_mode)!r}, "
             f"discard_granularity={self.discard_granularity}) "
-            f"<{len(self._cur)} touched, {len(self._pending)} pending, {len(self._ops)} live ops>"
+            f"<{len(self._dur)} touched, {len(self._pending)} pending, {len(self._ops)} live ops>"
         )
 
     # ----------------------------------------------------------------- internals
@@ -554,16 +606,20 @@ class ReferenceDisk:
             first, stop = offset // SECTOR_SIZE, -(-(offset + length) // SECTOR_SIZE)
         self._ops[op_index] = _Op(op_index, kind, first, stop)
 
-    def _current(self, sector: int) -> SectorValue:
-        return self._cur.get(sector, ZERO)
+    def _current(self, sector: int) -> _Val:
+        pend = self._pending.get(sector)
+        if pend:
+            return pend[-1]
+        return self._dur.get(sector, _INITIAL)
 
-    def _push(self, sector: int, slot: _Slot) -> None:
-        if sector not in self._cur:
-            if slot.value.is_zero:
+    def _push(self, sector: int, value: _Val) -> None:
+        if sector not in self._dur:
+            if value.src is None:
                 return  # zeros over a never-touched sector: nothing changes, nothing to remember
             self._dur[sector] = _INITIAL
-        self._cur[sector] = slot.value
-        self._pending[sector] = self._pending.get(sector, ()) + (slot,)
+            self._pending[sector] = (value,)
+        else:
+            self._pending[sector] = self._pending.get(sector, ()) + (value,)
 
     @staticmethod
     def _keys_in(mapping: dict[int, object], first: int, stop: int) -> list[int]:
@@ -576,69 +632,78 @@ class ReferenceDisk:
         """Operations `ops` (all completed) become durable: on each sector, the last of their values is the durable one."""
         if not ops:
             return
-        sectors = list(self._pending) if first is None or stop is None else self._keys_in(self._pending, first, stop)
+        if first is None or stop is None:
+            sectors = list(self._pending)
+        else:
+            sectors = self._keys_in(self._pending, first, stop)
+        live = self._ops
         for sector in sectors:
             entries = self._pending[sector]
             j = len(entries) - 1
-            while j >= 0 and entries[j].op_index not in ops:
+            while j >= 0 and entries[j].maker.op_index not in ops:
                 j -= 1
             if j < 0:
                 continue
             lost = [self._dur[sector]]
             keep = []
-            for slot in entries[:j]:
-                # Superseded if it completed before; still possible if still in flight.
-                (lost if self._ops[slot.op_index].completed else keep).append(slot)  # type: ignore[index]
+            for value in entries[:j]:
+                # Superseded if it completed before; still possible while in flight.
+                (lost if live[value.maker.op_index].completed else keep).append(value)  # type: ignore[index]
             keep.extend(entries[j + 1 :])
             new = entries[j]
-            self._retire(sector, lost, new.value.fingerprint)
+            self._retire(sector, lost, new.fp)
             self._dur[sector] = new
             if keep:
                 self._pending[sector] = tuple(keep)
             else:
                 del self._pending[sector]
         for index in ops:
-            self._ops.pop(index, None)
+            live.pop(index, None)
 
-    def _retire(self, sector: int, slots: Iterable[_Slot], keep_fingerprint: int) -> None:
+    def _retire(self, sector: int, values: Iterable[_Val], keep_fingerprint: int) -> None:
+        """Remember values `sector` lost for good, so a crash that shows one is called stale."""
         past = self._past.get(sector, ())
-        known = {fp for fp, _ in past}
-        added = []
-        for slot in slots:
-            fp = slot.value.fingerprint
-            if fp != keep_fingerprint and fp not in known:
-                known.add(fp)
-                added.append((fp, slot.label))
+        known = set(past[::2])
+        added: list[int | _Maker] = []
+        for value in values:
+            fp = value.fp
+            # The initial zeros need no memory: zeros not allowed are data loss anyway.
+            if value is _INITIAL or fp == keep_fingerprint or fp in known:
+                continue
+            known.add(fp)
+            added += (fp, value.maker)
         if added:
             self._past[sector] = past + tuple(added)
 
-    def _find(self, sector: int, fingerprint: int) -> _Slot | None:
+    def _find(self, sector: int, fingerprint: int) -> _Val | None:
         """The allowed value of `sector` with this fingerprint, if any."""
         durable = self._dur.get(sector)
         if durable is None:
             return _INITIAL if fingerprint == ZERO_FINGERPRINT else None
-        if durable.value.fingerprint == fingerprint:
+        if durable.fp == fingerprint:
             return durable
-        for slot in self._pending.get(sector, ()):
-            if slot.value.fingerprint == fingerprint:
-                return slot
+        for value in self._pending.get(sector, ()):
+            if value.fp == fingerprint:
+                return value
         return None
 
     def _allowed(self, sector: int) -> list[AllowedValue]:
         durable = self._dur.get(sector, _INITIAL)
-        out = [AllowedValue(durable.value.fingerprint, "durable", "durable", durable.label)]
-        for slot in self._pending.get(sector, ()):
-            state = "completed" if self._ops[slot.op_index].completed else "in flight"  # type: ignore[index]
-            out.append(AllowedValue(slot.value.fingerprint, slot.label, state, slot.label))
+        out = [AllowedValue(durable.fp, "durable", "durable", durable.maker.label)]
+        for value in self._pending.get(sector, ()):
+            label = value.maker.label
+            state = "completed" if self._ops[value.maker.op_index].completed else "in flight"  # type: ignore[index]
+            out.append(AllowedValue(value.fp, label, state, label))
         return out
 
     def _classify(self, sector: int, fingerprint: int, data: bytes | bytearray | memoryview) -> SectorVerdict:
         origin = identify_sector(data)
         seen = describe(sector, data)
-        past = dict(self._past.get(sector, ()))
-        if fingerprint in past:
+        past = self._past.get(sector, ())
+        lost = next((past[i + 1] for i in range(0, len(past), 2) if past[i] == fingerprint), None)
+        if isinstance(lost, _Maker):
             kind = Mismatch.STALE_OR_LOST
-            reason = f"a value it held before its durable point ({past[fingerprint]}): data lost"
+            reason = f"a value it held before its durable point ({lost.label}): data lost"
         elif fingerprint == ZERO_FINGERPRINT and data == _ZERO_SECTOR:
             kind = Mismatch.STALE_OR_LOST
             reason = "but no durable value or pending zeroing allows zeros here: data lost"
@@ -650,10 +715,8 @@ class ReferenceDisk:
             reason = "not a value any operation wrote here"
         return SectorVerdict(sector, kind, fingerprint, origin, tuple(self._allowed(sector)), seen, reason)
 
-    def _read_sectors(
-        self, read_fn: ReadFn, sectors: list[int], what: str
-    ) -> Iterable[tuple[int, memoryview]]:
-        """Read sorted `sectors` in runs of consecutive ones; yield (sector, its 512 bytes)."""
+    def _read_runs(self, read_fn: ReadFn, sectors: list[int], what: str) -> Iterator[tuple[int, memoryview]]:
+        """Read sorted `sectors` in runs of consecutive ones (at most 1 MiB each); yield (first sector, the run's bytes)."""
         i = 0
         n = len(sectors)
         while i < n:
@@ -668,7 +731,5 @@ class ReferenceDisk:
                     f"{what}: read_fn({start * SECTOR_SIZE}, {count * SECTOR_SIZE}) returned {len(data)} bytes; "
                     "it must return exactly the bytes asked for"
                 )
-            view = memoryview(data)
-            for k in range(count):
-                yield start + k, view[k * SECTOR_SIZE : (k + 1) * SECTOR_SIZE]
+            yield start, memoryview(data)
             i = j
