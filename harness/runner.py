@@ -442,6 +442,8 @@ class Runner:
             if result.leaks and not result.corruptions and not result.check_errors:
                 checkmod.check(file, checkmod.Fix.LEAKS)
                 self.stats.coverage["leaks repaired"] += 1
+            if checkmod.drop_refcounts_past_eof(file):
+                self.stats.coverage["refcounts past EOF dropped"] += 1
         except (RepairFailed, Qcow2Error) as exc:
             return self._finding(Verdict.REPAIR_FAILED, f"{type(exc).__name__}: {exc}", n, phase, state)
         if any("Rebuilding refcount structure" in m for m in messages):
@@ -454,9 +456,10 @@ class Runner:
                          state: CrashState, phase: str) -> Finding | None:
         result = checkmod.check(file)
         hdr = read_header(file, writable=False, check_mode=True).header
-        if result.corruptions or result.leaks or result.check_errors or hdr.incompatible_features & 3:
+        past_eof = checkmod.refcounts_past_eof(file)
+        if result.corruptions or result.leaks or result.check_errors or hdr.incompatible_features & 3 or past_eof:
             return self._finding(Verdict.NOT_CLEAN_AFTER_REPAIR, f"{_check_text(result)}, incompatible_features="
-                                 f"{hdr.incompatible_features:#x}", n, phase, state)
+                                 f"{hdr.incompatible_features:#x}, refcounts past EOF: {past_eof[:8]}", n, phase, state)
         img = Qcow2Image.open(ReadOnlyFile(file.getvalue()), readonly=True)
         sectors = sorted(set(pre) | set(_judged_sectors(model, img)))
         for s in sectors:

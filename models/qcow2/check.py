@@ -96,6 +96,7 @@ class Kind(enum.StrEnum):
     PREALLOC_UNALIGNED = "prealloc-unaligned"
     COMPRESSED_COPIED = "compressed-copied"
     PAST_EOF = "past-eof"
+    EXTENDED = "extended"  # qcrash only: file grown over clusters referenced past its end
     OVERFLOW = "overflow"
     REFTABLE_RESERVED = "reftable-reserved"
     REFBLOCK_UNALIGNED = "refblock-unaligned"
@@ -1104,6 +1105,8 @@ def check(
     fix = Fix(fix)
     name = path if path is not None else file.name
     findings: list[Finding] = []
+    if fix & Fix.ERRORS:
+        _extend_to_references(file, findings, max_growth)
     checker = _Checker(file, name, findings, max_growth)
     res, error = checker.run(fix)
     result = _to_result(res, findings, fix)
@@ -1129,6 +1132,53 @@ def check(
         final.first_pass = first
         result = final
     return result
+
+
+def _extend_to_references(file: BlockFile, findings: list[Finding], max_growth: int | None) -> None:
+    """qcrash's repair (QEMU has no such step): grow the file over data and L2 clusters referenced past its end.
+
+    With lazy refcounts an allocating write is `data, L2, flush`: a crash can keep the L2
+    update and lose the growth of the file that the data write caused. The cluster then
+    lies past EOF, which reads as zeros, the value it held before the lost write. Growing
+    the file with zeros keeps that guest view and turns the reference into one that the
+    rebuild can count; without it QEMU's check reports a corruption it cannot fix.
+    """
+    try:
+        raw = file.pread(0, 104)
+        if len(raw) < 72:
+            return
+        hdr = Header.unpack(raw + bytes(104 - len(raw)))
+        if hdr.magic != spec.QCOW_MAGIC or not spec.MIN_CLUSTER_BITS <= hdr.cluster_bits <= spec.MAX_CLUSTER_BITS:
+            return
+        cs = 1 << hdr.cluster_bits
+        if hdr.l1_size * 8 > spec.QCOW_MAX_L1_SIZE or hdr.l1_table_offset % cs:
+            return
+        size = file.size()
+        end = 0
+        l1 = file.pread(hdr.l1_table_offset, hdr.l1_size * 8)
+        for i in range(len(l1) // 8):
+            l2_off = int.from_bytes(l1[i * 8 : i * 8 + 8], "big") & spec.L1E_OFFSET_MASK
+            if not l2_off or l2_off % cs:
+                continue
+            end = max(end, l2_off + cs)
+            if l2_off >= size:
+                continue
+            table = file.pread(l2_off, cs)
+            for j in range(len(table) // 8):
+                entry = int.from_bytes(table[j * 8 : j * 8 + 8], "big")
+                if entry & spec.QCOW_OFLAG_COMPRESSED:
+                    continue
+                host = entry & spec.L2E_OFFSET_MASK
+                if host and not host % cs:
+                    end = max(end, host + cs)
+    except (OSError, ValueError, struct.error):
+        return
+    if end - size < cs or (max_growth is not None and end - size > max_growth):
+        return
+    file.truncate(end)
+    file.flush()
+    findings.append(Finding(Kind.EXTENDED, message=f"Repairing: extended the image to {end:#x} to include clusters referenced past its "
+                            f"end (they read as zeros)"))
 
 
 # --------------------------------------------------------------------------------------
@@ -1289,3 +1339,57 @@ def format_json(result: CheckResult, path: str) -> str:
             values[key] = str(value)
     body = ",\n".join(f"    {_json_quote(key)}: {values[key]}" for key in _JSON_ORDER if key in values)
     return "{\n" + body + "\n}\n"
+
+
+# --------------------------------------------------------------------------------------
+# qcrash's strict leak rule: refcounts past the end of the file
+
+
+def refcounts_past_eof(file: BlockFile) -> list[int]:
+    """Clusters at or past the end of the file whose on-disk refcount is not 0.
+
+    qemu-img check compares only clusters inside the file, so a refcount raised and
+    flushed for a cluster whose own write (and the file growth it caused) was then lost
+    in a crash stays invisible until the file grows over it, when it turns into a leak.
+    The crash contract asks that every refcount equal the references, so qcrash's
+    recovery looks past EOF too.
+    """
+    return [c for c, _off, _idx in _past_eof_entries(file)]
+
+
+def drop_refcounts_past_eof(file: BlockFile) -> int:
+    """Set every refcount past the end of the file to 0 (nothing can reference there); returns how many."""
+    entries = list(_past_eof_entries(file))
+    if not entries:
+        return 0
+    hdr = Header.unpack(read_exact(file, 0, 104))
+    cs = 1 << hdr.cluster_bits
+    blocks: dict[int, bytearray] = {}
+    for _cluster, block_off, index in entries:
+        block = blocks.setdefault(block_off, bytearray(read_exact(file, block_off, cs)))
+        set_refcount(block, index, hdr.refcount_order, 0)
+    for block_off, block in sorted(blocks.items()):
+        file.pwrite(block_off, bytes(block), WriteSite.REPAIR)
+    file.flush()
+    return len(entries)
+
+
+def _past_eof_entries(file: BlockFile) -> Iterable[tuple[int, int, int]]:
+    hdr = Header.unpack(read_exact(file, 0, 104))
+    cs = 1 << hdr.cluster_bits
+    geo = Geometry(hdr.cluster_bits, hdr.refcount_order)
+    size = file.size()
+    first = -(-size // cs)
+    n = hdr.refcount_table_clusters * cs // 8
+    if n * 8 > spec.QCOW_MAX_REFTABLE_SIZE or hdr.refcount_table_offset % cs:
+        return
+    table = read_exact(file, hdr.refcount_table_offset, n * 8)
+    for ri in range(first // geo.refblock_entries, n):
+        block_off = int.from_bytes(table[ri * 8 : ri * 8 + 8], "big") & spec.REFT_OFFSET_MASK
+        if not block_off or block_off % cs or block_off >= size:
+            continue
+        block = read_exact(file, block_off, cs)
+        base = ri * geo.refblock_entries
+        for idx, _value in _nonzero_refcounts(block, hdr.refcount_order, geo.refblock_entries):
+            if base + idx >= first:
+                yield base + idx, block_off, idx

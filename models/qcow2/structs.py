@@ -74,7 +74,7 @@ class Header:
             v3 = struct.unpack_from(_V3_FORMAT, raw, 0)[13:]
             (hdr.incompatible_features, hdr.compatible_features, hdr.autoclear_features,
              hdr.refcount_order, hdr.header_length) = v3
-            hdr.compression_type = raw[104] if hdr.header_length > 104 else 0
+            hdr.compression_type = raw[104] if hdr.header_length > 104 and len(raw) > 104 else 0
         return hdr
 
     def pack(self) -> bytes:
