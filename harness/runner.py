@@ -409,8 +409,8 @@ class Runner:
         try:
             ro = Qcow2Image.open(ReadOnlyFile(raw, name=f"crash[{state.id}]"), readonly=True)
             sectors = _judged_sectors(model, ro)
-            verdicts = model.judge(ro.read, sectors)
-            pre = {s: ro.read(s * SECTOR, SECTOR) for s in sectors}
+            pre = read_sectors(ro, sectors)
+            verdicts = model.judge(lambda off, length: _read_view(pre, off, length), sectors)
         except _ReadOnlyWrite as exc:
             return _Judged([self._finding(Verdict.READONLY_OPEN_CHANGED, str(exc), n, "raw", state)])
         except Qcow2Error as exc:
@@ -462,8 +462,9 @@ class Runner:
                                  f"{hdr.incompatible_features:#x}, refcounts past EOF: {past_eof[:8]}", n, phase, state)
         img = Qcow2Image.open(ReadOnlyFile(file.getvalue()), readonly=True)
         sectors = sorted(set(pre) | set(_judged_sectors(model, img)))
+        post = read_sectors(img, sectors)
         for s in sectors:
-            got = img.read(s * SECTOR, SECTOR)
+            got = post[s]
             want = pre.get(s, bytes(SECTOR))
             if got != want:
                 verdict = Verdict.REPAIR_CHANGED_DATA if phase == "recovery" else Verdict.REPAIR_NOT_IDEMPOTENT
@@ -508,6 +509,22 @@ def _judged_sectors(model: ReferenceDisk, img: Qcow2Image) -> list[int]:
         first = guest // SECTOR
         sectors.update(range(first, min(first + per_cluster, img.size // SECTOR)))
     return sorted(sectors)
+
+
+def read_sectors(img: Qcow2Image, sectors: list[int]) -> dict[int, bytes]:
+    """Read sorted sectors, one image read per contiguous run."""
+    out: dict[int, bytes] = {}
+    i = 0
+    while i < len(sectors):
+        j = i
+        while j + 1 < len(sectors) and sectors[j + 1] == sectors[j] + 1 and j - i < 4095:
+            j += 1
+        data = img.read(sectors[i] * SECTOR, (j - i + 1) * SECTOR)
+        for k in range(i, j + 1):
+            off = (k - i) * SECTOR
+            out[sectors[k]] = data[off:off + SECTOR]
+        i = j + 1
+    return out
 
 
 def _read_view(view: dict[int, bytes], offset: int, length: int) -> bytes:

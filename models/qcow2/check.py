@@ -6,7 +6,9 @@ import bisect
 import dataclasses
 import enum
 import errno
+import itertools
 import os
+import re
 import struct
 from typing import Iterable
 
@@ -274,22 +276,27 @@ def _hash_x(value: int) -> str:
     return f"{value:#x}" if value else "0"
 
 
+_NONZERO_BYTE = re.compile(rb"[^\x00]")
+
+
 def _nonzero_refcounts(block: bytes | bytearray, order: int, limit: int) -> Iterable[tuple[int, int]]:
-    """(index, refcount) of the non-zero entries among the first `limit` of a refcount block."""
+    """(index, refcount) of the non-zero entries among the first `limit` of a refcount block.
+
+    Found by scanning for non-zero bytes in C (a refcount block of a 2 MiB cluster holds
+    up to 16 million entries, nearly all zero in the images the harness makes).
+    """
     if order >= 3:
         width = 1 << (order - 3)
-        code = {1: "B", 2: "H", 4: "I", 8: "Q"}[width]
-        values = struct.unpack_from(f">{limit}{code}", block, 0)
-        return [(i, v) for i, v in enumerate(values) if v]
+        indices = sorted({m.start() // width for m in _NONZERO_BYTE.finditer(block, 0, limit * width)})
+        return [(i, int.from_bytes(block[i * width : (i + 1) * width], "big")) for i in indices]
     bits = 1 << order
     per_byte = 8 // bits
     mask = (1 << bits) - 1
     out = []
     nbytes = (limit + per_byte - 1) // per_byte
-    for pos in range(nbytes):
+    for m in _NONZERO_BYTE.finditer(block, 0, nbytes):
+        pos = m.start()
         byte = block[pos]
-        if not byte:
-            continue
         for k in range(per_byte):
             index = pos * per_byte + k
             value = (byte >> (k * bits)) & mask
@@ -710,9 +717,8 @@ class _Checker:
     def check_refblocks(self, imrt: _Imrt, fix: Fix) -> bool:
         rebuild = False
         cs = self.cs
-        for i, raw_entry in enumerate(self.reftable):
-            if not raw_entry:
-                continue
+        for i in itertools.compress(range(len(self.reftable)), self.reftable):
+            raw_entry = self.reftable[i]
             offset = raw_entry & spec.REFT_OFFSET_MASK
             cluster = offset >> self.cb
             if raw_entry & spec.REFT_RESERVED_MASK:
@@ -1383,9 +1389,9 @@ def _past_eof_entries(file: BlockFile) -> Iterable[tuple[int, int, int]]:
     n = hdr.refcount_table_clusters * cs // 8
     if n * 8 > spec.QCOW_MAX_REFTABLE_SIZE or hdr.refcount_table_offset % cs:
         return
-    table = read_exact(file, hdr.refcount_table_offset, n * 8)
+    table = struct.unpack(f">{n}Q", read_exact(file, hdr.refcount_table_offset, n * 8))
     for ri in range(first // geo.refblock_entries, n):
-        block_off = int.from_bytes(table[ri * 8 : ri * 8 + 8], "big") & spec.REFT_OFFSET_MASK
+        block_off = table[ri] & spec.REFT_OFFSET_MASK
         if not block_off or block_off % cs or block_off >= size:
             continue
         block = read_exact(file, block_off, cs)

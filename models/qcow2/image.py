@@ -21,6 +21,7 @@ shows another sector's old data there.
 from __future__ import annotations
 
 import enum
+import struct
 from typing import Callable
 
 from models.blockio import BlockFile, WriteSite, read_exact
@@ -276,14 +277,12 @@ class Qcow2Image(RefcountMixin):
             l2_off = self._l2_table_offset(i)
             if not l2_off:
                 continue
-            table = self.l2cache.get(l2_off)
-            for j in range(per_l2):
-                guest = (i * per_l2 + j) * cs
-                if guest >= self.hdr.size:
-                    break
-                entry = get_entry(table, j)
+            entries = struct.unpack(f">{per_l2}Q", self.l2cache.get(l2_off))
+            for j, entry in enumerate(entries):
                 if entry and l2_cluster_type(entry, self.hdr.version) is ClusterType.NORMAL:
-                    out.append(guest)
+                    guest = (i * per_l2 + j) * cs
+                    if guest < self.hdr.size:
+                        out.append(guest)
         return out
 
     def _l2_for_write(self, guest: int) -> tuple[int, bytearray]:
@@ -450,7 +449,7 @@ class Qcow2Image(RefcountMixin):
 
 
 def _unpack_u64s(raw: bytes) -> list[int]:
-    return [int.from_bytes(raw[i : i + 8], "big") for i in range(0, len(raw) - 7, 8)]
+    return list(struct.unpack(f">{len(raw) // 8}Q", raw[: len(raw) // 8 * 8]))
 
 
 def _repair_dirty(file: BlockFile, log: Callable[[str], None] | None) -> None:
