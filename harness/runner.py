@@ -337,6 +337,8 @@ class Runner:
         assert judged.recovered is not None and judged.view is not None
         view = judged.view
         model.collapse(lambda off, length: _read_view(view, off, length))
+        # The recovered image is opened with the current cache mode; later writes follow its rule.
+        model.cache_mode = type(model.cache_mode)(self.cache_mode)
         self.model = model
         self._attach(MemoryFile(judged.recovered, name="qcrash.qcow2"))
         self.trace(f"op #{n}: crashed at [{state.id}], recovered, continuing")

@@ -13,7 +13,7 @@ import struct
 from typing import Iterable
 
 from models.blockio import BlockFile, WriteSite, read_exact
-from models.qcow2 import spec
+from models.qcow2 import inject, spec
 from models.qcow2.errors import InvalidImage, UnsupportedFeature
 from models.qcow2.geometry import Geometry, get_refcount, set_refcount
 from models.qcow2.structs import FIELD_OFFSET, Header
@@ -563,7 +563,13 @@ class _Checker:
                 raise _CheckFailed(errno.EIO)
             self.file.pwrite(offset, bytes(self.refblock_cache[offset]), WriteSite.REPAIR)
         self.refblock_dirty.clear()
-        self.file.flush()
+        self._repair_flush()
+
+    def _repair_flush(self) -> None:
+        # Injected bug: "flush once at the end" leaves the switched header, the new
+        # structures and the cleared dirty bit in one epoch, in any order after a crash.
+        if not inject.on("rebuild-switch-before-durable"):
+            self.file.flush()
 
     # ---------------------------------------------------------------- the IMRT
 
@@ -779,7 +785,8 @@ class _Checker:
         self.inc_refcounts(imrt, 0, self.cs)  # header
         self.check_refcounts_l1(imrt, True, fix)  # active L1, L2 tables, data
         # (no snapshots: their L1 tables and the snapshot table count nothing)
-        self.inc_refcounts(imrt, self.reftable_offset, len(self.reftable) * 8)
+        if not inject.on("repair-forgets-table"):
+            self.inc_refcounts(imrt, self.reftable_offset, len(self.reftable) * 8)
         rebuild = self.check_refblocks(imrt, fix)
         return imrt, rebuild
 
@@ -918,11 +925,11 @@ class _Checker:
             raise _CheckFailed(errno.EIO)
         self.file.pwrite(rt_offset, struct.pack(f">{len(reftable)}Q", *reftable), WriteSite.REPAIR)
         # Everything the new header will point at must be durable before the header does.
-        self.file.flush()
+        self._repair_flush()
         start = FIELD_OFFSET["refcount_table_offset"]
         assert FIELD_OFFSET["refcount_table_clusters"] == start + 8
         self.file.pwrite(start, struct.pack(">QI", rt_offset, clusters), WriteSite.REFTABLE_SWITCH)
-        self.file.flush()
+        self._repair_flush()
         self.reftable = reftable
         self.reftable_offset = rt_offset
         self._ol_cache = None

@@ -259,7 +259,7 @@ class Qcow2Image(RefcountMixin):
         out = bytearray()
         for pos, in_off, n in self._chunks(offset, length):
             _entry, ctype, host = self._lookup(pos)
-            if ctype is ClusterType.NORMAL:
+            if ctype is ClusterType.NORMAL or (ctype is ClusterType.ZERO_ALLOC and inject.on("stale-l2-entry-read")):
                 out += read_exact(self.file, host + in_off, n)
             else:
                 out += bytes(n)

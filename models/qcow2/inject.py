@@ -29,7 +29,7 @@ BUGS: dict[str, str] = {
     "rebuild-switch-before-durable": "refcount rebuild switches the header to the new table before the new structures are flushed",
     "repair-forgets-table": "refcount rebuild forgets to count the L1 table",
     "l2-alloc-no-flush": "a new L2 table is linked into the L1 before the table itself is durable",
-    "stale-l2-entry-read": "reads trust an L2 entry pointing past the end of the file instead of refusing it",
+    "stale-l2-entry-read": "reads trust the stale host offset of an L2 entry whose zero flag is set",
 }
 
 _ACTIVE: frozenset[str] = frozenset()
