@@ -19,12 +19,13 @@ class TestCorrectImage(CrashMachine.TestCase):
 
 
 # Bugs and the configuration axes a user would pin to hunt them (the rest stays drawn).
+# (reuse-before-free-durable needs a four-step recipe that random rules rarely line up;
+# tests/harness/test_runner.py scripts it and the zoo hunts it with the fuzzer.)
 BUG_HUNTS = [
     ("dirty-no-flush", {"lazy_refcounts": True, "version": 3}),
     ("dirty-cleared-early", {"lazy_refcounts": True, "version": 3}),
     ("l2-before-refblock", {"lazy_refcounts": False, "cache_mode": "writeback"}),
     ("writethrough-no-flush", {"cache_mode": "writethrough"}),
-    ("reuse-before-free-durable", {"lazy_refcounts": False, "cache_mode": "writeback"}),
 ]
 
 
