@@ -124,3 +124,33 @@ def test_lazy_clean_close_writes_refblocks_then_header():
     # QEMU's close with lazy=on: R F H F (facts §2.2).
     assert counted.trace == ["refblock", "F", "header", "F"]
     assert not counted.inner.getvalue()[79] & 1
+
+
+@pytest.mark.parametrize("lazy, expected", [(True, ["data", "l2", "F"]), (False, ["data", "refblock", "F", "l2", "F"])])
+def test_partial_write_into_a_new_cluster_at_eof_costs_the_same(lazy, expected):
+    """4 KiB into a fresh cluster at the end of the file: the cluster is written whole (zeros around the data);
+    nothing stale can show through, so no extra flush (QEMU on a plain file: fallocate + D + L2 F, facts §2.2)."""
+    img, counted = open_counted(lazy=lazy, mode="writethrough")
+    img.write(0, b"\x01" * CS)
+    for i in range(1, 5):
+        counted.reset()
+        img.write(i * CS + 8192, b"\x02" * 4096)
+        assert counted.trace == expected
+
+
+def test_write_into_a_reused_cluster_flushes_data_before_the_l2_entry():
+    """A freed cluster below EOF may hold another guest offset's old data: the data write is flushed before the
+    L2 entry that exposes it (qcrash's rule, stricter than QEMU's; see the module docstring of image.py)."""
+    img, counted = open_counted(lazy=True, mode="writeback")
+    img.write(0, b"\x01" * CS)
+    img.write(CS, b"\x02" * CS)
+    img.flush()
+    freed = img._lookup(0)[2]
+    img.discard(0, CS)
+    img.flush()
+    counted.reset()
+    img.write(5 * CS, b"\x03" * 512)
+    assert img._lookup(5 * CS)[2] == freed, "the write should reuse the freed cluster"
+    img.flush()
+    trace = counted.trace
+    assert trace.index("data") < trace.index("F") < trace.index("l2"), trace
