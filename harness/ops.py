@@ -159,21 +159,54 @@ def random_range(rng: random.Random, config: Config) -> tuple[int, int]:
     return offset, max(SECTOR, length // SECTOR * SECTOR)
 
 
-def random_op(rng: random.Random, config: Config, *, allow_crash: bool = True) -> Op:
+def _near(rng: random.Random, config: Config, recent: list[tuple[int, int]]) -> tuple[int, int]:
+    """A range over data written earlier, widened to whole clusters (so discards and zero writes bite)."""
+    cs = config.cluster_size
+    off, n = rng.choice(recent)
+    start = off - off % cs
+    end = min(config.virtual_size, -(-(off + n) // cs) * cs)
+    if rng.random() < 0.3:
+        return off, n
+    return start, max(SECTOR, end - start)
+
+
+def _fill_length(rng: random.Random, config: Config) -> int | None:
+    """A write long enough to need new refcount blocks, or to grow the refcount table, when the disk allows."""
+    cs = config.cluster_size
+    rbe = cs * 8 // config.refcount_bits
+    block_span = rbe * cs  # host bytes one refcount block covers
+    table_span = (cs // 8) * block_span  # host bytes a one-cluster refcount table covers
+    limit = min(config.virtual_size, 4 << 20)
+    choices = [n for n in (block_span + block_span // 2, table_span + 4 * cs) if n <= limit]
+    if not choices:
+        return None
+    return rng.choice(choices) // SECTOR * SECTOR
+
+
+def random_op(rng: random.Random, config: Config, *, allow_crash: bool = True,
+              recent: list[tuple[int, int]] | None = None) -> Op:
+    recent = recent if recent is not None else []
+
+    def pick_range(reuse: float) -> tuple[int, int]:
+        if recent and rng.random() < reuse:
+            return _near(rng, config, recent)
+        return random_range(rng, config)
+
     r = rng.random()
     if r < 0.40:
-        off, n = random_range(rng, config)
+        off, n = pick_range(0.3)
+        recent.append((off, n))
         return Write(off, n, rng.randrange(1 << 16))
     if r < 0.48:
-        off, n = random_range(rng, config)
+        off, n = pick_range(0.6)
         return WriteZeroes(off, n)
     if r < 0.58:
-        off, n = random_range(rng, config)
+        off, n = pick_range(0.7)
         return Discard(off, n)
     if r < 0.68:
         return Flush()
     if r < 0.74:
-        off, n = random_range(rng, config)
+        off, n = pick_range(0.6)
         return Read(off, n)
     if r < 0.80:
         lazy = rng.choice((None, True, False)) if config.version == 3 else None
@@ -189,4 +222,11 @@ def random_op(rng: random.Random, config: Config, *, allow_crash: bool = True) -
 
 
 def random_ops(rng: random.Random, config: Config, n: int) -> list[Op]:
-    return [random_op(rng, config) for _ in range(n)]
+    recent: list[tuple[int, int]] = []
+    ops = [random_op(rng, config, recent=recent) for _ in range(n)]
+    if rng.random() < 0.25:
+        # Sometimes one long write, so allocation reaches new refcount blocks and table growth.
+        length = _fill_length(rng, config)
+        if length:
+            ops.insert(rng.randrange(len(ops) + 1), Write(0, length, rng.randrange(1 << 16)))
+    return ops
