@@ -110,9 +110,12 @@ def draw_config(rng: random.Random, fixed: dict[str, object] | None = None) -> C
     # metadata per byte written: keep them, but rarely.
     cluster_bits = rng.choices(range(9, 22), weights=[24, 16, 12, 10, 8, 6, 5, 3, 2, 1.5, 1, 0.5, 0.5])[0]
     cluster_size = fixed.get("cluster_size", 1 << cluster_bits)
-    refcount_bits = fixed.get("refcount_bits", 16 if version == 2 else rng.choice(REFCOUNT_BITS))
+    # Wide refcounts on small clusters make refcount blocks cover little: new blocks and
+    # refcount-table growth come within reach of a short sequence.
+    weights = (1, 1, 1, 1, 3, 1, 4) if cluster_size <= 1024 else (1, 1, 1, 1, 2, 1, 1)
+    refcount_bits = fixed.get("refcount_bits", 16 if version == 2 else rng.choices(REFCOUNT_BITS, weights)[0])
     lazy = fixed.get("lazy_refcounts", version == 3 and rng.random() < 0.6)
     cache = fixed.get("cache_mode", rng.choice(CACHE_MODES))
-    size = fixed.get("virtual_size", max(cluster_size * 8, rng.choice((1, 1, 2, 4, 8)) << 20))
+    size = fixed.get("virtual_size", max(cluster_size * 8, rng.choice((1, 1, 2, 4, 4, 8)) << 20))
     return Config(version=version, cluster_size=cluster_size, refcount_bits=refcount_bits,
                   lazy_refcounts=lazy, cache_mode=cache, virtual_size=size)

@@ -177,7 +177,7 @@ def _fill_length(rng: random.Random, config: Config) -> int | None:
     block_span = rbe * cs  # host bytes one refcount block covers
     table_span = (cs // 8) * block_span  # host bytes a one-cluster refcount table covers
     limit = min(config.virtual_size, 4 << 20)
-    choices = [n for n in (block_span + block_span // 2, table_span + 4 * cs) if n <= limit]
+    choices = [n for n in (block_span + block_span // 2, table_span + 4 * cs, table_span + 4 * cs) if n <= limit]
     if not choices:
         return None
     return rng.choice(choices) // SECTOR * SECTOR
@@ -224,7 +224,7 @@ def random_op(rng: random.Random, config: Config, *, allow_crash: bool = True,
 def random_ops(rng: random.Random, config: Config, n: int) -> list[Op]:
     recent: list[tuple[int, int]] = []
     ops = [random_op(rng, config, recent=recent) for _ in range(n)]
-    if rng.random() < 0.25:
+    if rng.random() < 0.35:
         # Sometimes one long write, so allocation reaches new refcount blocks and table growth.
         length = _fill_length(rng, config)
         if length:

@@ -32,20 +32,23 @@ def hunt(bug: str, seconds: float, seed: int, profile: str, out: Path) -> ZooRow
     """Fuzz with one bug switched on until the first finding or the budget runs out."""
     opts = fz.FuzzOptions(examples=None, seconds=seconds, seed=seed, jobs=1, profile=profile,
                           corpus=out / bug, inject=[bug], shrink=True, stop_after_findings=1)
-    t0 = time.monotonic()
     first = {}
 
     def on_outcome(o: fz.Outcome) -> None:
         if o.finding is not None and not first:
-            first.update(t=time.monotonic() - t0, outcome=o)
+            first.update(outcome=o)
 
     result = fz.fuzz(opts, on_outcome=on_outcome)
-    states = 0
-    examples = 0
+    # Time to detection: the run time of every example up to and including the first
+    # finding (one core, examples in order); shrinking afterwards is not counted.
+    states = examples = 0
+    seconds = 0.0
     for o in result.outcomes:
         examples += 1
         states += o.stats.crash_states
+        seconds += o.seconds
         if o.finding is not None:
+            first["t"] = seconds
             break
     if not first:
         return ZooRow(bug, BUGS[bug], False, None, examples, states, None, None, None, None)

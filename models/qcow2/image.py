@@ -313,12 +313,15 @@ class Qcow2Image(RefcountMixin):
             self.l2cache.depends_on_flush = True
         if allocating and self.lazy and not inject.on("dirty-set-late"):
             self._mark_dirty()
-        if allocating and self._need_accurate_refcounts() and not inject.on("l2-before-refblock"):
+        # Injected dirty-set-late: the L2 table is treated as lazy (no wait for the refcount
+        # block) and written before the dirty bit.
+        late = allocating and self.lazy and inject.on("dirty-set-late")
+        if allocating and self._need_accurate_refcounts() and not inject.on("l2-before-refblock") and not late:
             self.l2cache.set_dependency(self.refcache)
         set_entry(table, idx, entry)
         self.l2cache.mark_dirty(l2_off)
-        if allocating and self.lazy and inject.on("dirty-set-late"):
-            self._write_caches()
+        if late:
+            self.l2cache.write()
             self._mark_dirty()
 
     def write(self, offset: int, data: bytes) -> None:
@@ -379,8 +382,9 @@ class Qcow2Image(RefcountMixin):
         self._check_request(offset, length, "discard")
         self._require_writable("discard")
         cs = self.geo.cluster_size
-        for pos, _in_off, n in self._chunks(offset, length):
-            if n != cs:
+        for pos, in_off, n in self._chunks(offset, length):
+            # A partial last cluster of the disk counts as whole when the request reaches the end (as QEMU).
+            if n != cs and not (in_off == 0 and pos + n == self.hdr.size):
                 continue
             l2_off = self._l2_table_offset(self.geo.offset_to_l1_index(pos))
             if not l2_off:

@@ -29,6 +29,7 @@ class RefcountMixin:
     path: str
     free_cluster_index: int
     _recently_freed: set[int]
+    _reserved: tuple[int, int] = (0, 0)  # [start, end) of the range alloc_clusters is placing
 
     # -- provided by the image ------------------------------------------------------------
     def _pwrite(self, offset: int, data: bytes, site: WriteSite) -> None:  # pragma: no cover - interface
@@ -60,7 +61,11 @@ class RefcountMixin:
         """First run of `n` clusters with refcount 0 that were not freed since the last flush."""
         c = self.free_cluster_index
         run_start, run_len = c, 0
+        lo, hi = self._reserved
         while run_len < n:
+            if lo <= c < hi:
+                c, run_len = hi, 0
+                continue
             if self.refcount(c) == 0 and c not in self._recently_freed:
                 if run_len == 0:
                     run_start = c
@@ -79,10 +84,15 @@ class RefcountMixin:
             # As QEMU's alloc_clusters_noref: the hint moves past the range first, so refcount
             # blocks made for the range land after it.
             self.free_cluster_index = start + n
-            self._ensure_refblocks(start, n)
+            # Refcount blocks made for the range (and any table growth) must not land inside it.
+            self._reserved = (start, start + n)
+            try:
+                self._ensure_refblocks(start, n)
+            finally:
+                self._reserved = (0, 0)
             if not any(self.refcount(c) for c in range(start, start + n)):
                 break
-            self.free_cluster_index = hint  # a new block landed inside the range: search again
+            self.free_cluster_index = hint  # the range was taken after all: search again
         for c in range(start, start + n):
             self._update_refcount(c, +1)
         return self.geo.cluster_to_offset(start)
@@ -93,11 +103,11 @@ class RefcountMixin:
             if self._has_refblock(ri):
                 ri += 1
             else:
-                self._alloc_refblock(ri)  # may allocate another range's block first; look again
+                self._alloc_refblock(ri, avoid_end=start + n)  # may allocate another range's block first
 
-    def _alloc_refblock(self, ri: int) -> None:
+    def _alloc_refblock(self, ri: int, avoid_end: int = 0) -> None:
         if ri >= len(self.reftable):
-            self._grow_reftable(ri)
+            self._grow_reftable(ri, avoid_end)
             return
         c = self._find_free(1)
         home = self.geo.reftable_index(c)
@@ -112,7 +122,7 @@ class RefcountMixin:
             self._file_flush()
         else:
             if not self._has_refblock(home):
-                self._alloc_refblock(home)
+                self._alloc_refblock(home, avoid_end)
                 return  # the caller searches again: free space changed
             self._update_refcount(c, +1)
             block = self.refcache.get_empty(block_off)
@@ -123,12 +133,16 @@ class RefcountMixin:
         self._pwrite(self.reftable_offset + ri * 8, block_off.to_bytes(8, "big"), WriteSite.REFTABLE)
         self._file_flush()
 
-    def _grow_reftable(self, min_index: int) -> None:
-        """Place a larger refcount table and the blocks that count it past everything in use, then switch."""
+    def _grow_reftable(self, min_index: int, avoid_end: int = 0) -> None:
+        """Place a larger refcount table and the blocks that count it past everything in use, then switch.
+
+        `avoid_end`: the end of a range being allocated, so the new structures do not land
+        inside it (which would move the range, and grow the table again).
+        """
         geo = self.geo
         cs, rbe = geo.cluster_size, geo.refblock_entries
         old_entries = len(self.reftable)
-        start = max(old_entries * rbe, geo.size_to_clusters(self._host_size()))
+        start = max(old_entries * rbe, geo.size_to_clusters(self._host_size()), avoid_end)
         new_entries = max(min_index + 1, old_entries * 2)
         while True:
             table_clusters = geo.size_to_clusters(new_entries * 8)

@@ -232,9 +232,6 @@ def test_fresh_image_layout_differs_but_is_valid_when_l1_spans_several_refblocks
         assert header_field(ours, fmt, off) == header_field(theirs, fmt, off)
 
 
-@pytest.mark.xfail(strict=True, reason="models/qcow2 (reported): when the new L1 outgrows what the first refcount table "
-                   "covers, create grows the table repeatedly into the range it is allocating and the file ends up "
-                   "~4x larger than QEMU's (valid, but wasteful)")
 @pytest.mark.parametrize("opts, size", [("cluster_size=512,refcount_bits=64", "16G"), ("cluster_size=512", "100G")])
 def test_fresh_image_size_close_to_qemus_when_create_grows_the_refcount_table(tmp_path, opts, size):
     ours, theirs = tmp_path / "ours.qcow2", tmp_path / "theirs.qcow2"
@@ -243,8 +240,6 @@ def test_fresh_image_size_close_to_qemus_when_create_grows_the_refcount_table(tm
     assert ours.stat().st_size <= theirs.stat().st_size * 1.1, (ours.stat().st_size, theirs.stat().st_size)
 
 
-@pytest.mark.xfail(strict=True, reason="models/qcow2 bug (reported): discard does not drop the partial last cluster of "
-                   "an unaligned disk; QEMU 7.2 does when the request reaches the end")
 def test_discard_of_the_partial_last_cluster_matches_qemu(tmp_path):
     size = 65536 + 512
     commands = [f"write -P 0x11 0 {size}", "discard 65536 512"]

@@ -272,8 +272,6 @@ def test_discarded_cluster_is_reused_only_after_the_freeing_l2_update_is_durable
     assert_consistent(mem.getvalue())
 
 
-@pytest.mark.xfail(strict=True, reason="models/qcow2 bug (reported): the partial last cluster of an unaligned disk is "
-                   "not discarded; QEMU 7.2 discards it when the request reaches the end of the disk")
 def test_discard_reaching_the_end_of_an_unaligned_disk_discards_the_partial_last_cluster():
     # QEMU (qcow2_co_pdiscard): a request that is not cluster-aligned is ignored "except for the special case of
     # the complete partial cluster at the end of an unaligned file". Verified with qemu-io 7.2 on a 66048-byte
