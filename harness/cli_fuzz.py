@@ -162,15 +162,13 @@ def replay_file(path: str) -> tuple[str, str]:
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
-    status = 0
+    # 1 when any file still fails; else 2 when any file could not be read; else 0.
+    seen = set()
     for path in args.files:
         verdict, detail = replay_file(path)
-        print(detail)
-        if verdict == "failing":
-            status = max(status, 1)
-        elif verdict == "error":
-            status = 2 if status == 0 else status
-    return status
+        print(detail, flush=True)
+        seen.add(verdict)
+    return 1 if "failing" in seen else 2 if "error" in seen else 0
 
 
 def cmd_shrink(args: argparse.Namespace) -> int:
