@@ -7,6 +7,7 @@ import hashlib
 import multiprocessing
 import os
 import random
+import shutil
 import signal
 import sys
 import time
@@ -24,7 +25,9 @@ from harness.shrink import crash_atoms, guest_op_count, shrink
 PROFILES: dict[str, dict] = {
     "dev": {"ops": (3, 12), "budget": Budget(), "shrink_seconds": 20.0},
     "ci": {"ops": (3, 10), "budget": Budget(samples=3, states_per_op=8, recovery_every=6), "shrink_seconds": 10.0},
-    "nightly": {"ops": (4, 24), "budget": Budget(samples=16, states_per_op=64, recovery_points=4, recovery_every=2),
+    # Nightly asks real qemu-img check about a sample of raw crash images when it is installed.
+    "nightly": {"ops": (4, 24), "budget": Budget(samples=16, states_per_op=64, recovery_points=4, recovery_every=2,
+                                                 qemu_every=50 if shutil.which("qemu-img") else 0),
                 "shrink_seconds": 60.0},
 }
 

@@ -54,6 +54,7 @@ class Budget:
     states_per_op: int = 12  # judged states per guest op at most (seeded sample across its points)
     recovery_points: int = 2  # crash points sampled in each recovery log (step 3)
     recovery_every: int = 4  # step 3 runs on one judged state in this many (0 = never)
+    qemu_every: int = 0  # real qemu-img check on one raw crash image in this many (0 = never)
 
     @classmethod
     def exhaustive(cls) -> "Budget":
@@ -402,6 +403,11 @@ class Runner:
             return _Judged([self._finding(Verdict.UNOPENABLE, str(exc), n, "raw", state)])
         dirty = bool(hdr.incompatible_features & 1)
         self.stats.coverage["dirty at open" if dirty else "clean at open"] += 1
+        if self.budget.qemu_every and self.rng.randrange(self.budget.qemu_every) == 0:
+            disagreement = qemu_disagreement(raw)
+            if disagreement:
+                return _Judged([self._finding(Verdict.QEMU_DISAGREES, disagreement, n, "raw", state)])
+            self.stats.coverage["qemu-img check agreed"] += 1
         if not dirty:
             result = checkmod.check(MemoryFile(raw))
             if result.corruptions or result.check_errors:
@@ -501,6 +507,36 @@ class Runner:
                    Mismatch.GARBAGE: Verdict.GARBAGE}[first.kind]
         more = f" (+{len(verdicts) - 1} more sectors)" if len(verdicts) > 1 else ""
         return self._finding(verdict, first.message + more, n, phase, state, sector=first.sector)
+
+
+def qemu_disagreement(raw: bytes) -> str | None:
+    """Run real `qemu-img check` on a crash image; describe any difference from qcrash's check, else None."""
+    import json
+    import os
+    import shutil
+    import subprocess
+    import tempfile
+
+    if shutil.which("qemu-img") is None:
+        return None
+    ours = checkmod.check(MemoryFile(raw))
+    fd, path = tempfile.mkstemp(suffix=".qcow2")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(raw)
+        proc = subprocess.run(["qemu-img", "check", "-f", "qcow2", "--output=json", path],
+                              capture_output=True, text=True, timeout=60)
+    finally:
+        os.unlink(path)
+    try:
+        theirs = json.loads(proc.stdout)
+    except json.JSONDecodeError:
+        return f"qemu-img check exited {proc.returncode} without JSON: {proc.stderr.strip()[:200]}"
+    mine = {"corruptions": ours.corruptions, "leaks": ours.leaks, "check-errors": ours.check_errors}
+    got = {k: theirs.get(k, 0) for k in mine}
+    if mine != got or checkmod.exit_code(ours) != proc.returncode:
+        return f"qcrash check {mine} (exit {checkmod.exit_code(ours)}) but qemu-img check {got} (exit {proc.returncode})"
+    return None
 
 
 def _judged_sectors(model: ReferenceDisk, img: Qcow2Image) -> list[int]:

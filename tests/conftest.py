@@ -8,12 +8,25 @@ import shutil
 import pytest
 from hypothesis import HealthCheck, settings
 
+def _database():
+    """The example database: QCRASH_HYPOTHESIS_DB (default .hypothesis/examples), plus, when
+    QCRASH_SHARED_DB names one, a shared database of known failures that shards read but never write."""
+    from hypothesis.database import DirectoryBasedExampleDatabase, MultiplexedDatabase, ReadOnlyDatabase
+
+    own = DirectoryBasedExampleDatabase(os.environ.get("QCRASH_HYPOTHESIS_DB", ".hypothesis/examples"))
+    shared = os.environ.get("QCRASH_SHARED_DB")
+    if shared:
+        return MultiplexedDatabase(own, ReadOnlyDatabase(DirectoryBasedExampleDatabase(shared)))
+    return own
+
+
 # Every profile names its parent explicitly, so `nightly` is never silently derandomized
 # by inheriting from `ci`.
 _default = settings.get_profile("default")
 settings.register_profile(
     "dev",
     parent=_default,
+    database=_database(),
     max_examples=50,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
@@ -31,6 +44,7 @@ settings.register_profile(
 settings.register_profile(
     "nightly",
     parent=_default,
+    database=_database(),
     max_examples=2000,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],

@@ -107,3 +107,46 @@ def test_chosen_crash_then_continue_keeps_model_and_image_in_step() -> None:
     assert runner.image.read(0, 512) == runner.model.read(0, 512)
     assert runner.image.read(2048, 512) == bytes(512)
     assert runner.finish() == []
+
+
+@pytest.mark.qemu
+def test_qemu_check_agrees_on_sampled_crash_images() -> None:
+    import shutil
+
+    if shutil.which("qemu-img") is None:
+        pytest.skip("qemu-img not found: install Debian's qemu-utils")
+    config = Config(lazy_refcounts=True, cache_mode="writeback", **SMALL)
+    runner = Runner(config, seed=5, budget=Budget(samples=4, states_per_op=6, qemu_every=1))
+    findings = runner.run([Write(0, 4096, 1), Flush(), Write(8192, 512, 2), Discard(0, 1024), Reopen()])
+    assert findings == []
+    assert runner.stats.coverage["qemu-img check agreed"] >= 10
+
+
+def test_qemu_disagreement_is_reported() -> None:
+    """The comparison can fail: a refcount made wrong only for qcrash's checker is a disagreement."""
+    import shutil
+
+    from harness.runner import qemu_disagreement
+    from models.blockio import MemoryFile
+    from models.qcow2 import Qcow2Image, check
+
+    if shutil.which("qemu-img") is None:
+        pytest.skip("qemu-img not found: install Debian's qemu-utils")
+    mem = MemoryFile()
+    Qcow2Image.create(mem, 1 << 20, cluster_size=512)
+    img = Qcow2Image.open(mem)
+    img.write(0, b"x" * 512)
+    img.close()
+    assert qemu_disagreement(mem.getvalue()) is None
+    original = check.check
+    try:
+        check.check = lambda f, fix=check.Fix.NONE, **kw: dataclasses_replace(original(f, fix, **kw), leaks=3)
+        assert "qemu-img check" in qemu_disagreement(mem.getvalue())
+    finally:
+        check.check = original
+
+
+def dataclasses_replace(obj, **changes):
+    import dataclasses
+
+    return dataclasses.replace(obj, **changes)
