@@ -26,6 +26,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--report", default=None, help="report directory (default reports/<UTC time>-<seed>)")
     p.add_argument("--corpus", default=None, help="where reproducer files go (default <report>/findings)")
     p.add_argument("--no-shrink", action="store_true", help="record findings without shrinking them")
+    p.add_argument("--known", action="append", default=[], metavar="DIR",
+                   help="a shared, read-only directory of known failures: replayed first; hits of a known "
+                        "signature are counted, not recorded again (repeatable)")
     p.set_defaults(func=cmd_fuzz)
 
     p = sub.add_parser("replay", help="re-run reproducer files without Hypothesis")
@@ -96,11 +99,13 @@ def cmd_fuzz(args: argparse.Namespace) -> int:
         fz._override(draw_config(random.Random(0)), overrides, random.Random(0))  # validate early
     except ConfigError as exc:
         raise UsageError(str(exc)) from None
-    report_dir = Path(args.report) if args.report else Path("reports") / f"{rp.utc_stamp()}-{seed}"
+    shard = _parse_shard(args.shard)
+    suffix = f"-shard{shard[0]}of{shard[1]}" if shard[1] > 1 else ""
+    report_dir = Path(args.report) if args.report else Path("reports") / f"{rp.utc_stamp()}-{seed}{suffix}"
     corpus = Path(args.corpus) if args.corpus else report_dir / "findings"
     opts = fz.FuzzOptions(examples=examples, seconds=seconds, seed=seed, jobs=jobs, shard=_parse_shard(args.shard),
                           profile=profile, overrides=overrides, corpus=corpus, inject=sorted(inject.active()),
-                          shrink=not args.no_shrink)
+                          shrink=not args.no_shrink, known=_known_signatures(args.known))
     print(f"qcrash fuzz: seed {seed}, shard {opts.shard[0]}/{opts.shard[1]}, profile {profile}, jobs {jobs}, "
           f"{f'{examples} examples' if examples is not None else f'{seconds:g}s'}"
           + (f", injected bugs: {','.join(opts.inject)}" if opts.inject else ""), flush=True)
@@ -122,6 +127,22 @@ def cmd_fuzz(args: argparse.Namespace) -> int:
         print(f"  {f['signature']} x{f['count']}: {f['file']}")
     print(f"report: {report_dir}/summary.md (seed {seed})")
     return 1 if result.findings else 0
+
+
+def _known_signatures(dirs: list[str]) -> set[str]:
+    """Replay every reproducer in the shared directories; the signatures still failing are known."""
+    known = set()
+    for d in dirs:
+        path = Path(d)
+        if not path.is_dir():
+            raise UsageError(f"--known {d}: not a directory")
+        for f in sorted(path.glob("*.json")):
+            verdict, detail = replay_file(str(f))
+            if verdict == "failing":
+                sig = detail.rsplit("signature ", 1)[-1].split(" ", 1)[0]
+                known.add(sig)
+            print(f"known: {detail.splitlines()[0]}", flush=True)
+    return known
 
 
 def _int_arg(name: str, text: str, lo: int) -> int:

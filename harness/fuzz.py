@@ -26,8 +26,9 @@ PROFILES: dict[str, dict] = {
     "dev": {"ops": (3, 12), "budget": Budget(), "shrink_seconds": 20.0},
     "ci": {"ops": (3, 10), "budget": Budget(samples=3, states_per_op=8, recovery_every=6), "shrink_seconds": 10.0},
     # Nightly asks real qemu-img check about a sample of raw crash images when it is installed.
-    "nightly": {"ops": (4, 24), "budget": Budget(samples=16, states_per_op=64, recovery_points=4, recovery_every=2,
-                                                 qemu_every=50 if shutil.which("qemu-img") else 0),
+    # Nightly sweeps every point of every op under every policy (sampled only inside a policy
+    # whose space is larger than 2**k) and asks real qemu-img check about a sample of images.
+    "nightly": {"ops": (4, 24), "budget": dataclasses.replace(Budget.exhaustive(), qemu_every=50 if shutil.which("qemu-img") else 0),
                 "shrink_seconds": 60.0},
 }
 
@@ -43,6 +44,7 @@ class FuzzOptions:
     overrides: dict[str, str] = dataclasses.field(default_factory=dict)
     corpus: Path = Path("reports/findings")
     inject: list[str] = dataclasses.field(default_factory=list)
+    known: set[str] = dataclasses.field(default_factory=set)  # signatures of known failures: counted, not re-recorded
     shrink: bool = True
     stop_after_findings: int | None = None
 
@@ -153,6 +155,7 @@ class FuzzResult:
     seconds: float
     interrupted: bool
     timeline: list[tuple[float, int, int, int]]  # (t, examples, crash states, findings)
+    known_hits: dict[str, int] = dataclasses.field(default_factory=dict)
 
 
 def _indices(opts: FuzzOptions) -> Iterator[int]:
@@ -177,6 +180,7 @@ def fuzz(opts: FuzzOptions, *, on_outcome: Callable[[Outcome], None] | None = No
     outcomes: list[Outcome] = []
     files: dict[str, Path] = {}
     counts: dict[str, int] = {}
+    known_hits: dict[str, int] = {}
     total = Stats()
     timeline = []
     args = ((i, opts.seed, opts.overrides, opts.profile, opts.inject, opts.shrink) for i in _indices(opts))
@@ -186,8 +190,11 @@ def fuzz(opts: FuzzOptions, *, on_outcome: Callable[[Outcome], None] | None = No
         total.merge(out.stats)
         if out.finding is not None and out.reproducer is not None:
             sig = out.finding.signature()
-            counts[sig] = counts.get(sig, 0) + 1
-            files[sig] = corpusmod.record(opts.corpus, out.reproducer)
+            if sig in opts.known:
+                known_hits[sig] = known_hits.get(sig, 0) + 1
+            else:
+                counts[sig] = counts.get(sig, 0) + 1
+                files[sig] = corpusmod.record(opts.corpus, out.reproducer)
         elapsed = time.monotonic() - t0
         timeline.append((round(elapsed, 2), len(outcomes), total.crash_states, sum(counts.values())))
         if progress:
@@ -239,7 +246,7 @@ def fuzz(opts: FuzzOptions, *, on_outcome: Callable[[Outcome], None] | None = No
     if progress:
         progress.update(len(outcomes), total.crash_states, len(counts), force=True)
     outcomes.sort(key=lambda o: o.index)
-    return FuzzResult(outcomes, files, counts, total, time.monotonic() - t0, stop["flag"], timeline)
+    return FuzzResult(outcomes, files, counts, total, time.monotonic() - t0, stop["flag"], timeline, known_hits)
 
 
 def _worker_init() -> None:

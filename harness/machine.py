@@ -58,7 +58,9 @@ class CrashMachine(RuleBasedStateMachine):
     """Drives a Runner; any finding fails the example with a runnable reproduction."""
 
     fixed_config: dict = {}
-    budget = Budget(samples=2, states_per_op=4, recovery_every=8)
+    # The nightly profile sweeps every point of every op; CI and dev keep a bounded budget.
+    budget = (Budget.exhaustive() if os.environ.get("QCRASH_PROFILE") == "nightly"
+              else Budget(samples=2, states_per_op=4, recovery_every=8))
     last_ops: list = []  # the latest example's operations (Hypothesis replays the shrunk one last)
     last_config: Config | None = None
 

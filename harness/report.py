@@ -52,6 +52,7 @@ def build_summary(result, opts, *, argv: list[str]) -> dict:
         "coverage": {k: stats.coverage.get(k, 0) for k in COVERAGE_KEYS},
         "verdicts": dict(sorted(per_verdict.items())),
         "findings": findings,
+        "known_failures_seen": dict(sorted(getattr(result, "known_hits", {}).items())),
         "timing": {"seconds": round(result.seconds, 3),
                    "phase_seconds": {k: round(v, 3) for k, v in sorted(stats.phase_seconds.items())},
                    "crash_states_per_second": round(stats.crash_states / seconds, 2),

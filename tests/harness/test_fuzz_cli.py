@@ -147,3 +147,33 @@ def test_usage_errors_exit_2(tmp_path: Path) -> None:
         proc = qcrash(*args, "--report", str(tmp_path / "x")) if args[0] == "fuzz" else qcrash(*args)
         assert proc.returncode == 2, (args, proc.stdout, proc.stderr)
         assert "error" in proc.stderr
+
+
+def test_known_failures_are_counted_not_recorded_again(tmp_path: Path) -> None:
+    args = ["--inject", "dirty-no-flush", "fuzz", "--examples", "6", "--seed", "2", "--no-shrink",
+            "--config", SMALL + ",lazy_refcounts=on,version=3"]
+    first = qcrash(*args, "--corpus", str(tmp_path / "shared"), "--report", str(tmp_path / "r1"))
+    assert first.returncode == 1
+    second = qcrash(*args, "--known", str(tmp_path / "shared"), "--corpus", str(tmp_path / "own"),
+                    "--report", str(tmp_path / "r2"))
+    assert "known:" in second.stdout and "still failing" in second.stdout
+    s = json.loads((tmp_path / "r2" / "summary.json").read_text())
+    assert s["known_failures_seen"], s
+    recorded_first = {json.loads(f.read_text())["signature"] for f in (tmp_path / "shared").glob("*.json")}
+    recorded_second = {json.loads(f.read_text())["signature"] for f in (tmp_path / "own").glob("*.json")}
+    assert not recorded_first & recorded_second, "a known signature was recorded again"
+
+
+def test_sigint_writes_a_partial_report(tmp_path: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    report = tmp_path / "r"
+    proc = subprocess.Popen([sys.executable, "-m", "harness", "fuzz", "--time", "5m", "--seed", "6",
+                             "--config", SMALL, "--report", str(report)],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(4)
+    proc.send_signal(signal.SIGINT)
+    out, _err = proc.communicate(timeout=120)
+    s = json.loads((report / "summary.json").read_text())
+    assert s["interrupted"] is True and s["examples"] >= 1
+    assert "(interrupted)" in out
+    assert "interrupted (partial report)" in (report / "summary.md").read_text()
