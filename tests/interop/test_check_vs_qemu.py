@@ -15,6 +15,7 @@ from models.blockio import MemoryFile, OsFile, WriteSite
 from models.qcow2 import spec
 from models.qcow2.check import CheckResult, Fix, check, exit_code, format_human, format_json, repair
 from models.qcow2.structs import Header
+from tests.guestview import guest_view
 
 pytestmark = [
     pytest.mark.qemu,
@@ -319,28 +320,6 @@ def replay(image: bytes, ops: list[tuple]) -> MemoryFile:
         elif op[0] == "truncate":
             f.truncate(op[1])
     return f
-
-
-def guest_view(buf: bytes) -> dict[int, bytes]:
-    """Guest cluster -> contents for every allocated, non-zero cluster, parsed from L1/L2."""
-    hdr = Header.unpack(bytes(buf[:112]).ljust(112, b"\0"))
-    cs = 1 << hdr.cluster_bits
-
-    def rd(offset: int, n: int) -> bytes:
-        return bytes(buf[offset : offset + n]).ljust(n, b"\0")
-
-    view = {}
-    for i in range(hdr.l1_size):
-        l2 = struct.unpack(">Q", rd(hdr.l1_table_offset + 8 * i, 8))[0] & spec.L1E_OFFSET_MASK
-        if not l2:
-            continue
-        for j, entry in enumerate(struct.unpack(f">{cs // 8}Q", rd(l2, cs))):
-            offset = entry & spec.L2E_OFFSET_MASK
-            if offset and not (hdr.version >= 3 and entry & 1):
-                data = rd(offset, cs)
-                if data.count(0) != cs:
-                    view[i * (cs // 8) + j] = data
-    return view
 
 
 def refcount_zero_clusters(result: CheckResult) -> set[int]:
