@@ -364,10 +364,13 @@ class Runner:
         """A modular Crash op that selects `state` in the current log (what the shrinker starts from)."""
         states = enumerate_states(self.ff.log, state.point, state.policy, k=self.budget.k, seed=self.seed,
                                   samples=self.budget.samples)
+        # The point is counted back from the end of the log, so the shrinker can drop earlier
+        # operations without moving the crash off the host op it was at.
+        back = state.point - (len(self.ff.log) + 1)
         for i, s in enumerate(states):
             if s == state:
-                return Crash(state.point, str(state.policy), i)
-        return Crash(state.point, str(state.policy), 0, crash_id=state.id)
+                return Crash(back, str(state.policy), i)
+        return Crash(back, str(state.policy), 0, crash_id=state.id)
 
     # ---- judging one crash state ---------------------------------------------------------------------
     def _judge(self, n: int, state: CrashState, image: bytearray, model: ReferenceDisk, log: WriteLog,

@@ -101,6 +101,8 @@ def _simpler(op: Op, config: Config) -> list[Op]:
     if isinstance(op, Write) and op.seed:
         out.append(dataclasses.replace(op, seed=0))
     if isinstance(op, Crash) and op.crash_id is None:
+        if op.point != -1:
+            out.append(dataclasses.replace(op, point=-1))
         if op.state:
             out.append(dataclasses.replace(op, state=0))
         for policy in ("drop-unsynced", "prefix", "subsets"):
