@@ -41,6 +41,8 @@ from models.refdisk import Mismatch, ReferenceDisk
 
 SECTOR = 512
 _METADATA_SITES = frozenset(WriteSite) - {WriteSite.DATA}
+_RARE_SITES = frozenset({WriteSite.REFTABLE_GROW, WriteSite.REFTABLE_SWITCH, WriteSite.REFBLOCK_ALLOC,
+                         WriteSite.REFTABLE, WriteSite.L1, WriteSite.DIRTY_BIT, WriteSite.HEADER})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -285,15 +287,28 @@ class Runner:
         log = self.ff.log
         points = list(range(span.start + 1, span.end + 1))
         if len(points) > self.budget.states_per_op:
-            # Long ops (a big write, a refcount-table growth): sample the points, always keeping the last.
-            points = sorted(set(self.rng.sample(points[:-1], self.budget.states_per_op - 1)) | {points[-1]})
+            # Long ops (a big write, a refcount-table growth): sample the points, always keeping
+            # the last, and spend half the sample on points just after rare metadata writes
+            # (new refcount blocks, table growth and switch, L1, dirty bit), which data points
+            # would otherwise drown out.
+            ops = log.ops
+            rare = [p for p in points[:-1] if ops[p - 1].kind is OpKind.WRITE and ops[p - 1].site in _RARE_SITES]
+            want = self.budget.states_per_op - 1
+            chosen = set(self.rng.sample(rare, min(len(rare), want // 2)))
+            rest = [p for p in points[:-1] if p not in chosen]
+            chosen |= set(self.rng.sample(rest, min(len(rest), want - len(chosen))))
+            points = sorted(chosen | {points[-1]})
+        per_point = []
         for point in points:
-            candidates.extend(enumerate_point(log, point, self.budget.policies, k=self.budget.k,
-                                              seed=self.seed, samples=self.budget.samples))
-        if len(candidates) > self.budget.states_per_op:
-            # Always keep the last point's prefix (the whole op) and sample the rest.
-            keep = self.rng.sample(range(len(candidates)), self.budget.states_per_op)
-            candidates = [candidates[i] for i in sorted(keep)]
+            states = enumerate_point(log, point, self.budget.policies, k=self.budget.k,
+                                     seed=self.seed, samples=self.budget.samples)
+            self.rng.shuffle(states)
+            per_point.append(states)
+        # Round-robin over the points, so every chosen point is judged before any gets a second state.
+        while len(candidates) < self.budget.states_per_op and any(per_point):
+            for states in per_point:
+                if states and len(candidates) < self.budget.states_per_op:
+                    candidates.append(states.pop())
         seen: set[bytes] = set()
         for state in candidates:
             image = self.builder.build(state)
