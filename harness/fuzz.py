@@ -26,9 +26,11 @@ PROFILES: dict[str, dict] = {
     "dev": {"ops": (3, 12), "budget": Budget(), "shrink_seconds": 20.0},
     "ci": {"ops": (3, 10), "budget": Budget(samples=3, states_per_op=8, recovery_every=6), "shrink_seconds": 10.0},
     # Nightly asks real qemu-img check about a sample of raw crash images when it is installed.
-    # Nightly sweeps every point of every op under every policy (sampled only inside a policy
-    # whose space is larger than 2**k) and asks real qemu-img check about a sample of images.
-    "nightly": {"ops": (4, 24), "budget": dataclasses.replace(Budget.exhaustive(), qemu_every=50 if shutil.which("qemu-img") else 0),
+    # Nightly sweeps every point of every op under every policy (sampled inside a policy whose
+    # space is larger than 2**k, and past 512 states an op) and asks real qemu-img check about
+    # a sample of images.
+    "nightly": {"ops": (4, 24), "budget": Budget(samples=16, states_per_op=512, recovery_points=4, recovery_every=2,
+                                                 qemu_every=50 if shutil.which("qemu-img") else 0),
                 "shrink_seconds": 60.0},
 }
 
@@ -156,6 +158,7 @@ class FuzzResult:
     interrupted: bool
     timeline: list[tuple[float, int, int, int]]  # (t, examples, crash states, findings)
     known_hits: dict[str, int] = dataclasses.field(default_factory=dict)
+    unfinished: int = 0  # examples cut off by the time budget or a signal
 
 
 def _indices(opts: FuzzOptions) -> Iterator[int]:
@@ -172,6 +175,7 @@ def fuzz(opts: FuzzOptions, *, on_outcome: Callable[[Outcome], None] | None = No
     t0 = time.monotonic()
     deadline = t0 + opts.seconds if opts.seconds else None
     stop = {"flag": False}
+    dropped = {"n": 0}
 
     def on_signal(signum, _frame):
         stop["flag"] = True
@@ -220,7 +224,7 @@ def fuzz(opts: FuzzOptions, *, on_outcome: Callable[[Outcome], None] | None = No
                 it = iter(args)
                 exhausted = False
                 while True:
-                    while not exhausted and not done() and len(pending) < opts.jobs * 2:
+                    while not exhausted and not done() and len(pending) < opts.jobs:
                         a = next(it, None)
                         if a is None:
                             exhausted = True
@@ -231,10 +235,11 @@ def fuzz(opts: FuzzOptions, *, on_outcome: Callable[[Outcome], None] | None = No
                     ready = [p for p in pending if p.ready()]
                     if not ready:
                         if done():
-                            # Let what is running finish quickly on time-out, but not on a signal.
-                            if stop["flag"]:
-                                pool.terminate()
-                                break
+                            # Out of time, or a signal: examples still running are dropped (they
+                            # have found nothing yet, or their finding would be on disk already).
+                            dropped["n"] = len(pending)
+                            pool.terminate()
+                            break
                         pending[0].wait(0.05)
                         continue
                     for p in ready:
@@ -246,7 +251,8 @@ def fuzz(opts: FuzzOptions, *, on_outcome: Callable[[Outcome], None] | None = No
     if progress:
         progress.update(len(outcomes), total.crash_states, len(counts), force=True)
     outcomes.sort(key=lambda o: o.index)
-    return FuzzResult(outcomes, files, counts, total, time.monotonic() - t0, stop["flag"], timeline, known_hits)
+    return FuzzResult(outcomes, files, counts, total, time.monotonic() - t0, stop["flag"], timeline, known_hits,
+                      dropped["n"])
 
 
 def _worker_init() -> None:

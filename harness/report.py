@@ -43,6 +43,7 @@ def build_summary(result, opts, *, argv: list[str]) -> dict:
         "python": platform.python_version(),
         "interrupted": result.interrupted,
         "examples": len(result.outcomes),
+        "unfinished_examples": getattr(result, "unfinished", 0),
         "example_seeds_digest": _digest([o.example_seed for o in result.outcomes]),
         "configs": dict(Counter(_config_key(o.config) for o in result.outcomes)),
         "ops": stats.ops,
