@@ -258,6 +258,9 @@ def fuzz(opts: FuzzOptions, *, on_outcome: Callable[[Outcome], None] | None = No
 def _worker_init() -> None:
     # The parent decides when to stop; workers ignore ^C so a partial report can be written.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # Forked workers inherit the parent's flag-setting SIGTERM handler; Pool.terminate()
+    # stops workers with SIGTERM, so they must die of it (or terminate() waits forever).
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def describe_reproducer(rep: corpusmod.Reproducer) -> str:

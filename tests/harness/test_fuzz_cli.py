@@ -177,3 +177,13 @@ def test_sigint_writes_a_partial_report(tmp_path: Path) -> None:
     assert s["interrupted"] is True and s["examples"] >= 1
     assert "(interrupted)" in out
     assert "interrupted (partial report)" in (report / "summary.md").read_text()
+
+
+def test_time_budget_ends_the_run_with_jobs(tmp_path: Path) -> None:
+    """With worker processes, the run stops near its budget even when examples are still running."""
+    t0 = time.monotonic()
+    proc = qcrash("fuzz", "--time", "6s", "--jobs", "2", "--seed", "8", "--report", str(tmp_path / "r"), timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert time.monotonic() - t0 < 60
+    s = json.loads((tmp_path / "r" / "summary.json").read_text())
+    assert s["examples"] >= 1 and s["jobs"] == 2
