@@ -41,6 +41,7 @@ from models.refdisk import Mismatch, ReferenceDisk
 
 SECTOR = 512
 _METADATA_SITES = frozenset(WriteSite) - {WriteSite.DATA}
+_RAREST_SITES = frozenset({WriteSite.REFTABLE_GROW, WriteSite.REFTABLE_SWITCH})  # a few times a run
 _RARE_SITES = frozenset({WriteSite.REFTABLE_GROW, WriteSite.REFTABLE_SWITCH, WriteSite.REFBLOCK_ALLOC,
                          WriteSite.REFTABLE, WriteSite.L1, WriteSite.DIRTY_BIT, WriteSite.HEADER})
 
@@ -292,9 +293,11 @@ class Runner:
             # (new refcount blocks, table growth and switch, L1, dirty bit), which data points
             # would otherwise drown out.
             ops = log.ops
+            rarest = [p for p in points[:-1] if ops[p - 1].site in _RAREST_SITES and ops[p - 1].kind is OpKind.WRITE]
             rare = [p for p in points[:-1] if ops[p - 1].kind is OpKind.WRITE and ops[p - 1].site in _RARE_SITES]
             want = self.budget.states_per_op - 1
-            chosen = set(self.rng.sample(rare, min(len(rare), want // 2)))
+            chosen = set(rarest[:want // 2])
+            chosen |= set(self.rng.sample(rare, min(len(rare), max(0, want // 2 - len(chosen)))))
             rest = [p for p in points[:-1] if p not in chosen]
             chosen |= set(self.rng.sample(rest, min(len(rest), want - len(chosen))))
             points = sorted(chosen | {points[-1]})
