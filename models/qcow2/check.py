@@ -125,13 +125,8 @@ class Finding:
 
 
 @dataclasses.dataclass(slots=True)
-class CheckResult:
-    """What qemu-img check reports (ImageCheck), plus the printed lines and how the repair went.
-
-    After a repair that fixed anything, the counts are those of the read-only re-check
-    ("Double checking the fixed image now..."), with corruptions_fixed/leaks_fixed carried
-    over from the repairing run, exactly as qemu-img reports them.
-    """
+class CheckCounts:
+    """The counters qemu-img check reports (QEMU's BdrvCheckResult / ImageCheck numbers)."""
 
     corruptions: int = 0
     leaks: int = 0
@@ -143,6 +138,17 @@ class CheckResult:
     allocated_clusters: int = 0
     fragmented_clusters: int = 0
     compressed_clusters: int = 0
+
+
+@dataclasses.dataclass(slots=True)
+class CheckResult(CheckCounts):
+    """What qemu-img check reports (ImageCheck), plus the printed lines and how the repair went.
+
+    After a repair that fixed anything, the counts are those of the read-only re-check
+    ("Double checking the fixed image now..."), with corruptions_fixed/leaks_fixed carried
+    over from the repairing run, exactly as qemu-img reports them.
+    """
+
     findings: list[Finding] = dataclasses.field(default_factory=list)
     rebuilt: bool = False
     fix: Fix = Fix.NONE
@@ -202,19 +208,8 @@ class _RefcountIOError(Exception):
 
 
 @dataclasses.dataclass(slots=True)
-class _Res:
-    """BdrvCheckResult."""
-
-    corruptions: int = 0
-    leaks: int = 0
-    check_errors: int = 0
-    corruptions_fixed: int = 0
-    leaks_fixed: int = 0
-    image_end_offset: int = 0
-    total_clusters: int = 0
-    allocated_clusters: int = 0
-    fragmented_clusters: int = 0
-    compressed_clusters: int = 0
+class _Res(CheckCounts):
+    """BdrvCheckResult: the counters, as the checking code updates them."""
 
     def copy(self) -> "_Res":
         return dataclasses.replace(self)
