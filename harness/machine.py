@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, initialize, precondition, rule
+from hypothesis.stateful import RuleBasedStateMachine, initialize, rule
 
 from harness.config import CACHE_MODES, REFCOUNT_BITS, Config
 from harness.ops import Check, Crash, Discard, Flush, Read, Reopen, Repair, Write, WriteZeroes
@@ -123,7 +123,6 @@ class CrashMachine(RuleBasedStateMachine):
     def crash(self, point, policy, state) -> None:
         self._do(Crash(point, policy, state))
 
-    @precondition(lambda self: self.runner is not None and len(self.runner.ops) % 3 == 0)
     @rule()
     def check(self) -> None:
         self._do(Check())

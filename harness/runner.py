@@ -250,8 +250,7 @@ class Runner:
 
     def _live_check(self, n: int) -> None:
         # Like qemu-img check on an open image: write every cached table first.
-        self.image._write_caches(force_refcounts=True)
-        self.image._file_flush()
+        self.image.write_all_metadata()
         result = checkmod.check(self.ff)
         if result.corruptions or result.leaks or result.check_errors:
             self.findings.append(self._finding(Verdict.CHECK_FAILED, _check_text(result), n, "run"))

@@ -418,6 +418,13 @@ class Qcow2Image(RefcountMixin):
         self._write_caches()
         self._file_flush()
 
+    def write_all_metadata(self) -> None:
+        """Write every cached table, refcount blocks included even while dirty, and flush (as before a check)."""
+        if self.readonly or self.closed:
+            return
+        self._write_caches(force_refcounts=True)
+        self._file_flush()
+
     def set_lazy_refcounts(self, on: bool) -> None:
         """Runtime switch (qemu-io `reopen -o lazy-refcounts=...`); switching off marks the image clean."""
         if on and self.hdr.version < 3:
