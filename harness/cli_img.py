@@ -34,40 +34,23 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
+from harness import sizes
 from harness.cli import UsageError
 
 EXIT_ABORT = 134  # 128 + SIGABRT
 EXIT_KILLED = 137  # 128 + SIGKILL
 EXIT_INTERNAL = 70  # EX_SOFTWARE
 
-_SIZE_RE = re.compile(r"(0[xX][0-9a-fA-F]+|\d+(?:\.\d*)?|\.\d+)\s*([a-zA-Z]?)")
-_SIZE_MULT = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40, "p": 1 << 50, "e": 1 << 60}
+
 
 
 # ---------------------------------------------------------------------------------- parsing
 def parse_size(text: str, what: str = "size") -> int:
-    """QEMU's qemu_strtosz: bytes, or a number with a k/K/M/G/T/P/E suffix (binary; fractions allowed with one)."""
-    m = _SIZE_RE.fullmatch(text.strip())
-    if not m:
-        raise UsageError(f"{what} '{text}': invalid; use bytes or a number with a k, M, G, T, P or E suffix")
-    number, suffix = m.group(1), m.group(2).lower()
-    if suffix not in _SIZE_MULT:
-        raise UsageError(f"{what} '{text}': unknown suffix '{m.group(2)}' (use k, M, G, T, P or E)")
-    mult = _SIZE_MULT[suffix]
-    if number.lower().startswith("0x"):
-        if suffix:
-            raise UsageError(f"{what} '{text}': a hexadecimal number takes no suffix")
-        value = int(number, 16)
-    elif "." in number:
-        if mult == 1:
-            raise UsageError(f"{what} '{text}': a fraction needs a k, M, G, T, P or E suffix")
-        whole, _, frac = number.partition(".")
-        value = int(whole or "0") * mult + (int(frac) * mult // 10 ** len(frac) if frac else 0)
-    else:
-        value = int(number) * mult
-    if value >= 1 << 63:
-        raise UsageError(f"{what} '{text}': {value} is too large (must be below 2^63)")
-    return value
+    """QEMU's qemu_strtosz (harness.sizes), as a usage error for the command line."""
+    try:
+        return sizes.parse_size(text, what)
+    except sizes.SizeError as exc:
+        raise UsageError(str(exc)) from None
 
 
 def parse_bool(text: str, what: str) -> bool:

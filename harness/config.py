@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import random
 
+from harness import sizes
 from models.qcow2.image import CacheMode
 
 CLUSTER_SIZES = tuple(1 << b for b in range(9, 22))
@@ -89,17 +90,10 @@ def parse_value(key: str, raw: str) -> object:
         raise ConfigError(f"--config {key}={raw}: must be on or off")
     if key == "cache_mode":
         return raw
-    return parse_size(raw, key)
-
-
-def parse_size(raw: str, what: str = "size") -> int:
-    units = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
-    text = raw.strip().lower()
-    num = text.rstrip("kmgtb")
-    unit = text[len(num):]
-    if not num.isdigit() or unit not in units:
-        raise ConfigError(f"{what}={raw}: not a size (digits with an optional k/M/G/T suffix)")
-    return int(num) * units[unit]
+    try:
+        return sizes.parse_size(raw, f"--config {key}")
+    except sizes.SizeError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def draw_config(rng: random.Random, fixed: dict[str, object] | None = None) -> Config:
