@@ -10,7 +10,6 @@ import json
 import os
 import platform
 import re
-import resource
 import shutil
 import struct
 import subprocess

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
@@ -83,6 +82,7 @@ def cmd_fuzz(args: argparse.Namespace) -> int:
     from harness import fuzz as fz
     from harness import report as rp
     from harness.config import ConfigError, draw_config
+    from harness.corpus import file_name
     from models.qcow2 import inject
 
     seed = args.seed if args.seed is not None else int.from_bytes(os.urandom(4), "big")
@@ -114,8 +114,8 @@ def cmd_fuzz(args: argparse.Namespace) -> int:
         if out.finding is not None:
             rep = out.reproducer
             print(f"\nFINDING in example {out.index} (seed {out.example_seed}): {out.finding}", flush=True)
-            print(f"  shrunk to {fz.describe_reproducer(rep)}; replay: qcrash replay {corpus}/"
-                  f"{__import__('harness.corpus', fromlist=['x']).file_name(rep)}", flush=True)
+            print(f"  shrunk to {fz.describe_reproducer(rep)}; replay: qcrash replay {corpus}/{file_name(rep)}",
+                  flush=True)
 
     result = fz.fuzz(opts, on_outcome=on_outcome, progress=fz.Progress(examples, seconds))
     summary = rp.build_summary(result, opts, argv=sys.argv)
@@ -137,9 +137,8 @@ def _known_signatures(dirs: list[str]) -> set[str]:
         if not path.is_dir():
             raise UsageError(f"--known {d}: not a directory")
         for f in sorted(path.glob("*.json")):
-            verdict, detail = replay_file(str(f))
-            if verdict == "failing":
-                sig = detail.rsplit("signature ", 1)[-1].split(" ", 1)[0]
+            verdict, detail, sig = replay_file(str(f))
+            if sig is not None:
                 known.add(sig)
             print(f"known: {detail.splitlines()[0]}", flush=True)
     return known
@@ -155,8 +154,8 @@ def _int_arg(name: str, text: str, lo: int) -> int:
     return value
 
 
-def replay_file(path: str) -> tuple[str, str]:
-    """('failing'|'fixed'|'error', detail) for one reproducer file."""
+def replay_file(path: str) -> tuple[str, str, str | None]:
+    """('failing'|'fixed'|'error', detail, signature of the finding now) for one reproducer file."""
     from harness.corpus import ReproducerError, load
     from harness.runner import Runner
     from models.qcow2 import inject
@@ -164,29 +163,29 @@ def replay_file(path: str) -> tuple[str, str]:
     try:
         rep = load(path)
     except ReproducerError as exc:
-        return "error", str(exc)
+        return "error", str(exc), None
     previous = inject.active()
     try:
         inject.set_active(rep.inject)
         runner = Runner(rep.config, seed=rep.seed, budget=rep.budget)
         findings = runner.run(rep.ops)
     except Exception as exc:  # noqa: BLE001
-        return "error", f"{path}: replay raised {type(exc).__name__}: {exc}"
+        return "error", f"{path}: replay raised {type(exc).__name__}: {exc}", None
     finally:
         inject.set_active(previous)
     if not findings:
-        return "fixed", f"{path}: fixed (no finding; was {rep.signature})"
+        return "fixed", f"{path}: fixed (no finding; was {rep.signature})", None
     f = findings[0]
     same = rep.finding is None or f.verdict == rep.finding.verdict
     return "failing", (f"{path}: still failing{'' if same else ' (different verdict)'}: {f}\n"
-                       f"  signature {f.signature()} (recorded {rep.signature})")
+                       f"  signature {f.signature()} (recorded {rep.signature})"), f.signature()
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
     # 1 when any file still fails; else 2 when any file could not be read; else 0.
     seen = set()
     for path in args.files:
-        verdict, detail = replay_file(path)
+        verdict, detail, _sig = replay_file(path)
         print(detail, flush=True)
         seen.add(verdict)
     return 1 if "failing" in seen else 2 if "error" in seen else 0

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from harness import __version__
 from harness.corpus import atomic_write_json
+from harness.oracle import digest
 
 # Recovery situations a night should reach; a report says which it never reached.
 COVERAGE_KEYS = (
@@ -44,7 +45,7 @@ def build_summary(result, opts, *, argv: list[str]) -> dict:
         "interrupted": result.interrupted,
         "examples": len(result.outcomes),
         "unfinished_examples": getattr(result, "unfinished", 0),
-        "example_seeds_digest": _digest([o.example_seed for o in result.outcomes]),
+        "example_seeds_digest": digest([o.example_seed for o in result.outcomes]),
         "configs": dict(Counter(_config_key(o.config) for o in result.outcomes)),
         "ops": stats.ops,
         "crash_states": stats.crash_states,
@@ -67,12 +68,6 @@ def _config_key(config) -> str:
            f"{'lazy' if config.lazy_refcounts else 'eager'}/{config.cache_mode}"
 
 
-def _digest(values: list[int]) -> str:
-    import hashlib
-
-    return hashlib.sha256(",".join(map(str, values)).encode()).hexdigest()[:16]
-
-
 def write_report(directory: Path, summary: dict) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     atomic_write_json(directory / "summary.json", summary)
@@ -88,7 +83,7 @@ def write_report(directory: Path, summary: dict) -> Path:
 def render_markdown(s: dict) -> str:
     t = s["timing"]
     lines = [
-        f"# qcrash fuzz report",
+        "# qcrash fuzz report",
         "",
         f"- seed **{s['seed']}**, shard {s['shard'][0]}/{s['shard'][1]}, profile `{s['profile']}`, jobs {s['jobs']}"
         + (", **interrupted (partial report)**" if s.get("interrupted") else ""),

@@ -20,6 +20,7 @@ it the same way, collapses the model onto the recovered image and continues (ste
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import random
 import time
 import traceback
@@ -593,8 +594,6 @@ def _read_view(view: dict[int, bytes], offset: int, length: int) -> bytes:
 
 
 def _image_key(image: bytearray) -> bytes:
-    import hashlib
-
     return hashlib.blake2b(image, digest_size=16).digest()
 
 

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import multiprocessing
-import time
 from pathlib import Path
 
 from harness import fuzz as fz
@@ -104,7 +102,3 @@ def format_rows(rows: list[ZooRow]) -> str:
         else:
             out.append(f"{r.bug:<{width}}  NOT DETECTED ({r.examples_until} examples, {r.crash_states_until} states)")
     return "\n".join(out)
-
-
-def load(path: Path) -> dict:
-    return json.loads((path / "zoo.json").read_text())

@@ -26,6 +26,7 @@ class RefcountMixin:
     refcache: TableCache
     l2cache: TableCache
     reftable: list[int]
+    reftable_offset: int
     path: str
     free_cluster_index: int
     _recently_freed: set[int]
@@ -111,7 +112,6 @@ class RefcountMixin:
             return
         c = self._find_free(1)
         home = self.geo.reftable_index(c)
-        cs = self.geo.cluster_size
         block_off = self.geo.cluster_to_offset(c)
         if home == ri:
             # Self-describing: the new block counts itself.
@@ -128,7 +128,6 @@ class RefcountMixin:
             block = self.refcache.get_empty(block_off)
             self._pwrite(block_off, bytes(block), WriteSite.REFBLOCK_ALLOC)
             self.refcache.flush()  # the block's own count is durable before the hookup
-        assert len(block) == cs
         self.reftable[ri] = block_off
         self._pwrite(self.reftable_offset + ri * 8, block_off.to_bytes(8, "big"), WriteSite.REFTABLE)
         self._file_flush()
@@ -213,5 +212,3 @@ class RefcountMixin:
         if self._recently_freed:
             self.free_cluster_index = min(self.free_cluster_index, min(self._recently_freed))
             self._recently_freed.clear()
-
-    reftable_offset: int
