@@ -23,7 +23,7 @@ class ReproducerFile(pytest.File):
 
 class ReproducerItem(pytest.Item):
     def runtest(self) -> None:
-        from harness.corpus import load
+        from harness.fuzz.corpus import load
         from harness.runner import Runner
         from models.qcow2 import inject
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from harness import fuzz as fz
+from harness.fuzz import engine as fz
 from harness.shrink import guest_op_count
 from models.qcow2 import inject
 from models.qcow2.inject import BUGS

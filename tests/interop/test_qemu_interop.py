@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from harness.cli_img import parse_size
+from harness.cli.img import parse_size
 from models.blockio import OsFile
 from models.qcow2.image import Qcow2Image
 from tests.conftest import requires_qemu

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import settings
 from hypothesis.stateful import run_state_machine_as_test
 
-from harness.machine import CrashMachine, machine_for
+from harness.fuzz.machine import CrashMachine, machine_for
 from harness.ops import Crash, Read
 from harness.runner import Budget
 from models.qcow2 import inject

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import HealthCheck, event, given, note, settings
 from hypothesis import strategies as st
 
-from harness import cli_img
+from harness.cli import img as cli_img
 from models.blockio import MemoryFile
 from models.qcow2 import spec
 from models.qcow2.errors import ImageNotWritable, InvalidImage, Qcow2Error, UnsupportedFeature

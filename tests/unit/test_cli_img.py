@@ -8,7 +8,7 @@ import struct
 
 import pytest
 
-from harness import cli_img
+from harness.cli import img as cli_img
 from harness.cli import UsageError, main
 from models.blockio import MemoryFile
 from models.qcow2.image import Qcow2Image

@@ -483,7 +483,7 @@ def test_space_report_formats_and_serialises():
 def test_benchmark_writes_its_report(tmp_path):
     import json
 
-    from harness.bench_crashstates import run
+    from harness.bench.crashstates import run
 
     result = run(tmp_path, image_mib=1, writes=40, samples=2)
     written = json.loads((tmp_path / "bench_crashstates.json").read_text())

@@ -605,7 +605,7 @@ def test_payload_sectors_are_stored_compactly() -> None:
 def test_benchmark_writes_its_report(tmp_path) -> None:
     import json
 
-    from harness import bench_refdisk
+    from harness.bench import refdisk as bench_refdisk
 
     figures = bench_refdisk.run(tmp_path)
     saved = json.loads((tmp_path / "bench_refdisk.json").read_text())

@@ -26,10 +26,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_zoo(args: argparse.Namespace) -> int:
-    from harness import fuzz as fz
-    from harness import report as rp
-    from harness import zoo
-    from harness.cli_fuzz import parse_duration
+    from harness.fuzz import engine as fz
+    from harness.fuzz import report as rp
+    from harness.fuzz import zoo
+    from harness.cli.fuzz import parse_duration
     from models.qcow2.inject import BUGS
 
     if args.list:
@@ -53,7 +53,7 @@ def cmd_zoo(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from harness import bench
+    from harness.bench import throughput as bench
 
     out = bench.run(quick=args.quick, out=Path(args.out) if args.out else None)
     print(f"bench: {out}/bench.md")

@@ -9,14 +9,14 @@ import sys
 # subcommand -> module that provides `register(subparsers)`; imported lazily so that
 # `qcrash img ...` does not pay for Hypothesis and the runner.
 _FAMILIES = {
-    "img": "harness.cli_img",
-    "io": "harness.cli_img",
-    "fuzz": "harness.cli_fuzz",
-    "replay": "harness.cli_fuzz",
-    "shrink": "harness.cli_fuzz",
-    "report": "harness.cli_fuzz",
-    "zoo": "harness.cli_zoo",
-    "bench": "harness.cli_zoo",
+    "img": "harness.cli.img",
+    "io": "harness.cli.img",
+    "fuzz": "harness.cli.fuzz",
+    "replay": "harness.cli.fuzz",
+    "shrink": "harness.cli.fuzz",
+    "report": "harness.cli.fuzz",
+    "zoo": "harness.cli.zoo",
+    "bench": "harness.cli.zoo",
 }
 
 

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Callable, Iterator
 
-from harness import corpus as corpusmod
+from harness.fuzz import corpus as corpusmod
 from harness.config import Config, draw_config
 from harness.ops import Op, random_ops
 from harness.oracle import Finding

@@ -6,8 +6,8 @@ import dataclasses
 import multiprocessing
 from pathlib import Path
 
-from harness import fuzz as fz
-from harness.corpus import atomic_write_json
+from harness.fuzz import engine as fz
+from harness.fuzz.corpus import atomic_write_json
 from harness.shrink import crash_atoms, guest_op_count
 from models.qcow2.inject import BUGS
 

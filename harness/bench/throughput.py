@@ -18,13 +18,13 @@ import tempfile
 import time
 from pathlib import Path
 
-from harness.corpus import atomic_write_json
+from harness.fuzz.corpus import atomic_write_json
 
 MIB = 1 << 20
 
 
 def run(*, quick: bool, out: Path | None = None) -> Path:
-    from harness.report import utc_stamp
+    from harness.fuzz.report import utc_stamp
 
     out = out or Path("reports") / f"bench-{utc_stamp()}"
     out.mkdir(parents=True, exist_ok=True)
@@ -58,7 +58,7 @@ def fuzz_throughput(seconds: float) -> dict:
 
 def _fuzz_subprocess(jobs: int, seconds: float) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
-        code = ("import sys, json, resource; from pathlib import Path; from harness import fuzz as fz; "
+        code = ("import sys, json, resource; from pathlib import Path; from harness.fuzz import engine as fz; "
                 f"r = fz.fuzz(fz.FuzzOptions(examples=None, seconds={seconds}, seed=7, jobs={jobs}, profile='dev', "
                 f"corpus=Path({tmp!r}))); "
                 "import statistics; rates = [o.stats.crash_states / o.seconds for o in r.outcomes if o.seconds > 0]; "

@@ -79,10 +79,10 @@ def _parse_overrides(text: str) -> dict[str, str]:
 
 
 def cmd_fuzz(args: argparse.Namespace) -> int:
-    from harness import fuzz as fz
-    from harness import report as rp
+    from harness.fuzz import engine as fz
+    from harness.fuzz import report as rp
     from harness.config import ConfigError, draw_config
-    from harness.corpus import file_name
+    from harness.fuzz.corpus import file_name
     from models.qcow2 import inject
 
     seed = args.seed if args.seed is not None else int.from_bytes(os.urandom(4), "big")
@@ -156,7 +156,7 @@ def _int_arg(name: str, text: str, lo: int) -> int:
 
 def replay_file(path: str) -> tuple[str, str, str | None]:
     """('failing'|'fixed'|'error', detail, signature of the finding now) for one reproducer file."""
-    from harness.corpus import ReproducerError, load
+    from harness.fuzz.corpus import ReproducerError, load
     from harness.runner import Runner
     from models.qcow2 import inject
 
@@ -192,7 +192,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
 
 def cmd_shrink(args: argparse.Namespace) -> int:
-    from harness import corpus as cp
+    from harness.fuzz import corpus as cp
     from harness.runner import Runner
     from harness.shrink import shrink
     from models.qcow2 import inject
@@ -218,7 +218,7 @@ def cmd_shrink(args: argparse.Namespace) -> int:
 
 
 def cmd_report_merge(args: argparse.Namespace) -> int:
-    from harness import report as rp
+    from harness.fuzz import report as rp
 
     out = Path(args.out) if args.out else Path("reports") / f"merged-{rp.utc_stamp()}"
     try:

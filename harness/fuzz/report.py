@@ -9,7 +9,7 @@ from collections import Counter
 from pathlib import Path
 
 from harness import __version__
-from harness.corpus import atomic_write_json
+from harness.fuzz.corpus import atomic_write_json
 from harness.oracle import digest
 
 # Recovery situations a night should reach; a report says which it never reached.

@@ -1,6 +1,6 @@
 """Benchmark: crash states built per second from the write log of a 64 MiB image-like file, and peak memory.
 
-Run ``python -m harness.bench_crashstates [REPORT_DIR]``; it writes
+Run ``python -m harness.bench.crashstates [REPORT_DIR]``; it writes
 ``bench_crashstates.json`` there (default ``reports/bench-crashstates-<UTC time>``).
 The workload is seeded: a 64 MiB file in a `MemoryFile` under a `FaultInjectingFile`,
 a few hundred host writes of 4-64 KiB (about one in ten extends the file) with a flush
@@ -144,7 +144,7 @@ def _json_safe(value):
 
 def main(argv: list[str]) -> int:
     if len(argv) > 1:
-        print("usage: python -m harness.bench_crashstates [REPORT_DIR]", file=sys.stderr)
+        print("usage: python -m harness.bench.crashstates [REPORT_DIR]", file=sys.stderr)
         return 2
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     report_dir = Path(argv[0]) if argv else Path("reports") / f"bench-crashstates-{stamp}"

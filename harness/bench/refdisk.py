@@ -1,6 +1,6 @@
 """Benchmark of the reference disk model: operations per second, peak memory and judge() throughput on a 64 MiB disk.
 
-Usage: python -m harness.bench_refdisk REPORT_DIR   (writes REPORT_DIR/bench_refdisk.json)
+Usage: python -m harness.bench.refdisk REPORT_DIR   (writes REPORT_DIR/bench_refdisk.json)
 """
 
 from __future__ import annotations
@@ -154,7 +154,7 @@ def run(report_dir: str | os.PathLike[str]) -> dict[str, Any]:
 
 def main(argv: list[str]) -> int:
     if len(argv) != 2:
-        print(f"usage: python -m harness.bench_refdisk REPORT_DIR (got {len(argv) - 1} arguments)", file=sys.stderr)
+        print(f"usage: python -m harness.bench.refdisk REPORT_DIR (got {len(argv) - 1} arguments)", file=sys.stderr)
         return 2
     f = run(argv[1])
     print(
