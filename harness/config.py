@@ -6,7 +6,7 @@ import dataclasses
 import random
 
 from harness import sizes
-from models.qcow2.image import CacheMode
+from models.blockio import CacheMode
 
 CLUSTER_SIZES = tuple(1 << b for b in range(9, 22))
 REFCOUNT_BITS = (1, 2, 4, 8, 16, 32, 64)

@@ -32,7 +32,7 @@ from harness.crashstates import DEFAULT_POLICIES, CrashImageBuilder, CrashState,
 from harness.faultfile import FaultInjectingFile, OpKind, WriteLog
 from harness.ops import Check, Crash, Discard, Flush, Op, Read, Reopen, Repair, Write, WriteZeroes, validate_op
 from harness.oracle import RULES, Finding, Verdict
-from models.blockio import MemoryFile, WriteSite
+from models.blockio import CacheMode, MemoryFile, WriteSite
 from models.payload import make_payload
 from models.qcow2 import check as checkmod
 from models.qcow2.errors import Qcow2Error, RepairFailed
@@ -244,7 +244,7 @@ class Runner:
         if op.cache_mode is not None:
             self.cache_mode = op.cache_mode
             # The durability rule of later writes follows the new mode.
-            self.model.cache_mode = type(self.model.cache_mode)(op.cache_mode)
+            self.model.cache_mode = CacheMode(op.cache_mode)
         if op.lazy_refcounts is not None:
             self.lazy = op.lazy_refcounts
         self.image = Qcow2Image.open(self.ff, cache_mode=self.cache_mode, lazy_refcounts=self.lazy)
@@ -357,7 +357,7 @@ class Runner:
         view = judged.view
         model.collapse(lambda off, length: _read_view(view, off, length))
         # The recovered image is opened with the current cache mode; later writes follow its rule.
-        model.cache_mode = type(model.cache_mode)(self.cache_mode)
+        model.cache_mode = CacheMode(self.cache_mode)
         self.model = model
         self._attach(MemoryFile(judged.recovered, name="qcrash.qcow2"))
         self.trace(f"op #{n}: crashed at [{state.id}], recovered, continuing")

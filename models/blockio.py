@@ -14,6 +14,23 @@ import os
 from typing import Protocol, runtime_checkable
 
 
+SECTOR = 512
+"""The guest and host sector: the unit of atomic writes in the device model, and of judging."""
+
+
+class CacheMode(enum.StrEnum):
+    """How the image uses its host file, as QEMU names the cache modes; also the model's durability rule."""
+
+    WRITEBACK = "writeback"
+    WRITETHROUGH = "writethrough"
+    DIRECTSYNC = "directsync"
+
+    @property
+    def flushes_writes(self) -> bool:
+        """writethrough/directsync: every write is followed by a flush before it returns (emulated FUA)."""
+        return self is not CacheMode.WRITEBACK
+
+
 class WriteSite(enum.StrEnum):
     """What a host write updates; mirrors QEMU's BLKDBG_* events at the level qcrash needs."""
 

@@ -77,6 +77,7 @@ from typing import NamedTuple
 
 import crcmod.predefined
 
+from models.blockio import CacheMode
 from models.payload import HEADER, MAGIC, SectorOrigin, describe, identify_sector, payload_sector
 
 SECTOR_SIZE = 512
@@ -90,14 +91,6 @@ ZERO_FINGERPRINT = crc32c(_ZERO_SECTOR)
 
 ReadFn = Callable[[int, int], bytes]
 """read_fn(offset, length) -> bytes: reads `length` guest bytes of the recovered image."""
-
-
-class CacheMode(enum.StrEnum):
-    """The image's cache mode, as QEMU names it."""
-
-    WRITEBACK = "writeback"
-    WRITETHROUGH = "writethrough"
-    DIRECTSYNC = "directsync"
 
 
 class OpKind(enum.StrEnum):

@@ -20,11 +20,10 @@ shows another sector's old data there.
 
 from __future__ import annotations
 
-import enum
 import struct
 from typing import Callable
 
-from models.blockio import BlockFile, WriteSite, read_exact
+from models.blockio import BlockFile, CacheMode, WriteSite, read_exact
 from models.qcow2 import inject, spec
 from models.qcow2.cache import TableCache
 from models.qcow2.entries import ClusterType, get_entry, l2_cluster_type, set_entry
@@ -33,17 +32,6 @@ from models.qcow2.geometry import Geometry
 from models.qcow2.header import ParsedHeader, cluster0_bytes, read_header
 from models.qcow2.refcount import RefcountMixin
 from models.qcow2.structs import FIELD_OFFSET, Header
-
-
-class CacheMode(enum.StrEnum):
-    WRITEBACK = "writeback"
-    WRITETHROUGH = "writethrough"
-    DIRECTSYNC = "directsync"
-
-    @property
-    def flushes_writes(self) -> bool:
-        """writethrough/directsync: every write is followed by a flush before it returns (emulated FUA)."""
-        return self is not CacheMode.WRITEBACK
 
 
 def _pow2_log(value: int, field: str, lo: int, hi: int) -> int:
