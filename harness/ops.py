@@ -7,8 +7,8 @@ import random
 from typing import Union
 
 from harness.config import Config
+from models.blockio import SECTOR
 
-SECTOR = 512
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

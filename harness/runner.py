@@ -29,10 +29,10 @@ from typing import Callable
 
 from harness.config import Config
 from harness.crashstates import DEFAULT_POLICIES, CrashImageBuilder, CrashState, Policy, enumerate_point, enumerate_states
-from harness.faultfile import FaultInjectingFile, OpKind, WriteLog
+from harness.faultfile import FaultInjectingFile, HostOpKind, WriteLog
 from harness.ops import Check, Crash, Discard, Flush, Op, Read, Reopen, Repair, Write, WriteZeroes, validate_op
 from harness.oracle import RULES, Finding, Verdict
-from models.blockio import CacheMode, MemoryFile, WriteSite
+from models.blockio import SECTOR, CacheMode, MemoryFile, WriteSite
 from models.payload import make_payload
 from models.qcow2 import check as checkmod
 from models.qcow2.errors import Qcow2Error, RepairFailed
@@ -40,7 +40,6 @@ from models.qcow2.header import read_header
 from models.qcow2.image import Qcow2Image
 from models.refdisk import Mismatch, ReferenceDisk
 
-SECTOR = 512
 _METADATA_SITES = frozenset(WriteSite) - {WriteSite.DATA}
 _RAREST_SITES = frozenset({WriteSite.REFTABLE_GROW, WriteSite.REFTABLE_SWITCH})  # a few times a run
 _RARE_SITES = frozenset({WriteSite.REFTABLE_GROW, WriteSite.REFTABLE_SWITCH, WriteSite.REFBLOCK_ALLOC,
@@ -293,8 +292,8 @@ class Runner:
             # (new refcount blocks, table growth and switch, L1, dirty bit), which data points
             # would otherwise drown out.
             ops = log.ops
-            rarest = [p for p in points[:-1] if ops[p - 1].site in _RAREST_SITES and ops[p - 1].kind is OpKind.WRITE]
-            rare = [p for p in points[:-1] if ops[p - 1].kind is OpKind.WRITE and ops[p - 1].site in _RARE_SITES]
+            rarest = [p for p in points[:-1] if ops[p - 1].site in _RAREST_SITES and ops[p - 1].kind is HostOpKind.WRITE]
+            rare = [p for p in points[:-1] if ops[p - 1].kind is HostOpKind.WRITE and ops[p - 1].site in _RARE_SITES]
             want = self.budget.states_per_op - 1
             chosen = set(rarest[:want // 2])
             chosen |= set(self.rng.sample(rare, min(len(rare), max(0, want // 2 - len(chosen)))))
@@ -406,7 +405,7 @@ class Runner:
         ops = log.ops
         if state.point:
             last = ops[state.point - 1]
-            self.stats.by_site["flush" if last.kind is OpKind.FLUSH else str(last.site)] += 1
+            self.stats.by_site["flush" if last.kind is HostOpKind.FLUSH else str(last.site)] += 1
         for index, _sectors in state.tears:
             if ops[index].site in _METADATA_SITES:
                 self.stats.coverage["torn metadata write"] += 1

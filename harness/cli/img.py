@@ -514,7 +514,7 @@ def _run_io_command(img, cmd: IoCommand) -> bool:
     if cmd.name == "reopen":
         img.flush()  # bdrv_reopen flushes first
         if cmd.cache is not None:
-            from models.qcow2.image import CacheMode
+            from models.blockio import CacheMode
 
             img.cache_mode = CacheMode(cmd.cache)
         if cmd.lazy is not None:
@@ -550,7 +550,8 @@ def _run_io_command(img, cmd: IoCommand) -> bool:
 @_guard
 def cmd_io(args: argparse.Namespace) -> int:
     from models.qcow2.errors import CorruptImage, ImageNotWritable, InvalidRequest, Qcow2Error
-    from models.qcow2.image import CacheMode, Qcow2Image
+    from models.blockio import CacheMode
+    from models.qcow2.image import Qcow2Image
 
     _check_format(args.format)
     cache = _cache_mode(args.cache, "-t")

@@ -10,8 +10,8 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, rule
 from harness.config import CACHE_MODES, REFCOUNT_BITS, Config
 from harness.ops import Check, Crash, Discard, Flush, Read, Reopen, Repair, Write, WriteZeroes
 from harness.runner import Budget, Runner
+from models.blockio import SECTOR
 
-SECTOR = 512
 
 
 @st.composite
