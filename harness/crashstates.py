@@ -126,6 +126,10 @@ class Policy(enum.StrEnum):
     TRUNCATE = "truncate"
     GARBAGE = "garbage"
 
+    def __repr__(self) -> str:
+        # Valid Python, so an operation's repr (Crash(policy=Policy.TORN)) is a runnable program.
+        return f"Policy.{self.name}"
+
 
 DEFAULT_POLICIES: tuple[Policy, ...] = (
     Policy.DROP_UNSYNCED,

@@ -6,6 +6,8 @@ import argparse
 import importlib
 import sys
 
+from harness.errors import QcrashError
+
 # subcommand -> module that provides `register(subparsers)`; imported lazily so that
 # `qcrash img ...` does not pay for Hypothesis and the runner.
 _FAMILIES = {
@@ -20,7 +22,7 @@ _FAMILIES = {
 }
 
 
-class UsageError(Exception):
+class UsageError(QcrashError):
     """Bad command-line usage: exit status 2 with the message."""
 
 

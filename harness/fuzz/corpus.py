@@ -10,6 +10,7 @@ from pathlib import Path
 
 from harness import __version__
 from harness.config import Config, ConfigError
+from harness.errors import QcrashError
 from harness.ops import Op, OpError, op_from_dict, op_to_dict
 from harness.oracle import Finding
 from harness.runner import Budget
@@ -18,7 +19,7 @@ FORMAT = "qcrash-reproducer"
 FORMAT_VERSION = 1
 
 
-class ReproducerError(ValueError):
+class ReproducerError(QcrashError):
     """A reproducer file is malformed; the message names the file and the field."""
 
 

@@ -1,14 +1,8 @@
-"""Typed offsets and the cluster geometry helpers, named as in qcow2.h; no bare shifts outside this module."""
+"""The cluster geometry helpers, named as in qcow2.h; no bare shifts outside this module."""
 
 from __future__ import annotations
 
 import dataclasses
-from typing import NewType
-
-GuestOffset = NewType("GuestOffset", int)
-HostOffset = NewType("HostOffset", int)
-GuestCluster = NewType("GuestCluster", int)
-HostCluster = NewType("HostCluster", int)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -45,16 +39,16 @@ class Geometry:
     def size_to_clusters(self, size: int) -> int:
         return (size + self.cluster_size - 1) >> self.cluster_bits
 
-    def offset_to_cluster(self, offset: int) -> HostCluster:
-        return HostCluster(offset >> self.cluster_bits)
+    def offset_to_cluster(self, offset: int) -> int:
+        return offset >> self.cluster_bits
 
-    def cluster_to_offset(self, cluster: int) -> HostOffset:
-        return HostOffset(cluster << self.cluster_bits)
+    def cluster_to_offset(self, cluster: int) -> int:
+        return cluster << self.cluster_bits
 
-    def offset_to_l1_index(self, offset: GuestOffset) -> int:
+    def offset_to_l1_index(self, offset: int) -> int:
         return offset >> (self.cluster_bits + self.cluster_bits - 3)
 
-    def offset_to_l2_index(self, offset: GuestOffset) -> int:
+    def offset_to_l2_index(self, offset: int) -> int:
         return (offset >> self.cluster_bits) & (self.l2_entries - 1)
 
     def size_to_l1(self, size: int) -> int:
