@@ -186,7 +186,10 @@ def cmd_replay(args: argparse.Namespace) -> int:
     seen = set()
     for path in args.files:
         verdict, detail, _sig = replay_file(path)
-        print(detail, flush=True)
+        if verdict == "error":
+            print(f"qcrash: error: {detail}", file=sys.stderr, flush=True)
+        else:
+            print(detail, flush=True)
         seen.add(verdict)
     return 1 if "failing" in seen else 2 if "error" in seen else 0
 
