@@ -107,14 +107,15 @@ def schema() -> dict:
             **top, "$defs": dict(sorted(defs.items()))}
 
 
-def atomic_write_json(path: Path, data: dict) -> None:
-    """Write then rename, so a reader (or a kill -9) never sees half a file."""
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write then rename, so a reader (or a kill -9) never sees half a file; the mode follows the umask."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
-        with os.fdopen(fd, "w") as out:
-            json.dump(data, out, indent=1, sort_keys=False)
-            out.write("\n")
+        # mkstemp creates 0600; a report is for the team, so give it the mode open() would.
+        os.fchmod(fd, 0o666 & ~_umask())
+        with os.fdopen(fd, "wb") as out:
+            out.write(data)
             out.flush()
             os.fsync(out.fileno())
         os.replace(tmp, path)
@@ -126,22 +127,57 @@ def atomic_write_json(path: Path, data: dict) -> None:
         raise
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)  # the only way to read it is to set it: set it straight back
+    os.umask(mask)
+    return mask
+
+
+def atomic_write_json(path: Path, data: dict) -> None:
+    atomic_write(path, (json.dumps(data, indent=1) + "\n").encode())
+
+
 def file_name(rep: Reproducer) -> str:
+    """Named after the finding's signature (the same before and after shrinking) and the injected bugs."""
     assert rep.finding is not None
     bugs = "+".join(rep.inject) or "main"
     return f"{rep.finding.verdict}-{rep.finding.short_signature()}-{bugs}.json"
 
 
+def sidecars(path: Path) -> tuple[Path, Path]:
+    """The crash image and the host-op log kept beside a finding file."""
+    return path.with_suffix(".qcow2"), path.with_suffix(".ops.txt")
+
+
 def record(corpus: Path, rep: Reproducer) -> Path:
     """Save a finding, deduplicated by signature: a repeat only bumps the count of the existing file."""
     path = corpus / file_name(rep)
-    if path.exists():
-        try:
-            old = load(path)
-            old.count += rep.count
-            atomic_write_json(path, old.to_dict())
-            return path
-        except ReproducerError:
-            pass  # a damaged file is replaced by the new finding
+    if path.exists() and bump_count(path, rep.count):
+        return path
     atomic_write_json(path, rep.to_dict())
     return path
+
+
+def bump_count(path: Path, by: int = 1) -> bool:
+    """Add hits to a finding file, leaving everything else as written; False if the file is damaged."""
+    try:
+        data = json.loads(path.read_text())
+        from_dict(data, str(path))
+    except (OSError, ValueError):
+        return False
+    data["count"] += by
+    atomic_write_json(path, data)
+    return True
+
+
+def save(path: Path, rep: Reproducer, evidence=None) -> None:
+    """Rewrite a finding (shrunk) with the hits counted so far, and its evidence beside it."""
+    try:
+        rep = dataclasses.replace(rep, count=max(rep.count, json.loads(path.read_text()).get("count", 1)))
+    except (OSError, ValueError, TypeError):
+        pass
+    image, oplog = sidecars(path)
+    if evidence is not None and evidence.image is not None:
+        atomic_write(image, evidence.image)
+        atomic_write(oplog, evidence.oplog.encode())
+    atomic_write_json(path, rep.to_dict(crash_state=evidence.words if evidence is not None else None))
