@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import random
 
-from harness import sizes
+from harness import serial, sizes
 from harness.errors import QcrashError
 from models.blockio import CacheMode
 
@@ -56,21 +56,14 @@ class Config:
                 f"size={self.virtual_size}")
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        return serial.to_data(self)  # type: ignore[return-value]
 
     @classmethod
     def from_dict(cls, data: dict, *, where: str = "config") -> "Config":
-        known = {f.name: f.type for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - set(known))
-        if unknown:
-            raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}; known: {', '.join(known)}")
-        kwargs = {}
-        for key, value in data.items():
-            want = bool if key == "lazy_refcounts" else (str if key == "cache_mode" else int)
-            if not isinstance(value, want) or (want is int and isinstance(value, bool)):
-                raise ConfigError(f"{where}.{key} = {value!r}: must be {want.__name__}")
-            kwargs[key] = value
-        return cls(**kwargs)
+        try:
+            return serial.from_data(cls, data, where=where)
+        except serial.SerialError as exc:
+            raise ConfigError(str(exc)) from None
 
     def with_overrides(self, overrides: dict[str, str]) -> "Config":
         """Apply `K=V` strings from the command line (--config cluster_size=512,lazy_refcounts=off)."""

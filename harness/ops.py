@@ -6,6 +6,7 @@ import dataclasses
 import random
 from typing import Union
 
+from harness import serial
 from harness.config import Config
 from harness.crashstates import Policy
 from harness.errors import QcrashError
@@ -93,28 +94,14 @@ class OpError(QcrashError):
 
 
 def op_to_dict(op: Op) -> dict:
-    return {"op": type(op).__name__, **dataclasses.asdict(op)}
+    return serial.to_data(op, Op)  # type: ignore[return-value]
 
 
 def op_from_dict(data: dict, where: str = "op") -> Op:
-    if not isinstance(data, dict) or "op" not in data:
-        raise OpError(f"{where}: must be an object with an 'op' field naming one of {', '.join(OP_TYPES)}")
-    name = data["op"]
-    cls = OP_TYPES.get(name)
-    if cls is None:
-        raise OpError(f"{where}.op = {name!r}: unknown operation; known: {', '.join(OP_TYPES)}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    kwargs = {}
-    for key, value in data.items():
-        if key == "op":
-            continue
-        if key not in fields:
-            raise OpError(f"{where}.{key}: not a field of {name} (fields: {', '.join(fields) or 'none'})")
-        kwargs[key] = value
     try:
-        return cls(**kwargs)
-    except (TypeError, OpError) as exc:
-        raise OpError(f"{where}: {name}: {exc}") from None
+        return serial.from_data(Op, data, where=where)
+    except serial.SerialError as exc:
+        raise OpError(str(exc)) from None
 
 
 def validate_op(op: Op, config: Config, where: str = "op") -> None:

@@ -148,9 +148,16 @@ class Runner:
 
     def _finding(self, verdict: Verdict, evidence: str, op_index: int, phase: str,
                  state: CrashState | None = None, sector: int | None = None) -> Finding:
-        kind = type(self.ops[op_index]).__name__ if op_index < len(self.ops) else "finish"
+        # A crash state's finding is named after the guest op in flight at the crash point, not
+        # the op being run: a shrunk reproducer (ops + explicit Crash) then keeps its signature.
+        at = self._span_at(state.point) if state else None
+        index = at.op_index if at else op_index
+        kind = type(self.ops[index]).__name__ if index < len(self.ops) else "finish"
         return Finding(verdict, RULES[verdict], evidence, op_index, phase,
                        state.id if state else None, str(state.policy) if state else None, sector, kind)
+
+    def _span_at(self, point: int) -> _Span | None:
+        return next((span for span in self.spans if span.start < point <= span.end), None)
 
     # ---- running ---------------------------------------------------------------------------
     def run(self, ops: list[Op], *, stop_at_first: bool = True) -> list[Finding]:

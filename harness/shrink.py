@@ -1,9 +1,10 @@
-"""Shrinking a failing case beyond the sweep: make the crash explicit, then drop and simplify operations while the verdict holds."""
+"""Shrinking a failing case beyond the sweep: make the crash explicit, then drop and simplify operations while the signature holds."""
 
 from __future__ import annotations
 
 import dataclasses
 import time
+from typing import Callable
 
 from harness.config import Config
 from harness.crashstates import Policy
@@ -17,14 +18,15 @@ SIMPLER_POLICIES = (Policy.DROP_UNSYNCED, Policy.PREFIX, Policy.SUBSETS)
 CHOICELESS_POLICIES = (Policy.PREFIX, Policy.DROP_UNSYNCED)
 
 
-def reproduces(config: Config, ops: list[Op], seed: int, budget: Budget, verdict: str) -> Finding | None:
+def reproduces(config: Config, ops: list[Op], seed: int, budget: Budget, signature: str) -> Finding | None:
+    """The finding of `ops` if it has this signature; a candidate that fails differently does not reproduce."""
     try:
         runner = Runner(config, seed=seed, budget=budget)
         findings = runner.run(ops)
     except Exception:  # noqa: BLE001 - an invalid candidate (e.g. a crash id that no longer fits) does not reproduce
         return None
     for f in findings:
-        if str(f.verdict) == verdict:
+        if f.signature() == signature:
             return f
     return None
 
@@ -46,15 +48,24 @@ def explicit_crash(config: Config, ops: list[Op], seed: int, budget: Budget, fin
 
 
 def shrink(config: Config, ops: list[Op], seed: int, budget: Budget, finding: Finding, *,
-           seconds: float = 30.0) -> tuple[list[Op], Budget, Finding]:
-    """Greedy delta-debugging: returns the smallest sequence found that still gives the same verdict."""
+           seconds: float = 30.0, stop: Callable[[], bool] = lambda: False) -> tuple[list[Op], Budget, Finding]:
+    """Greedy delta-debugging: the smallest sequence found that still fails with the same signature.
+
+    Like Hypothesis, a candidate that slips to a different failure (another verdict, op kind,
+    policy or phase) is rejected, so the file named after the signature holds that failure.
+    Stops at `seconds` or as soon as `stop()` is true, returning the best so far.
+    """
     deadline = time.monotonic() + seconds
-    verdict = str(finding.verdict)
+    signature = finding.signature()
     best, best_budget, best_finding = list(ops), budget, finding
-    explicit = explicit_crash(config, ops, seed, budget, finding)
+
+    def out_of_time() -> bool:
+        return time.monotonic() > deadline or stop()
+
+    explicit = None if out_of_time() else explicit_crash(config, ops, seed, budget, finding)
     quiet = dataclasses.replace(budget, sweep=False, recovery_every=1)
     if explicit is not None:
-        hit = reproduces(config, explicit, seed, quiet, verdict)
+        hit = reproduces(config, explicit, seed, quiet, signature)
         if hit:
             best, best_budget, best_finding = explicit, quiet, hit
     if best_finding is finding:
@@ -62,16 +73,16 @@ def shrink(config: Config, ops: list[Op], seed: int, budget: Budget, finding: Fi
 
     def attempt(candidate: list[Op]) -> bool:
         nonlocal best, best_finding
-        if time.monotonic() > deadline or not candidate:
+        if out_of_time() or not candidate:
             return False
-        hit = reproduces(config, candidate, seed, best_budget, verdict)
+        hit = reproduces(config, candidate, seed, best_budget, signature)
         if hit:
             best, best_finding = candidate, hit
             return True
         return False
 
     changed = True
-    while changed and time.monotonic() < deadline:
+    while changed and not out_of_time():
         changed = False
         # 1. drop single operations, from the front
         i = 0

@@ -112,11 +112,11 @@ def test_bad_reproducer_files_are_named_and_others_still_replay(tmp_path: Path) 
     (tmp_path / "junk.json").write_text("{not json")
     proc = qcrash("replay", str(tmp_path / "version.json"), str(tmp_path / "op.json"), str(tmp_path / "junk.json"),
                   str(good))
-    out = proc.stdout
-    assert "version.json: field 'format_version' = 99" in out
-    assert "op.json" in out and "Write.offset = 'zero'" in out
-    assert "junk.json: line 1 column 2: not JSON" in out
-    assert "good.json: still failing" in out
+    out, err = proc.stdout, proc.stderr
+    assert "version.json: field 'format_version' = 99" in err
+    assert "op.json: field 'ops[0].offset' = 'zero': must be a whole number (Write.offset)" in err
+    assert "junk.json: line 1 column 2: not JSON" in err
+    assert "good.json: still failing" in out and "Traceback" not in err
     assert proc.returncode == 1
 
 
