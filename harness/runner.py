@@ -32,6 +32,7 @@ from harness.crashstates import DEFAULT_POLICIES, CrashImageBuilder, CrashState,
 from harness.faultfile import FaultInjectingFile, OpKind, WriteLog
 from harness.ops import Check, Crash, Discard, Flush, Op, Read, Reopen, Repair, Write, WriteZeroes, validate_op
 from harness.oracle import RULES, Finding, Verdict
+from harness.qemu_check import qemu_disagreement
 from models.blockio import CacheMode, MemoryFile, WriteSite
 from models.payload import make_payload
 from models.qcow2 import check as checkmod
@@ -528,36 +529,6 @@ class Runner:
                    Mismatch.GARBAGE: Verdict.GARBAGE}[first.kind]
         more = f" (+{len(verdicts) - 1} more sectors)" if len(verdicts) > 1 else ""
         return self._finding(verdict, first.message + more, n, phase, state, sector=first.sector)
-
-
-def qemu_disagreement(raw: bytes) -> str | None:
-    """Run real `qemu-img check` on a crash image; describe any difference from qcrash's check, else None."""
-    import json
-    import os
-    import shutil
-    import subprocess
-    import tempfile
-
-    if shutil.which("qemu-img") is None:
-        return None
-    ours = checkmod.check(MemoryFile(raw))
-    fd, path = tempfile.mkstemp(suffix=".qcow2")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(raw)
-        proc = subprocess.run(["qemu-img", "check", "-f", "qcow2", "--output=json", path],
-                              capture_output=True, text=True, timeout=60)
-    finally:
-        os.unlink(path)
-    try:
-        theirs = json.loads(proc.stdout)
-    except json.JSONDecodeError:
-        return f"qemu-img check exited {proc.returncode} without JSON: {proc.stderr.strip()[:200]}"
-    mine = {"corruptions": ours.corruptions, "leaks": ours.leaks, "check-errors": ours.check_errors}
-    got = {k: theirs.get(k, 0) for k in mine}
-    if mine != got or checkmod.exit_code(ours) != proc.returncode:
-        return f"qcrash check {mine} (exit {checkmod.exit_code(ours)}) but qemu-img check {got} (exit {proc.returncode})"
-    return None
 
 
 def _judged_sectors(model: ReferenceDisk, img: Qcow2Image) -> list[int]:
