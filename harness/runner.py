@@ -31,7 +31,9 @@ from harness.config import Config
 from harness.crashstates import DEFAULT_POLICIES, CrashImageBuilder, CrashState, Policy, enumerate_point, enumerate_states
 from harness.faultfile import FaultInjectingFile, HostOpKind, WriteLog
 from harness.ops import Check, Crash, Discard, Flush, Op, Read, Reopen, Repair, Write, WriteZeroes, validate_op
+from harness.points import Budget, choose_points, choose_states
 from harness.oracle import RULES, Finding, Verdict
+from harness.qemu_check import qemu_disagreement
 from models.blockio import SECTOR, CacheMode, MemoryFile, WriteSite
 from models.payload import make_payload
 from models.qcow2 import check as checkmod
@@ -41,27 +43,6 @@ from models.qcow2.image import Qcow2Image
 from models.refdisk import Mismatch, ReferenceDisk
 
 _METADATA_SITES = frozenset(WriteSite) - {WriteSite.DATA}
-_RAREST_SITES = frozenset({WriteSite.REFTABLE_GROW, WriteSite.REFTABLE_SWITCH})  # a few times a run
-_RARE_SITES = frozenset({WriteSite.REFTABLE_GROW, WriteSite.REFTABLE_SWITCH, WriteSite.REFBLOCK_ALLOC,
-                         WriteSite.REFTABLE, WriteSite.L1, WriteSite.DIRTY_BIT, WriteSite.HEADER})
-
-
-@dataclasses.dataclass(frozen=True)
-class Budget:
-    """How much of the crash space one run explores."""
-
-    sweep: bool = True  # judge crash states at the points of every guest op
-    policies: tuple[str, ...] = tuple(str(p) for p in DEFAULT_POLICIES)
-    k: int = 8  # subsets: exhaustive up to 2**k
-    samples: int = 4  # states per policy per point when the space is larger
-    states_per_op: int = 12  # judged states per guest op at most (seeded sample across its points)
-    recovery_points: int = 2  # crash points sampled in each recovery log (step 3)
-    recovery_every: int = 4  # step 3 runs on one judged state in this many (0 = never)
-    qemu_every: int = 0  # real qemu-img check on one raw crash image in this many (0 = never)
-
-    @classmethod
-    def exhaustive(cls) -> "Budget":
-        return cls(samples=16, states_per_op=10_000, recovery_points=8, recovery_every=1)
 
 
 class ReadOnlyFile(MemoryFile):
@@ -290,34 +271,9 @@ class Runner:
     def _sweep(self, span: _Span) -> None:
         """Judge crash states at the points of one guest op, with the op in flight in the model."""
         t0 = time.perf_counter()
-        candidates: list[CrashState] = []
         log = self.ff.log
-        points = list(range(span.start + 1, span.end + 1))
-        if len(points) > self.budget.states_per_op:
-            # Long ops (a big write, a refcount-table growth): sample the points, always keeping
-            # the last, and spend half the sample on points just after rare metadata writes
-            # (new refcount blocks, table growth and switch, L1, dirty bit), which data points
-            # would otherwise drown out.
-            ops = log.ops
-            rarest = [p for p in points[:-1] if ops[p - 1].site in _RAREST_SITES and ops[p - 1].kind is HostOpKind.WRITE]
-            rare = [p for p in points[:-1] if ops[p - 1].kind is HostOpKind.WRITE and ops[p - 1].site in _RARE_SITES]
-            want = self.budget.states_per_op - 1
-            chosen = set(rarest[:want // 2])
-            chosen |= set(self.rng.sample(rare, min(len(rare), max(0, want // 2 - len(chosen)))))
-            rest = [p for p in points[:-1] if p not in chosen]
-            chosen |= set(self.rng.sample(rest, min(len(rest), want - len(chosen))))
-            points = sorted(chosen | {points[-1]})
-        per_point = []
-        for point in points:
-            states = enumerate_point(log, point, self.budget.policies, k=self.budget.k,
-                                     seed=self.seed, samples=self.budget.samples)
-            self.rng.shuffle(states)
-            per_point.append(states)
-        # Round-robin over the points, so every chosen point is judged before any gets a second state.
-        while len(candidates) < self.budget.states_per_op and any(per_point):
-            for states in per_point:
-                if states and len(candidates) < self.budget.states_per_op:
-                    candidates.append(states.pop())
+        points = choose_points(log, span, self.budget, self.rng)
+        candidates = choose_states(log, points, self.budget, self.seed, self.rng)
         seen: set[bytes] = set()
         for state in candidates:
             image = self.builder.build(state)
@@ -534,36 +490,6 @@ class Runner:
                    Mismatch.GARBAGE: Verdict.GARBAGE}[first.kind]
         more = f" (+{len(verdicts) - 1} more sectors)" if len(verdicts) > 1 else ""
         return self._finding(verdict, first.message + more, n, phase, state, sector=first.sector)
-
-
-def qemu_disagreement(raw: bytes) -> str | None:
-    """Run real `qemu-img check` on a crash image; describe any difference from qcrash's check, else None."""
-    import json
-    import os
-    import shutil
-    import subprocess
-    import tempfile
-
-    if shutil.which("qemu-img") is None:
-        return None
-    ours = checkmod.check(MemoryFile(raw))
-    fd, path = tempfile.mkstemp(suffix=".qcow2")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(raw)
-        proc = subprocess.run(["qemu-img", "check", "-f", "qcow2", "--output=json", path],
-                              capture_output=True, text=True, timeout=60)
-    finally:
-        os.unlink(path)
-    try:
-        theirs = json.loads(proc.stdout)
-    except json.JSONDecodeError:
-        return f"qemu-img check exited {proc.returncode} without JSON: {proc.stderr.strip()[:200]}"
-    mine = {"corruptions": ours.corruptions, "leaks": ours.leaks, "check-errors": ours.check_errors}
-    got = {k: theirs.get(k, 0) for k in mine}
-    if mine != got or checkmod.exit_code(ours) != proc.returncode:
-        return f"qcrash check {mine} (exit {checkmod.exit_code(ours)}) but qemu-img check {got} (exit {proc.returncode})"
-    return None
 
 
 def _judged_sectors(model: ReferenceDisk, img: Qcow2Image) -> list[int]:

@@ -126,7 +126,7 @@ def test_qemu_disagreement_is_reported() -> None:
     """The comparison can fail: a refcount made wrong only for qcrash's checker is a disagreement."""
     import shutil
 
-    from harness.runner import qemu_disagreement
+    from harness.qemu_check import qemu_disagreement
     from models.blockio import MemoryFile
     from models.qcow2 import Qcow2Image, check
 
