@@ -28,7 +28,7 @@ from collections import Counter
 from typing import Callable
 
 from harness.config import Config
-from harness.crashstates import DEFAULT_POLICIES, CrashImageBuilder, CrashState, Policy, enumerate_point, enumerate_states
+from harness.crashstates import CrashImageBuilder, CrashState, Policy, enumerate_states
 from harness.faultfile import FaultInjectingFile, HostOpKind, WriteLog
 from harness.ops import Check, Crash, Discard, Flush, Op, Read, Reopen, Repair, Write, WriteZeroes, validate_op
 from harness.points import Budget, choose_points, choose_states

@@ -18,7 +18,7 @@ from models.qcow2.cache import TableCache
 from models.qcow2.check.imrt import decode_refblock
 from models.qcow2.check.result import CheckCounts, Finding, Kind
 from models.qcow2.errors import UnsupportedFeature
-from models.qcow2.geometry import get_refcount, set_refcount
+from models.qcow2.geometry import set_refcount
 from models.qcow2.header import ParsedHeader
 from models.qcow2.structs import FIELD_OFFSET
 
