@@ -57,7 +57,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="also print one line per example")
     parser.add_argument("--inject", default=None, metavar="BUG[,BUG...]",
                         help="switch on named bugs in models/qcow2 (also QCRASH_INJECT); see `qcrash zoo --list`")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", help="the command to run (COMMAND --help for its options)")
     seen = set()
     for name, module in _FAMILIES.items():
         if module in seen or (only is not None and name != only):
@@ -100,6 +100,10 @@ def main(argv: list[str] | None = None) -> int:
     _import_inject()  # before any module that imports the qcow2 model, so a QCRASH_INJECT typo is no traceback
     first = next((a for a in argv if not a.startswith("-")), None)
     parser = build_parser(first if first in _FAMILIES else None)
+    if first in ("img", "io"):
+        from harness.cli.img import _install_error
+
+        _install_error(parser)  # qemu-img's and qemu-io's status for a usage error: 1
     if not argv:
         parser.print_help()
         return 0

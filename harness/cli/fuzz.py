@@ -57,7 +57,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_shrink)
 
     p = sub.add_parser("report", help="work with run reports")
-    rsub = p.add_subparsers(dest="report_command", metavar="SUBCOMMAND")
+    rsub = p.add_subparsers(dest="report_command", metavar="SUBCOMMAND", help="merge")
     m = rsub.add_parser("merge", help="merge shard reports into one (refuses shards of different runs)",
                         epilog=EXIT_CODES, formatter_class=_RAW)
     m.add_argument("dirs", nargs="+", metavar="DIR", help="shard report directories (each with summary.json)")

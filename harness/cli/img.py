@@ -631,7 +631,7 @@ def _install_error(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     img = _install_error(subparsers.add_parser("img", help="qemu-img work-alike: create, info, check"))
-    img_sub = img.add_subparsers(dest="img_command", metavar="SUBCOMMAND")
+    img_sub = img.add_subparsers(dest="img_command", metavar="SUBCOMMAND", help="create, info or check")
 
     def img_help(_args: argparse.Namespace) -> int:
         img.print_help(sys.stderr)
