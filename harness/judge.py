@@ -169,13 +169,13 @@ class Judge:
         if rec.image is None:
             return where.finding(phase.failed, f"{rec.error}{phase.suffix}", phase.name)
         result = self.target.check(rec.image, past_eof=True)
-        hdr = _require_header(self.target.inspect(rec.image))
+        hdr = _require_header(self.target.inspect(rec.image), "recovered image")
         past_eof = list(result.refcounts_past_eof)
         if result.problems or hdr.dirty or hdr.corrupt or past_eof:
             return where.finding(phase.not_clean, f"{result.text()}, incompatible_features="
                                  f"{hdr.incompatible_features:#x}, refcounts past EOF: {past_eof[:8]}{phase.suffix}",
                                  phase.name)
-        post = _require_view(self.target.read_only(rec.image, set(pre) | model.touched_sectors()))
+        post = _require_view(self.target.read_only(rec.image, set(pre) | model.touched_sectors()), "recovered image")
         for s in sorted(post.sectors):
             if post.sectors[s] != pre.get(s, bytes(SECTOR)):
                 return where.finding(phase.changed, f"sector {s} reads differently after {phase.name} than the "
@@ -197,16 +197,37 @@ class Judge:
         return None
 
 
-def _require_header(hdr: HeaderInfo) -> HeaderInfo:
-    # A recovered image that cannot even be inspected is an implementation failure, not a verdict of its own.
+def judge_clean_image(target: Target, where: Where, raw: bytes) -> Finding | None:
+    """After a clean close: check is clean and the dirty bit is clear."""
+    result = target.check(raw)
+    hdr = _require_header(target.inspect(raw), "after a clean close")
+    if result.problems or hdr.dirty:
+        return where.finding(Verdict.CHECK_FAILED, f"after a clean close: {result.text()}, "
+                             f"incompatible_features={hdr.incompatible_features:#x}", "finish")
+    return None
+
+
+def judge_closed_reads(target: Target, where: Where, raw: bytes, model: ReferenceDisk) -> Finding | None:
+    """After a clean close: every sector the model knows reads as the model says (no crash, so no choice)."""
+    view = _require_view(target.read_only(raw, model.touched_sectors(), allocated=False), "after a clean close")
+    for s in sorted(view.sectors):
+        if view.sectors[s] != model.read(s * SECTOR, SECTOR):
+            return where.finding(Verdict.READ_MISMATCH, f"sector {s} differs from the model after a clean close",
+                                 "finish", sector=s)
+    return None
+
+
+def _require_header(hdr: HeaderInfo, what: str) -> HeaderInfo:
+    # An image the implementation itself just wrote (recovered, or closed cleanly) that it
+    # cannot inspect is a failure of the implementation: reported as an unexpected exception.
     if hdr.error is not None:
-        raise TargetError(f"recovered image: {hdr.error}")
+        raise TargetError(f"{what}: {hdr.error}")
     return hdr
 
 
-def _require_view(view: ReadOnlyView) -> ReadOnlyView:
+def _require_view(view: ReadOnlyView, what: str) -> ReadOnlyView:
     if view.changed is not None or view.error is not None:
-        raise TargetError(f"read-only open of the recovered image: {view.changed or view.error}")
+        raise TargetError(f"{what}: read-only open: {view.changed or view.error}")
     return view
 
 

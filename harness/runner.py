@@ -18,12 +18,12 @@ import time
 from typing import Callable
 
 from harness.config import Config
-from harness.crashstates import CrashState, Policy, enumerate_states
+from harness.crashstates import CrashState
 from harness.executor import Executor, Span
-from harness.judge import Judge, Where, exc_text, read_view
+from harness.judge import Judge, Where, exc_text, judge_clean_image, judge_closed_reads, read_view
 from harness.ops import Check, Crash, Op, Read, validate_op
 from harness.oracle import Finding, Verdict
-from harness.points import Budget, choose_points, choose_states
+from harness.points import Budget, choose_points, choose_states, crash_op_for, resolve_crash
 from harness.qemu_check import qemu_disagreement
 from harness.stats import Stats
 from harness.targets import Target, TargetError, get_target
@@ -103,8 +103,9 @@ class Runner:
         try:
             self.target.close()
             raw = self.target.contents()
-            self._report(self._expect_clean(n, raw))
-            self._report(self._compare_reads(n, raw))
+            where = self._where(n)
+            self._report(judge_clean_image(self.target, where, raw))
+            self._report(judge_closed_reads(self.target, where, raw, self.model))
         except Exception as exc:  # noqa: BLE001
             self._report(self._where(n).finding(Verdict.UNEXPECTED_EXCEPTION, exc_text(exc), "finish"))
         return self.findings[before:]
@@ -142,26 +143,6 @@ class Runner:
         return self._where(n).finding(Verdict.READ_MISMATCH, f"read {op.offset}+{op.length}: sector {sector} "
                                       f"differs from the model", "run", sector=sector)
 
-    def _expect_clean(self, n: int, raw: bytes) -> Finding | None:
-        result = self.target.check(raw)
-        hdr = self.target.inspect(raw)
-        if hdr.error is not None:
-            raise TargetError(f"after a clean close: {hdr.error}")
-        if result.problems or hdr.dirty:
-            return self._where(n).finding(Verdict.CHECK_FAILED, f"after a clean close: {result.text()}, "
-                                          f"incompatible_features={hdr.incompatible_features:#x}", "finish")
-        return None
-
-    def _compare_reads(self, n: int, raw: bytes) -> Finding | None:
-        view = self.target.read_only(raw, self.model.touched_sectors(), allocated=False)
-        if view.changed is not None or view.error is not None:
-            raise TargetError(f"read-only open after a clean close: {view.changed or view.error}")
-        for s in sorted(view.sectors):
-            if view.sectors[s] != self.model.read(s * SECTOR, SECTOR):
-                return self._where(n).finding(Verdict.READ_MISMATCH, f"sector {s} differs from the model "
-                                              f"after a clean close", "finish", sector=s)
-        return None
-
     # ---- the sweep -----------------------------------------------------------------------------
     def _sweep(self, span: Span) -> None:
         """Judge crash states at the points of one guest op, with the op in flight in the model."""
@@ -177,8 +158,7 @@ class Runner:
             if key in seen:  # neighbouring states often build the same image
                 continue
             seen.add(key)
-            judged = self.judge.judge(Where(span.op_index, type(self.ops[span.op_index]).__name__, state), image,
-                                      self.model, log, deep=self._deep())
+            judged = self.judge.judge(self._where(span.op_index, state), image, self.model, log, deep=self._deep())
             if judged.finding:
                 self.findings.append(judged.finding)
                 break
@@ -206,29 +186,8 @@ class Runner:
 
     def resolve_crash(self, op: Crash) -> CrashState:
         """The crash state a Crash op names in the current log (modular choice, or an exact id)."""
-        log = self.target.log
-        if op.crash_id is not None:
-            state = CrashState.parse(op.crash_id)
-            problems = state.problems(log)
-            if problems:
-                raise ValueError(f"Crash.crash_id = {op.crash_id!r} does not fit the log: " + "; ".join(problems))
-            return state
-        npoints = len(log) + 1
-        point = op.point % npoints if op.point >= 0 else max(0, npoints + op.point)
-        states = enumerate_states(log, point, op.policy, k=self.budget.k, seed=self.seed, samples=self.budget.samples)
-        if not states:
-            states = enumerate_states(log, point, Policy.PREFIX)
-        return states[op.state % len(states)]
+        return resolve_crash(self.target.log, op, self.budget, self.seed)
 
     def crash_op_for(self, state: CrashState) -> Crash:
         """A modular Crash op that selects `state` in the current log (what the shrinker starts from)."""
-        log = self.target.log
-        states = enumerate_states(log, state.point, state.policy, k=self.budget.k, seed=self.seed,
-                                  samples=self.budget.samples)
-        # The point is counted back from the end of the log, so the shrinker can drop earlier
-        # operations without moving the crash off the host op it was at.
-        back = state.point - (len(log) + 1)
-        for i, s in enumerate(states):
-            if s == state:
-                return Crash(back, str(state.policy), i)
-        return Crash(back, str(state.policy), 0, crash_id=state.id)
+        return crash_op_for(self.target.log, state, self.budget, self.seed)
