@@ -1,4 +1,4 @@
-"""Which crash states a run judges: the `Budget`, and the pure choice of points and states within one guest op's span."""
+"""Which crash states a run judges: the `Budget`, the pure choice of points and states in one guest op's span, and the state a `Crash` op names."""
 
 from __future__ import annotations
 
@@ -6,8 +6,9 @@ import dataclasses
 import random
 from typing import Protocol
 
-from harness.crashstates import DEFAULT_POLICIES, CrashState, enumerate_point
+from harness.crashstates import DEFAULT_POLICIES, CrashState, Policy, enumerate_point, enumerate_states
 from harness.faultfile import HostOpKind, WriteLog
+from harness.ops import Crash
 from models.blockio import WriteSite
 
 # Points just after these writes are rare (a few per run) and are where lazy-refcount and
@@ -79,3 +80,31 @@ def choose_states(log: WriteLog, points: list[int], budget: Budget, seed: int, r
             if states and len(chosen) < budget.states_per_op:
                 chosen.append(states.pop())
     return chosen
+
+
+def resolve_crash(log: WriteLog, op: Crash, budget: Budget, seed: int) -> CrashState:
+    """The crash state a Crash op names in `log` (modular choice, or an exact id)."""
+    if op.crash_id is not None:
+        state = CrashState.parse(op.crash_id)
+        problems = state.problems(log)
+        if problems:
+            raise ValueError(f"Crash.crash_id = {op.crash_id!r} does not fit the log: " + "; ".join(problems))
+        return state
+    npoints = len(log) + 1
+    point = op.point % npoints if op.point >= 0 else max(0, npoints + op.point)
+    states = enumerate_states(log, point, op.policy, k=budget.k, seed=seed, samples=budget.samples)
+    if not states:
+        states = enumerate_states(log, point, Policy.PREFIX)
+    return states[op.state % len(states)]
+
+
+def crash_op_for(log: WriteLog, state: CrashState, budget: Budget, seed: int) -> Crash:
+    """A modular Crash op that selects `state` in `log` (what the shrinker starts from)."""
+    states = enumerate_states(log, state.point, state.policy, k=budget.k, seed=seed, samples=budget.samples)
+    # The point is counted back from the end of the log, so the shrinker can drop earlier
+    # operations without moving the crash off the host op it was at.
+    back = state.point - (len(log) + 1)
+    for i, s in enumerate(states):
+        if s == state:
+            return Crash(back, str(state.policy), i)
+    return Crash(back, str(state.policy), 0, crash_id=state.id)
