@@ -14,7 +14,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     budget = p.add_mutually_exclusive_group()
     budget.add_argument("--time", help="time budget, e.g. 90s, 10m")
     budget.add_argument("--cases", type=int, help="number of cases (default 1000 when --time is not given)")
-    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--seed", type=int, default=1, help="run seed: the same seed gives the same cases (default 1)")
     p.add_argument("--qemu-every", type=int, default=50, help="compare with qemu-img/qemu-io every N cases (0: never)")
     p.add_argument("--cli-every", type=int, default=100, help="run qcrash's own CLI every N cases (0: never)")
     p.add_argument("--time-limit", type=float, default=2.0, help="seconds per step before it counts as over time")

@@ -38,9 +38,9 @@ def gather(rep) -> Evidence:
     log = runner.ff.log
     if finding.crash_id is None:
         words = f"no crash: {finding.phase} of operation #{finding.op_index} ({finding.op_kind})"
-        return Evidence(runner.inner.getvalue(), format_log(log, None), words)
+        return Evidence(runner.target.contents(), format_log(log, None), words)
     state = CrashState.parse(finding.crash_id)
-    return Evidence(bytes(runner.builder.build(state)), format_log(log, state), describe(state, log))
+    return Evidence(bytes(runner.executor.builder.build(state)), format_log(log, state), describe(state, log))
 
 
 def _op_words(op: HostOp) -> str:
