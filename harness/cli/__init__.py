@@ -20,6 +20,7 @@ _FAMILIES = {
     "report": "harness.cli.fuzz",
     "zoo": "harness.cli.zoo",
     "bench": "harness.cli.zoo",
+    "fuzz-images": "harness.cli.hostile",
 }
 
 EXIT_CODES = """\
