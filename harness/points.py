@@ -33,13 +33,17 @@ class Budget:
     recovery_points: int = 2  # crash points sampled in each recovery log (step 3)
     recovery_every: int = 4  # step 3 runs on one judged state in this many (0 = never)
     qemu_every: int = 0  # real qemu-img check on one raw crash image in this many (0 = never)
-    # How crash images are brought back: one path per state, chosen from its id (`recovery_path`).
-    recovery_paths: tuple[RecoveryPath, ...] = (RecoveryPath.OPEN,)
+    # How crash images are brought back (RecoveryPath values): one path per state, chosen from its
+    # id (`recovery_path`). Strings, like `policies`, so a Budget's repr is a runnable program.
+    recovery_paths: tuple[str, ...] = (str(RecoveryPath.OPEN),)
 
     def __post_init__(self) -> None:
+        known = ", ".join(repr(str(p)) for p in RecoveryPath)
         if not self.recovery_paths:
-            raise QcrashError("Budget.recovery_paths = (): must name at least one recovery path "
-                              f"({', '.join(RecoveryPath)})")
+            raise QcrashError(f"Budget.recovery_paths = (): must name at least one recovery path of {known}")
+        for path in self.recovery_paths:
+            if path not in {str(p) for p in RecoveryPath}:
+                raise QcrashError(f"Budget.recovery_paths: {path!r} is not a recovery path; choose from {known}")
 
     @classmethod
     def exhaustive(cls) -> "Budget":
@@ -96,8 +100,8 @@ def recovery_path(budget: Budget, state: CrashState) -> RecoveryPath:
     """The path that recovers `state`: a function of its id alone, so a replay recovers it the same way."""
     paths = budget.recovery_paths
     if len(paths) == 1:
-        return paths[0]
-    return paths[zlib.crc32(state.id.encode()) % len(paths)]
+        return RecoveryPath(paths[0])
+    return RecoveryPath(paths[zlib.crc32(state.id.encode()) % len(paths)])
 
 
 def resolve_crash(log: WriteLog, op: Crash, budget: Budget, seed: int) -> CrashState:

@@ -102,9 +102,9 @@ def test_runner_rejects_an_unknown_target_with_the_choices() -> None:
 
 def test_the_recovery_path_is_the_budgets_and_named_in_the_evidence() -> None:
     # `check -r leaks` cannot rebuild the refcounts a lazy-refcounts crash leaves behind (as in QEMU).
-    judged, _state = judge_last_point(PythonTarget(), budget=Budget(recovery_paths=(RecoveryPath.CHECK_LEAKS,)))
+    judged, _state = judge_last_point(PythonTarget(), budget=Budget(recovery_paths=("check-leaks",)))
     finding = judged.finding
     assert finding is not None and finding.verdict is Verdict.REPAIR_FAILED and finding.phase == "recovery"
     assert finding.evidence.endswith("(recovered by check-leaks)")
-    judged, _state = judge_last_point(PythonTarget(), budget=Budget(recovery_paths=(RecoveryPath.CHECK_ALL,)))
+    judged, _state = judge_last_point(PythonTarget(), budget=Budget(recovery_paths=("check-all",)))
     assert judged.finding is None and judged.recovered is not None

@@ -81,7 +81,7 @@ def test_states_are_spread_round_robin_over_the_points() -> None:
 
 
 def test_each_state_has_one_recovery_path_fixed_by_its_id() -> None:
-    every = Budget(recovery_paths=tuple(RecoveryPath))
+    every = Budget(recovery_paths=("open", "check-all", "check-leaks"))
     states = [CrashState(p, Policy.PREFIX) for p in range(60)]
     paths = [recovery_path(every, s) for s in states]
     assert paths == [recovery_path(every, s) for s in states]
@@ -92,3 +92,6 @@ def test_each_state_has_one_recovery_path_fixed_by_its_id() -> None:
 def test_a_budget_without_recovery_paths_is_refused_by_name() -> None:
     with pytest.raises(QcrashError, match=r"Budget.recovery_paths = \(\): must name at least one recovery path"):
         Budget(recovery_paths=())
+    with pytest.raises(QcrashError, match=r"'check' is not a recovery path; choose from 'open', 'check-all', 'check-leaks'"):
+        Budget(recovery_paths=("open", "check"))
+    assert eval(repr(Budget(recovery_paths=("check-all",))), {"Budget": Budget}) == Budget(recovery_paths=("check-all",))
