@@ -29,6 +29,7 @@ from harness.stats import Stats
 from harness.targets import Target, TargetError, get_target
 from models.blockio import SECTOR, MemoryFile
 from models.qcow2.errors import Qcow2Error
+from models.refdisk import ReferenceDisk
 
 __all__ = ["Budget", "Runner", "Stats", "qemu_disagreement"]
 
@@ -52,7 +53,7 @@ class Runner:
 
     # ---- what the shrinker, the state machine and tests look at ---------------------------------
     @property
-    def model(self):
+    def model(self) -> ReferenceDisk:
         return self.executor.model
 
     @property
