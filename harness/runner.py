@@ -18,7 +18,7 @@ import time
 from typing import Callable
 
 from harness.config import Config
-from harness.crashstates import CrashState
+from harness.crashstates import CrashImageBuilder, CrashState
 from harness.executor import Executor, Span
 from harness.judge import Judge, Where, exc_text, judge_clean_image, judge_closed_reads, read_view
 from harness.ops import Check, Crash, Op, Read, validate_op
@@ -27,8 +27,9 @@ from harness.points import Budget, choose_points, choose_states, crash_op_for, r
 from harness.qemu_check import qemu_disagreement
 from harness.stats import Stats
 from harness.targets import Target, TargetError, get_target
-from models.blockio import SECTOR
+from models.blockio import SECTOR, MemoryFile
 from models.qcow2.errors import Qcow2Error
+from models.refdisk import ReferenceDisk
 
 __all__ = ["Budget", "Runner", "Stats", "qemu_disagreement"]
 
@@ -52,8 +53,18 @@ class Runner:
 
     # ---- what the shrinker, the state machine and tests look at ---------------------------------
     @property
-    def model(self):
+    def model(self) -> ReferenceDisk:
         return self.executor.model
+
+    @property
+    def builder(self) -> CrashImageBuilder:
+        """Crash images of the current host-op log."""
+        return self.executor.builder
+
+    @property
+    def inner(self) -> MemoryFile:
+        """A snapshot of the live image file (`.getvalue()`), for callers that predate `target.contents()`."""
+        return MemoryFile(self.target.contents())
 
     @property
     def ff(self) -> Target:
@@ -63,13 +74,10 @@ class Runner:
     def _where(self, n: int, state: CrashState | None = None) -> Where:
         # A crash state's finding is named after the guest op in flight at the crash point, not
         # the op being run: a shrunk reproducer (ops + explicit Crash) then keeps its signature.
-        at = self._span_at(state.point) if state else None
+        at = self.executor.span_at(state.point) if state else None
         index = at.op_index if at else n
         kind = type(self.ops[index]).__name__ if index < len(self.ops) else "finish"
         return Where(n, kind, state)
-
-    def _span_at(self, point: int):
-        return next((span for span in self.executor.spans if span.start < point <= span.end), None)
 
     def _report(self, finding: Finding | None) -> None:
         if finding is not None:
