@@ -121,6 +121,18 @@ def test_known_matches_after_shrinking(tmp_path: Path) -> None:
     assert [f["status"] for f in s["findings"]] == ["known"] * len(s["findings"])
 
 
+def test_worker_processes_keep_one_identity_and_the_evidence(tmp_path: Path) -> None:
+    proc = qcrash("fuzz", "--jobs", "2", "--inject", BUG, "--examples", "16", "--seed", "2", "--config", BUGCFG,
+                  "--report", str(tmp_path / "r"))
+    assert proc.returncode == 1, proc.stderr
+    fs = findings(tmp_path / "r")
+    assert len(fs) >= 2 and sum(f["count"] for f in fs) > len(fs)
+    for f in fs:
+        path = tmp_path / "r" / f["file"]
+        assert json.loads(path.read_text())["signature"] == f["signature"]
+        assert path.with_suffix(".qcow2").exists() and path.with_suffix(".ops.txt").exists()
+
+
 # ---------------------------------------------------------------------------------------- budgets
 def test_time_budget_includes_shrinking(tmp_path: Path) -> None:
     """--time is a hard limit: the run ends within the budget plus about one example's time, shrinking included."""
