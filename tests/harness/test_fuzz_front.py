@@ -247,7 +247,7 @@ def test_summary_md_tells_rule_evidence_replay_and_new_or_known(bug_run: Path) -
         section = md.split(f"### `{f['signature']}`", 1)[1].split("###", 1)[0]
         assert section.startswith(": new,")
         assert f"rule broken: {f['rule']}" in section and f"evidence: {f['evidence'][:40]}" in section
-        assert f"replay: `qcrash replay {f['file']}`" in section and "crash: crash after host op" in section
+        assert f"replay (from this report's directory): `qcrash replay {f['file']}`" in section and "crash: crash after host op" in section
 
 
 def test_summary_json_has_a_format_version_and_target(bug_run: Path) -> None:
