@@ -396,6 +396,15 @@ def test_progress_line_refreshes_on_a_timer_and_shows_time_since_last_finding() 
     assert len(lines) >= 3 and "1 findings (last 0s ago)" in lines[0]
 
 
+def test_a_closed_pipe_is_no_traceback() -> None:
+    proc = subprocess.Popen([sys.executable, "-m", "harness", "zoo", "--list"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    proc.stdout.close()  # like `| head -0`: the reader is gone before qcrash writes its first line
+    err = proc.stderr.read().decode()
+    proc.wait(timeout=60)
+    assert "Traceback" not in err and proc.returncode == 141, (proc.returncode, err)
+
+
 def test_errors_go_to_stderr(tmp_path: Path) -> None:
     proc = qcrash("replay", str(tmp_path / "missing.json"))
     assert proc.returncode == 2 and proc.stdout == "" and "missing.json: cannot read" in proc.stderr
