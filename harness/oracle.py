@@ -7,6 +7,8 @@ import enum
 import hashlib
 import json
 
+from harness import serial
+
 
 class Verdict(enum.StrEnum):
     """Every way the contract (docs/CRASH-CONTRACT.md, shipped with the repository) can break; one per rule."""
@@ -47,15 +49,11 @@ class Finding:
         return hashlib.sha1(self.signature().encode()).hexdigest()[:12]
 
     def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        d["verdict"] = str(self.verdict)
-        return d
+        return serial.to_data(self)  # type: ignore[return-value]
 
     @classmethod
-    def from_dict(cls, data: dict) -> "Finding":
-        data = dict(data)
-        data["verdict"] = Verdict(data["verdict"])
-        return cls(**data)
+    def from_dict(cls, data: dict, where: str = "finding") -> "Finding":
+        return serial.from_data(cls, data, where=where)
 
     def __str__(self) -> str:
         where = f" [{self.crash_id}]" if self.crash_id else ""

@@ -120,3 +120,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # `qcrash zoo --list | head`: the reader left; no traceback. Point stdout at /dev/null so the
+        # interpreter's final flush does not raise again, and exit as a shell reports SIGPIPE.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141

@@ -240,7 +240,6 @@ def cmd_shrink(args: argparse.Namespace) -> int:
     rep.finding = findings[0]
     small = fz.shrink_reproducer(rep, seconds)
     out = Path(args.file).with_suffix(".min.json")
-    cp.atomic_write_json(out, small.to_dict())
     cp.save(out, small, evidence.gather(small))
     print(f"{args.file}: {len(rep.ops)} -> {len(small.ops)} operations, signature {small.signature}; wrote {out}")
     print(small.python())

@@ -173,6 +173,6 @@ def _findings_markdown(findings: list[dict]) -> list[str]:
         if f.get("file"):
             ops = f" ({f['guest_ops']} operations)" if f.get("guest_ops") else ""
             lines.append(f"- reproducer: `{f['file']}`{ops}, crash image and host-op log beside it")
-            lines.append(f"- replay: `qcrash replay {f['file']}`")
+            lines.append(f"- replay (from this report's directory): `qcrash replay {f['file']}`")
         lines.append("")
     return lines

@@ -121,6 +121,18 @@ def test_known_matches_after_shrinking(tmp_path: Path) -> None:
     assert [f["status"] for f in s["findings"]] == ["known"] * len(s["findings"])
 
 
+def test_worker_processes_keep_one_identity_and_the_evidence(tmp_path: Path) -> None:
+    proc = qcrash("fuzz", "--jobs", "2", "--inject", BUG, "--examples", "16", "--seed", "2", "--config", BUGCFG,
+                  "--report", str(tmp_path / "r"))
+    assert proc.returncode == 1, proc.stderr
+    fs = findings(tmp_path / "r")
+    assert len(fs) >= 2 and sum(f["count"] for f in fs) > len(fs)
+    for f in fs:
+        path = tmp_path / "r" / f["file"]
+        assert json.loads(path.read_text())["signature"] == f["signature"]
+        assert path.with_suffix(".qcow2").exists() and path.with_suffix(".ops.txt").exists()
+
+
 # ---------------------------------------------------------------------------------------- budgets
 def test_time_budget_includes_shrinking(tmp_path: Path) -> None:
     """--time is a hard limit: the run ends within the budget plus about one example's time, shrinking included."""
@@ -235,7 +247,7 @@ def test_summary_md_tells_rule_evidence_replay_and_new_or_known(bug_run: Path) -
         section = md.split(f"### `{f['signature']}`", 1)[1].split("###", 1)[0]
         assert section.startswith(": new,")
         assert f"rule broken: {f['rule']}" in section and f"evidence: {f['evidence'][:40]}" in section
-        assert f"replay: `qcrash replay {f['file']}`" in section and "crash: crash after host op" in section
+        assert f"replay (from this report's directory): `qcrash replay {f['file']}`" in section and "crash: crash after host op" in section
 
 
 def test_summary_json_has_a_format_version_and_target(bug_run: Path) -> None:
@@ -382,6 +394,15 @@ def test_progress_line_refreshes_on_a_timer_and_shows_time_since_last_finding() 
     progress.close()
     lines = stream.getvalue().splitlines()
     assert len(lines) >= 3 and "1 findings (last 0s ago)" in lines[0]
+
+
+def test_a_closed_pipe_is_no_traceback() -> None:
+    proc = subprocess.Popen([sys.executable, "-m", "harness", "zoo", "--list"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    proc.stdout.close()  # like `| head -0`: the reader is gone before qcrash writes its first line
+    err = proc.stderr.read().decode()
+    proc.wait(timeout=60)
+    assert "Traceback" not in err and proc.returncode == 141, (proc.returncode, err)
 
 
 def test_errors_go_to_stderr(tmp_path: Path) -> None:

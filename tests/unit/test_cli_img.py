@@ -10,6 +10,7 @@ import struct
 import pytest
 
 from harness.cli import img as cli_img
+from harness.cli import io as cli_io
 from harness.cli import UsageError, main
 from models.blockio import MemoryFile
 from models.qcow2.image import Qcow2Image
@@ -80,16 +81,16 @@ def test_size_to_str_matches_qemu(value, text):
     (406210.5, "396.690 KiB"), (5.461 * (1 << 30), "5.461 GiB"),
 ])
 def test_cvtstr_matches_qemu_io(value, text):
-    assert cli_img._cvtstr(value) == text
+    assert cli_io._cvtstr(value) == text
 
 
 def test_io_report_first_line_and_timing_format():
-    report = cli_img.io_report("wrote", 0, 512, 0.00129)
+    report = cli_io.io_report("wrote", 0, 512, 0.00129)
     first, second = report.splitlines()
     assert first == "wrote 512/512 bytes at offset 0"
     assert re.fullmatch(TIMING, second), second
     assert second.startswith("512 bytes, 1 ops; 00.00 sec (")
-    assert "1:02:05.50" in cli_img.io_report("read", 0, 1, 3725.5)
+    assert "1:02:05.50" in cli_io.io_report("read", 0, 1, 3725.5)
 
 
 # --------------------------------------------------------------------------- img create
