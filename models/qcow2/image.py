@@ -57,6 +57,7 @@ class Qcow2Image(RefcountMixin):
         self.log = log or (lambda _msg: None)
         self.closed = False
         self.dead = False  # QEMU's bs->drv = NULL after a fatal corruption event
+        self._corruption_logged = False
         self._unflushed = False
         self.free_cluster_index = 0
         self._recently_freed: set[int] = set()
@@ -158,8 +159,20 @@ class Qcow2Image(RefcountMixin):
         self.overlap.after_write(site)
 
     def _signal_corruption(self, offset: int, site: WriteSite, hit: str) -> None:
-        """qcow2_signal_corruption(fatal): log, set the corrupt bit on disk, stop the image, fail the request (EIO)."""
+        """A write would land on metadata: a fatal corruption event, and the request fails (EIO)."""
         rule = f"Preventing invalid write on metadata (overlaps with {OL_NAMES[hit]})"
+        self._corruption_event(rule)
+        raise MetadataOverlap(self.path, offset, f"{site} write", offset, rule)
+
+    def _corruption_event(self, rule: str) -> None:
+        """qcow2_signal_corruption: fatal on a writable image (log, corrupt bit by a header rewrite, stop); else logged once."""
+        if self.readonly:
+            if not self._corruption_logged:
+                self.log(f"qcow2: Image is corrupt: {rule}; further non-fatal corruption events will be suppressed")
+                self._corruption_logged = True
+            return
+        if self.dead:
+            return
         self.log(f"qcow2: Marking image as corrupt: {rule}; further corruption events will be suppressed")
         self.hdr.incompatible_features |= int(spec.IncompatFeature.CORRUPT)
         try:
@@ -171,7 +184,6 @@ class Qcow2Image(RefcountMixin):
             self.file.pwrite(0, cluster0, WriteSite.HEADER)
             self.file.flush()
         self.dead = True
-        raise MetadataOverlap(self.path, offset, f"{site} write", offset, rule)
 
     def _file_flush(self) -> None:
         # Like the block layer's flushed_gen: no host flush when nothing was written since the last.
@@ -242,6 +254,7 @@ class Qcow2Image(RefcountMixin):
         l1e = self.l1[l1_index]
         l2_off = l1e & spec.L1E_OFFSET_MASK
         if l2_off and not self.geo.is_aligned(l2_off):
+            self._corruption_event(f"L2 table offset {_c_hex(l2_off)} unaligned (L1 index: {_c_hex(l1_index)})")
             raise CorruptImage(self.path, self.hdr.l1_table_offset + 8 * l1_index, f"L1[{l1_index}]", l1e,
                                f"L2 table offset {l2_off:#x} not aligned to cluster size {self.geo.cluster_size:#x}")
         return l2_off
@@ -258,6 +271,8 @@ class Qcow2Image(RefcountMixin):
             raise UnsupportedFeature(self.path, l2_off + 8 * idx, f"L2 entry {idx}", ["compressed clusters"])
         host = entry & spec.L2E_OFFSET_MASK
         if host and not self.geo.is_aligned(host):
+            self._corruption_event(f"Cluster allocation offset {_c_hex(host)} unaligned (L2 offset: {_c_hex(l2_off)}, "
+                                   f"L2 index: {_c_hex(idx)})")
             raise CorruptImage(self.path, l2_off + 8 * idx, f"L2 entry {idx}", entry,
                                f"data cluster offset {host:#x} not aligned to cluster size {self.geo.cluster_size:#x}")
         return entry, ctype, host
@@ -474,6 +489,11 @@ class Qcow2Image(RefcountMixin):
     @property
     def size(self) -> int:
         return self.hdr.size
+
+
+def _c_hex(value: int) -> str:
+    """C's %#x, as QEMU's messages print it: 0 is "0", not "0x0"."""
+    return f"{value:#x}" if value else "0"
 
 
 def _unpack_u64s(raw: bytes) -> list[int]:
