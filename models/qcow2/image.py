@@ -27,7 +27,7 @@ from models.blockio import BlockFile, CacheMode, WriteSite, read_exact
 from models.qcow2 import inject, spec
 from models.qcow2.cache import TableCache
 from models.qcow2.entries import ClusterType, get_entry, l2_cluster_type, set_entry
-from models.qcow2.errors import (CorruptImage, ImageDead, ImageNotWritable, InvalidImage, InvalidRequest, MetadataOverlap,
+from models.qcow2.errors import (CorruptImage, HostIOError, ImageDead, ImageNotWritable, InvalidImage, InvalidRequest, MetadataOverlap,
                                  RepairFailed, UnsupportedFeature)
 from models.qcow2.geometry import Geometry
 from models.qcow2.header import ParsedHeader, cluster0_bytes, read_header
@@ -154,7 +154,11 @@ class Qcow2Image(RefcountMixin):
         hit = self.overlap.check(offset, len(data), site)
         if hit is not None:
             self._signal_corruption(offset, site, hit)
-        self.file.pwrite(offset, data, site)
+        try:
+            self.file.pwrite(offset, data, site)
+        except HostIOError:
+            if not _swallowed(site):
+                raise
         self._unflushed = True
         self.overlap.after_write(site)
 
@@ -229,6 +233,14 @@ class Qcow2Image(RefcountMixin):
             self._write_caches(force_refcounts=True)
             self._file_flush()
             return
+        if inject.on("eio-dirty-cleared-after-failed-flush"):
+            try:
+                self._write_caches(force_refcounts=True)
+                self._file_flush()
+            except HostIOError:
+                # The bug: the failure is forgotten (the tables count as written) and the bit cleared below.
+                self.l2cache.dirty.clear()
+                self.refcache.dirty.clear()
         if inject.on("dirty-cleared-early"):
             self.hdr.incompatible_features &= ~int(spec.IncompatFeature.DIRTY)
             self._update_header()
@@ -332,8 +344,13 @@ class Qcow2Image(RefcountMixin):
         self._pwrite(new_off, bytes(table), WriteSite.L2_ALLOC)
         if not inject.on("l2-alloc-no-flush"):
             self._file_flush()
-        self.l1[l1_index] = new_off | spec.QCOW_OFLAG_COPIED
-        self._pwrite(self.hdr.l1_table_offset + 8 * l1_index, self.l1[l1_index].to_bytes(8, "big"), WriteSite.L1)
+        # As QEMU's l2_allocate: the in-memory L1 changes only once the entry is on disk, so a
+        # failed write leaves the old mapping (and later writes cannot hide behind a new L2
+        # table that nothing on disk points at).
+        entry = new_off | spec.QCOW_OFLAG_COPIED
+        self._pwrite(self.hdr.l1_table_offset + 8 * l1_index, entry.to_bytes(8, "big"), WriteSite.L1)
+        self.l1[l1_index] = entry
+        self.overlap.invalidate()
         self._file_flush()
         if old is not None:
             self.free_cluster(l2_off)
@@ -489,6 +506,15 @@ class Qcow2Image(RefcountMixin):
     @property
     def size(self) -> int:
         return self.hdr.size
+
+
+def _swallowed(site: WriteSite) -> bool:
+    """Injected error-handling bugs: a host write error forgotten, so the caller believes the write happened."""
+    if site is WriteSite.DATA:
+        return inject.on("eio-write-swallowed")
+    if site in (WriteSite.L2, WriteSite.REFBLOCK):
+        return inject.on("eio-metadata-writeback-swallowed")
+    return False
 
 
 def _c_hex(value: int) -> str:
