@@ -27,11 +27,12 @@ from models.blockio import BlockFile, CacheMode, WriteSite, read_exact
 from models.qcow2 import inject, spec
 from models.qcow2.cache import TableCache
 from models.qcow2.entries import ClusterType, get_entry, l2_cluster_type, set_entry
-from models.qcow2.errors import (CorruptImage, HostIOError, ImageDead, ImageNotWritable, InvalidImage, InvalidRequest, MetadataOverlap,
+from models.qcow2.errors import (CorruptImage, HostIOError, ImageDead, ImageNotWritable, InvalidRequest, MetadataOverlap,
                                  RepairFailed, UnsupportedFeature)
 from models.qcow2.geometry import Geometry
 from models.qcow2.header import ParsedHeader, cluster0_bytes, read_header
-from models.qcow2.overlap import OL_NAMES, OverlapGuard
+from models.qcow2.overlap import OL_NAMES, OverlapGuard, c_hex as _c_hex, corruption_event
+from models.qcow2.overlap import forget_failed_writeback, swallowed as _swallowed
 from models.qcow2.refcount import RefcountMixin
 from models.qcow2.structs import FIELD_OFFSET, Header
 
@@ -157,7 +158,7 @@ class Qcow2Image(RefcountMixin):
         try:
             self.file.pwrite(offset, data, site)
         except HostIOError:
-            if not _swallowed(site):
+            if not _swallowed(site):  # injected error-handling bugs only
                 raise
         self._unflushed = True
         self.overlap.after_write(site)
@@ -165,29 +166,8 @@ class Qcow2Image(RefcountMixin):
     def _signal_corruption(self, offset: int, site: WriteSite, hit: str) -> None:
         """A write would land on metadata: a fatal corruption event, and the request fails (EIO)."""
         rule = f"Preventing invalid write on metadata (overlaps with {OL_NAMES[hit]})"
-        self._corruption_event(rule)
+        corruption_event(self, rule)
         raise MetadataOverlap(self.path, offset, f"{site} write", offset, rule)
-
-    def _corruption_event(self, rule: str) -> None:
-        """qcow2_signal_corruption: fatal on a writable image (log, corrupt bit by a header rewrite, stop); else logged once."""
-        if self.readonly:
-            if not self._corruption_logged:
-                self.log(f"qcow2: Image is corrupt: {rule}; further non-fatal corruption events will be suppressed")
-                self._corruption_logged = True
-            return
-        if self.dead:
-            return
-        self.log(f"qcow2: Marking image as corrupt: {rule}; further corruption events will be suppressed")
-        self.hdr.incompatible_features |= int(spec.IncompatFeature.CORRUPT)
-        try:
-            cluster0 = cluster0_bytes(self.hdr, self.extensions)
-        except InvalidImage:  # the header no longer fits cluster 0: QEMU's rewrite fails too
-            cluster0 = None
-        if cluster0 is not None:
-            # qcow2_mark_corrupt rewrites the header (a v2 header cannot hold the bit).
-            self.file.pwrite(0, cluster0, WriteSite.HEADER)
-            self.file.flush()
-        self.dead = True
 
     def _file_flush(self) -> None:
         # Like the block layer's flushed_gen: no host flush when nothing was written since the last.
@@ -234,13 +214,7 @@ class Qcow2Image(RefcountMixin):
             self._file_flush()
             return
         if inject.on("eio-dirty-cleared-after-failed-flush"):
-            try:
-                self._write_caches(force_refcounts=True)
-                self._file_flush()
-            except HostIOError:
-                # The bug: the failure is forgotten (the tables count as written) and the bit cleared below.
-                self.l2cache.dirty.clear()
-                self.refcache.dirty.clear()
+            forget_failed_writeback(self)
         if inject.on("dirty-cleared-early"):
             self.hdr.incompatible_features &= ~int(spec.IncompatFeature.DIRTY)
             self._update_header()
@@ -266,7 +240,7 @@ class Qcow2Image(RefcountMixin):
         l1e = self.l1[l1_index]
         l2_off = l1e & spec.L1E_OFFSET_MASK
         if l2_off and not self.geo.is_aligned(l2_off):
-            self._corruption_event(f"L2 table offset {_c_hex(l2_off)} unaligned (L1 index: {_c_hex(l1_index)})")
+            corruption_event(self, f"L2 table offset {_c_hex(l2_off)} unaligned (L1 index: {_c_hex(l1_index)})")
             raise CorruptImage(self.path, self.hdr.l1_table_offset + 8 * l1_index, f"L1[{l1_index}]", l1e,
                                f"L2 table offset {l2_off:#x} not aligned to cluster size {self.geo.cluster_size:#x}")
         return l2_off
@@ -283,7 +257,7 @@ class Qcow2Image(RefcountMixin):
             raise UnsupportedFeature(self.path, l2_off + 8 * idx, f"L2 entry {idx}", ["compressed clusters"])
         host = entry & spec.L2E_OFFSET_MASK
         if host and not self.geo.is_aligned(host):
-            self._corruption_event(f"Cluster allocation offset {_c_hex(host)} unaligned (L2 offset: {_c_hex(l2_off)}, "
+            corruption_event(self, f"Cluster allocation offset {_c_hex(host)} unaligned (L2 offset: {_c_hex(l2_off)}, "
                                    f"L2 index: {_c_hex(idx)})")
             raise CorruptImage(self.path, l2_off + 8 * idx, f"L2 entry {idx}", entry,
                                f"data cluster offset {host:#x} not aligned to cluster size {self.geo.cluster_size:#x}")
@@ -344,9 +318,7 @@ class Qcow2Image(RefcountMixin):
         self._pwrite(new_off, bytes(table), WriteSite.L2_ALLOC)
         if not inject.on("l2-alloc-no-flush"):
             self._file_flush()
-        # As QEMU's l2_allocate: the in-memory L1 changes only once the entry is on disk, so a
-        # failed write leaves the old mapping (and later writes cannot hide behind a new L2
-        # table that nothing on disk points at).
+        # As QEMU's l2_allocate: the in-memory L1 changes only once the entry is on disk (a failed write keeps the old).
         entry = new_off | spec.QCOW_OFLAG_COPIED
         self._pwrite(self.hdr.l1_table_offset + 8 * l1_index, entry.to_bytes(8, "big"), WriteSite.L1)
         self.l1[l1_index] = entry
@@ -506,20 +478,6 @@ class Qcow2Image(RefcountMixin):
     @property
     def size(self) -> int:
         return self.hdr.size
-
-
-def _swallowed(site: WriteSite) -> bool:
-    """Injected error-handling bugs: a host write error forgotten, so the caller believes the write happened."""
-    if site is WriteSite.DATA:
-        return inject.on("eio-write-swallowed")
-    if site in (WriteSite.L2, WriteSite.REFBLOCK):
-        return inject.on("eio-metadata-writeback-swallowed")
-    return False
-
-
-def _c_hex(value: int) -> str:
-    """C's %#x, as QEMU's messages print it: 0 is "0", not "0x0"."""
-    return f"{value:#x}" if value else "0"
 
 
 def _unpack_u64s(raw: bytes) -> list[int]:
