@@ -31,8 +31,7 @@ from models.qcow2.errors import (CorruptImage, HostIOError, ImageDead, ImageNotW
                                  RepairFailed, UnsupportedFeature)
 from models.qcow2.geometry import Geometry
 from models.qcow2.header import ParsedHeader, cluster0_bytes, read_header
-from models.qcow2.overlap import OL_NAMES, OverlapGuard, c_hex as _c_hex, corruption_event
-from models.qcow2.overlap import forget_failed_writeback, swallowed as _swallowed
+from models.qcow2.overlap import OL_NAMES, OverlapGuard, c_hex, corruption_event, forget_failed_writeback, swallowed
 from models.qcow2.refcount import RefcountMixin
 from models.qcow2.structs import FIELD_OFFSET, Header
 
@@ -158,7 +157,7 @@ class Qcow2Image(RefcountMixin):
         try:
             self.file.pwrite(offset, data, site)
         except HostIOError:
-            if not _swallowed(site):  # injected error-handling bugs only
+            if not swallowed(site):  # injected error-handling bugs only
                 raise
         self._unflushed = True
         self.overlap.after_write(site)
@@ -240,7 +239,7 @@ class Qcow2Image(RefcountMixin):
         l1e = self.l1[l1_index]
         l2_off = l1e & spec.L1E_OFFSET_MASK
         if l2_off and not self.geo.is_aligned(l2_off):
-            corruption_event(self, f"L2 table offset {_c_hex(l2_off)} unaligned (L1 index: {_c_hex(l1_index)})")
+            corruption_event(self, f"L2 table offset {c_hex(l2_off)} unaligned (L1 index: {c_hex(l1_index)})")
             raise CorruptImage(self.path, self.hdr.l1_table_offset + 8 * l1_index, f"L1[{l1_index}]", l1e,
                                f"L2 table offset {l2_off:#x} not aligned to cluster size {self.geo.cluster_size:#x}")
         return l2_off
@@ -257,8 +256,8 @@ class Qcow2Image(RefcountMixin):
             raise UnsupportedFeature(self.path, l2_off + 8 * idx, f"L2 entry {idx}", ["compressed clusters"])
         host = entry & spec.L2E_OFFSET_MASK
         if host and not self.geo.is_aligned(host):
-            corruption_event(self, f"Cluster allocation offset {_c_hex(host)} unaligned (L2 offset: {_c_hex(l2_off)}, "
-                                   f"L2 index: {_c_hex(idx)})")
+            corruption_event(self, f"Cluster allocation offset {c_hex(host)} unaligned (L2 offset: {c_hex(l2_off)}, "
+                                   f"L2 index: {c_hex(idx)})")
             raise CorruptImage(self.path, l2_off + 8 * idx, f"L2 entry {idx}", entry,
                                f"data cluster offset {host:#x} not aligned to cluster size {self.geo.cluster_size:#x}")
         return entry, ctype, host
