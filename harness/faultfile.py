@@ -43,12 +43,14 @@ SQLite's `test6.c` from its write list.
 from __future__ import annotations
 
 import enum
+import errno
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from models.blockio import SECTOR, BlockFile, WriteSite
 
-__all__ = ["HostOpKind", "HostOp", "WriteLog", "FaultInjectingFile", "sector_pieces"]
+__all__ = ["HostOpKind", "HostOp", "WriteLog", "FaultInjectingFile", "sector_pieces", "ErrorKind", "ErrorPoint",
+           "ErrorPlan"]
 # The unit of tearing (device model rule 3) is models.blockio.SECTOR: the host file's absolute 512-byte sectors.
 
 
@@ -175,6 +177,55 @@ class WriteLog:
         return tuple(sites)
 
 
+class ErrorKind(enum.StrEnum):
+    """How a host operation fails (device model, I/O errors): EIO, ENOSPC on growth, or a short write."""
+
+    EIO = "eio"  # the operation fails with nothing done
+    ENOSPC = "enospc"  # a write or truncate that grows the file fails with nothing done
+    SHORT = "short"  # a write lands only its first sectors, then fails with EIO
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorPoint:
+    """Fail the `ordinal`-th host operation of kind `op` ("read", "write", "flush", "truncate"), counted from 0."""
+
+    op: str
+    ordinal: int
+    kind: ErrorKind = ErrorKind.EIO
+
+    def __str__(self) -> str:
+        return f"{self.kind}@{self.op}#{self.ordinal}"
+
+
+@dataclass
+class ErrorPlan:
+    """Seeded error points for one run; each point fires once. `sticky`: after the first error every later op fails too (a dead disk)."""
+
+    points: tuple[ErrorPoint, ...] = ()
+    sticky: bool = False
+    counts: dict[str, int] = field(default_factory=lambda: {"read": 0, "write": 0, "flush": 0, "truncate": 0})
+    fired: list[ErrorPoint] = field(default_factory=list)
+
+    def next(self, op: str, grows: bool) -> ErrorPoint | None:
+        """Count one operation of kind `op`; the error point that fails it, if any."""
+        n = self.counts[op]
+        self.counts[op] = n + 1
+        if self.sticky and self.fired:
+            return self.fired[0]
+        for p in self.points:
+            if p.op == op and p.ordinal == n and (p.kind is not ErrorKind.ENOSPC or grows):
+                self.fired.append(p)
+                return p
+        return None
+
+
+def _host_error(name: str, op: str, offset: int, length: int, point: ErrorPoint) -> Exception:
+    from models.qcow2.errors import HostIOError  # lazy: keeps this module importable on its own
+
+    err = errno.ENOSPC if point.kind is ErrorKind.ENOSPC else errno.EIO
+    return HostIOError(name, op, offset, length, err, f"injected: {point}")
+
+
 class FaultInjectingFile:
     """A `BlockFile` that passes every operation to `inner` and records it in `.log`.
 
@@ -186,18 +237,38 @@ class FaultInjectingFile:
     agrees on.
     """
 
-    def __init__(self, inner: BlockFile) -> None:
+    def __init__(self, inner: BlockFile, errors: ErrorPlan | None = None) -> None:
         self.inner = inner
         self.name = inner.name
         self._size = inner.size()
         self.log = WriteLog(inner.pread(0, self._size))
+        # I/O errors (device model, failing disk): an operation an ErrorPlan fails is not
+        # passed on and not recorded, except the sectors a short write did land.
+        self.errors = errors
 
     def pread(self, offset: int, length: int) -> bytes:
+        if self.errors is not None:
+            point = self.errors.next("read", False)
+            if point is not None:
+                raise _host_error(self.name, "read", offset, length, point)
         return self.inner.pread(offset, length)
+
+    def _planned(self, op: str, offset: int, length: int, grows: bool) -> ErrorPoint | None:
+        if self.errors is None:
+            return None
+        return self.errors.next(op, grows)
 
     def pwrite(self, offset: int, data: bytes, site: WriteSite = WriteSite.OTHER) -> None:
         if type(data) is not bytes:
             data = bytes(data)
+        point = self._planned("write", offset, len(data), offset + len(data) > self._size) if data else None
+        if point is not None:
+            if point.kind is ErrorKind.SHORT and len(data) > SECTOR:
+                # The first whole sectors (at least one piece) land; the rest do not.
+                pieces = sector_pieces(offset, len(data))
+                keep = pieces[max(0, len(pieces) // 2 - 1)][1] - offset
+                self.pwrite(offset, data[:keep], site)
+            raise _host_error(self.name, "write", offset, len(data), point)
         if data:
             self.inner.pwrite(offset, data, site)
             self._size = max(self._size, offset + len(data))
@@ -208,10 +279,16 @@ class FaultInjectingFile:
         self.log.append(HostOpKind.WRITE, offset, data, WriteSite(site), self._size)
 
     def flush(self) -> None:
+        point = self._planned("flush", 0, 0, False)
+        if point is not None:
+            raise _host_error(self.name, "flush", 0, 0, point)
         self.inner.flush()
         self.log.append(HostOpKind.FLUSH, 0, b"", WriteSite.OTHER, self._size)
 
     def truncate(self, size: int) -> None:
+        point = self._planned("truncate", size, 0, size > self._size)
+        if point is not None:
+            raise _host_error(self.name, "truncate", size, 0, point)
         self.inner.truncate(size)
         self._size = size
         self.log.append(HostOpKind.TRUNCATE, size, b"", WriteSite.OTHER, size)

@@ -134,15 +134,21 @@ def step_check(raw: bytes, name: str) -> str:
     return f"corruptions={result.corruptions} leaks={result.leaks} check_errors={result.check_errors}"
 
 
+def planned_writes(size: int, cs: int) -> list[tuple[int, int, int]]:
+    """The (offset, length, pattern) writes of the open-rw step: the first sector, and a cluster mid-disk."""
+    out = []
+    for off, length, byte in ((0, 512, 0x11), (size // 2 // cs * cs, cs, 0x22)):
+        length = min(length, size - off)
+        if length > 0:
+            out.append((off, length, byte))
+    return out
+
+
 def step_open_rw(raw: bytes, name: str, max_size: int) -> str:
     mem = MemoryFile(raw, name=name, max_size=max_size)
     img = Qcow2Image.open(mem)
     try:
-        size, cs = img.size, img.geo.cluster_size
-        for off, length, byte in ((0, 512, 0x11), (size // 2 // cs * cs, cs, 0x22)):
-            length = min(length, size - off)
-            if length <= 0:
-                continue
+        for off, length, byte in planned_writes(img.size, img.geo.cluster_size):
             data = bytes([byte]) * length
             img.write(off, data)
             back = img.read(off, length)

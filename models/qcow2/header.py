@@ -89,6 +89,9 @@ def read_header(file: BlockFile, *, writable: bool, check_mode: bool = False) ->
         limit = min(_MAX_BACKING_NAME, cs - hdr.backing_file_offset)
         if hdr.backing_file_size > limit:
             raise bad("backing_file_size", f"Backing file name too long (at most {limit} bytes here)")
+    if hdr.version >= 3 and hdr.autoclear_features & spec.AutoclearFeature.RAW_EXTERNAL and not (
+            hdr.incompatible_features & spec.IncompatFeature.EXTERNAL_DATA_FILE):
+        raise bad("autoclear_features", "data-file-raw requires a data file")
     _refuse_unimplemented(path, hdr, exts)
     return ParsedHeader(hdr, exts, names)
 
@@ -188,6 +191,8 @@ def _check_extension(path: str, hdr: Header, pos: int, ext_type: int, data: byte
     if ext_type == spec.EXT_BACKING_FORMAT and len(data) >= _BACKING_FORMAT_MAX:
         raise InvalidImage(path, pos, "backing format extension length", len(data),
                            f"ERROR: ext_backing_format: len={len(data)} too large (>={_BACKING_FORMAT_MAX})")
+    if ext_type == spec.EXT_BITMAPS:
+        _check_bitmaps_extension(path, hdr, pos, data)
     if ext_type == spec.EXT_CRYPTO:
         if len(data) != _CRYPTO_EXT_SIZE:
             raise InvalidImage(path, pos, "crypto header extension length", len(data),
@@ -195,6 +200,33 @@ def _check_extension(path: str, hdr: Header, pos: int, ext_type: int, data: byte
         if hdr.crypt_method != 2:
             raise InvalidImage(path, pos, "crypto header extension", hdr.crypt_method,
                                "CRYPTO header extension only expected with LUKS encryption method")
+
+
+_MAX_BITMAPS = 65535
+_MAX_BITMAP_DIRECTORY_SIZE = 1024 * _MAX_BITMAPS
+
+
+def _check_bitmaps_extension(path: str, hdr: Header, pos: int, data: bytes) -> None:
+    """qcow2_read_extensions on the bitmaps extension: its length always, its fields only with autoclear bit 0."""
+    if len(data) != 24:
+        raise InvalidImage(path, pos, "bitmaps extension length", len(data), "bitmaps_ext: Invalid extension length")
+    if not hdr.autoclear_features & spec.AutoclearFeature.BITMAPS:
+        return  # QEMU warns that the bitmaps are inconsistent and goes on
+    nb, reserved, dir_size, dir_offset = struct.unpack(">IIQQ", data)
+    cs = 1 << hdr.cluster_bits
+    if reserved:
+        raise InvalidImage(path, pos + 12, "bitmaps extension reserved", reserved, "bitmaps_ext: Reserved field is not zero")
+    if nb > _MAX_BITMAPS:
+        raise InvalidImage(path, pos + 8, "nb_bitmaps", nb,
+                           f"bitmaps_ext: Image has {nb} bitmaps, exceeding the QEMU supported maximum of {_MAX_BITMAPS}")
+    if nb == 0:
+        raise InvalidImage(path, pos + 8, "nb_bitmaps", nb, "found bitmaps extension with zero bitmaps")
+    if dir_offset % cs:
+        raise InvalidImage(path, pos + 24, "bitmap_directory_offset", dir_offset, "bitmaps_ext: invalid bitmap directory offset")
+    if dir_size > _MAX_BITMAP_DIRECTORY_SIZE:
+        raise InvalidImage(path, pos + 16, "bitmap_directory_size", dir_size,
+                           f"bitmaps_ext: bitmap directory size ({dir_size}) exceeds the maximum supported size "
+                           f"({_MAX_BITMAP_DIRECTORY_SIZE})")
 
 
 def cluster0_bytes(hdr: Header, extensions: list[HeaderExtension]) -> bytes:

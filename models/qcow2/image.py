@@ -27,11 +27,11 @@ from models.blockio import BlockFile, CacheMode, WriteSite, read_exact
 from models.qcow2 import inject, spec
 from models.qcow2.cache import TableCache
 from models.qcow2.entries import ClusterType, get_entry, l2_cluster_type, set_entry
-from models.qcow2.errors import (CorruptImage, ImageDead, ImageNotWritable, InvalidImage, InvalidRequest, MetadataOverlap,
+from models.qcow2.errors import (CorruptImage, HostIOError, ImageDead, ImageNotWritable, InvalidRequest, MetadataOverlap,
                                  RepairFailed, UnsupportedFeature)
 from models.qcow2.geometry import Geometry
 from models.qcow2.header import ParsedHeader, cluster0_bytes, read_header
-from models.qcow2.overlap import OL_NAMES, OverlapGuard
+from models.qcow2.overlap import OL_NAMES, OverlapGuard, c_hex, corruption_event, forget_failed_writeback, swallowed
 from models.qcow2.refcount import RefcountMixin
 from models.qcow2.structs import FIELD_OFFSET, Header
 
@@ -57,6 +57,7 @@ class Qcow2Image(RefcountMixin):
         self.log = log or (lambda _msg: None)
         self.closed = False
         self.dead = False  # QEMU's bs->drv = NULL after a fatal corruption event
+        self._corruption_logged = False
         self._unflushed = False
         self.free_cluster_index = 0
         self._recently_freed: set[int] = set()
@@ -153,24 +154,18 @@ class Qcow2Image(RefcountMixin):
         hit = self.overlap.check(offset, len(data), site)
         if hit is not None:
             self._signal_corruption(offset, site, hit)
-        self.file.pwrite(offset, data, site)
+        try:
+            self.file.pwrite(offset, data, site)
+        except HostIOError:
+            if not swallowed(site):  # injected error-handling bugs only
+                raise
         self._unflushed = True
         self.overlap.after_write(site)
 
     def _signal_corruption(self, offset: int, site: WriteSite, hit: str) -> None:
-        """qcow2_signal_corruption(fatal): log, set the corrupt bit on disk, stop the image, fail the request (EIO)."""
+        """A write would land on metadata: a fatal corruption event, and the request fails (EIO)."""
         rule = f"Preventing invalid write on metadata (overlaps with {OL_NAMES[hit]})"
-        self.log(f"qcow2: Marking image as corrupt: {rule}; further corruption events will be suppressed")
-        self.hdr.incompatible_features |= int(spec.IncompatFeature.CORRUPT)
-        try:
-            cluster0 = cluster0_bytes(self.hdr, self.extensions)
-        except InvalidImage:  # the header no longer fits cluster 0: QEMU's rewrite fails too
-            cluster0 = None
-        if cluster0 is not None:
-            # qcow2_mark_corrupt rewrites the header (a v2 header cannot hold the bit).
-            self.file.pwrite(0, cluster0, WriteSite.HEADER)
-            self.file.flush()
-        self.dead = True
+        corruption_event(self, rule)
         raise MetadataOverlap(self.path, offset, f"{site} write", offset, rule)
 
     def _file_flush(self) -> None:
@@ -217,6 +212,8 @@ class Qcow2Image(RefcountMixin):
             self._write_caches(force_refcounts=True)
             self._file_flush()
             return
+        if inject.on("eio-dirty-cleared-after-failed-flush"):
+            forget_failed_writeback(self)
         if inject.on("dirty-cleared-early"):
             self.hdr.incompatible_features &= ~int(spec.IncompatFeature.DIRTY)
             self._update_header()
@@ -242,6 +239,7 @@ class Qcow2Image(RefcountMixin):
         l1e = self.l1[l1_index]
         l2_off = l1e & spec.L1E_OFFSET_MASK
         if l2_off and not self.geo.is_aligned(l2_off):
+            corruption_event(self, f"L2 table offset {c_hex(l2_off)} unaligned (L1 index: {c_hex(l1_index)})")
             raise CorruptImage(self.path, self.hdr.l1_table_offset + 8 * l1_index, f"L1[{l1_index}]", l1e,
                                f"L2 table offset {l2_off:#x} not aligned to cluster size {self.geo.cluster_size:#x}")
         return l2_off
@@ -258,6 +256,8 @@ class Qcow2Image(RefcountMixin):
             raise UnsupportedFeature(self.path, l2_off + 8 * idx, f"L2 entry {idx}", ["compressed clusters"])
         host = entry & spec.L2E_OFFSET_MASK
         if host and not self.geo.is_aligned(host):
+            corruption_event(self, f"Cluster allocation offset {c_hex(host)} unaligned (L2 offset: {c_hex(l2_off)}, "
+                                   f"L2 index: {c_hex(idx)})")
             raise CorruptImage(self.path, l2_off + 8 * idx, f"L2 entry {idx}", entry,
                                f"data cluster offset {host:#x} not aligned to cluster size {self.geo.cluster_size:#x}")
         return entry, ctype, host
@@ -317,8 +317,11 @@ class Qcow2Image(RefcountMixin):
         self._pwrite(new_off, bytes(table), WriteSite.L2_ALLOC)
         if not inject.on("l2-alloc-no-flush"):
             self._file_flush()
-        self.l1[l1_index] = new_off | spec.QCOW_OFLAG_COPIED
-        self._pwrite(self.hdr.l1_table_offset + 8 * l1_index, self.l1[l1_index].to_bytes(8, "big"), WriteSite.L1)
+        # As QEMU's l2_allocate: the in-memory L1 changes only once the entry is on disk (a failed write keeps the old).
+        entry = new_off | spec.QCOW_OFLAG_COPIED
+        self._pwrite(self.hdr.l1_table_offset + 8 * l1_index, entry.to_bytes(8, "big"), WriteSite.L1)
+        self.l1[l1_index] = entry
+        self.overlap.invalidate()
         self._file_flush()
         if old is not None:
             self.free_cluster(l2_off)

@@ -32,15 +32,27 @@ BUGS: dict[str, str] = {
     "stale-l2-entry-read": "reads trust the stale host offset of an L2 entry whose zero flag is set",
 }
 
+# Bugs of error handling: only host I/O errors reveal them, so the crash runner cannot;
+# harness/errorsweep.py sweeps error points and finds them (kept apart from BUGS until the
+# runner sweeps error points too).
+ERROR_BUGS: dict[str, str] = {
+    "eio-write-swallowed": "an EIO/ENOSPC on a guest data write is swallowed, so the write is reported done",
+    "eio-metadata-writeback-swallowed": "a failed L2/refcount-block write-back is swallowed and the table counted "
+                                        "as written (fsync-gate: the update is never retried)",
+    "eio-dirty-cleared-after-failed-flush": "close clears the dirty bit although writing the refcount blocks or the "
+                                            "flush before it failed",
+}
+
 _ACTIVE: frozenset[str] = frozenset()
 
 
 def _parse(spec: str) -> frozenset[str]:
     names = frozenset(n.strip() for n in spec.split(",") if n.strip())
-    unknown = sorted(names - BUGS.keys())
+    known = BUGS.keys() | ERROR_BUGS.keys()
+    unknown = sorted(names - known)
     if unknown:
         raise ValueError(
-            f"QCRASH_INJECT: unknown bug name(s) {', '.join(unknown)}; known: {', '.join(sorted(BUGS))}"
+            f"QCRASH_INJECT: unknown bug name(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"
         )
     return names
 

@@ -1,4 +1,4 @@
-"""QEMU's metadata overlap protection for the image's writes (qcow2_check_metadata_overlap, the "cached" template).
+"""QEMU's metadata overlap protection (qcow2_check_metadata_overlap, the "cached" template) and its fatal corruption events.
 
 Before a host write lands, its range (rounded out to whole clusters) is compared with the
 active metadata: the header (cluster 0), the L1 table, the refcount table, every L2 table
@@ -19,7 +19,9 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from models.blockio import WriteSite
-from models.qcow2 import spec
+from models.qcow2 import inject, spec
+from models.qcow2.errors import InvalidImage
+from models.qcow2.header import cluster0_bytes
 
 if TYPE_CHECKING:
     from models.qcow2.image import Qcow2Image
@@ -96,3 +98,52 @@ class OverlapGuard:
 
 def _hits(first: int, last: int, start: int, length: int, bits: int) -> bool:
     return first <= (start + length - 1) >> bits and start >> bits <= last
+
+
+def corruption_event(img: "Qcow2Image", rule: str) -> None:
+    """qcow2_signal_corruption: fatal on a writable image (log, corrupt bit by a header rewrite, stop); else logged once."""
+    if img.readonly:
+        if not img._corruption_logged:
+            img.log(f"qcow2: Image is corrupt: {rule}; further non-fatal corruption events will be suppressed")
+            img._corruption_logged = True
+        return
+    if img.dead:
+        return
+    img.log(f"qcow2: Marking image as corrupt: {rule}; further corruption events will be suppressed")
+    img.hdr.incompatible_features |= int(spec.IncompatFeature.CORRUPT)
+    try:
+        cluster0 = cluster0_bytes(img.hdr, img.extensions)
+    except InvalidImage:  # the header no longer fits cluster 0: QEMU's rewrite fails too
+        cluster0 = None
+    if cluster0 is not None:
+        # qcow2_mark_corrupt rewrites the header (a v2 header cannot hold the bit); not through
+        # the image's _pwrite, which a dead image refuses.
+        img.file.pwrite(0, cluster0, WriteSite.HEADER)
+        img.file.flush()
+    img.dead = True
+
+
+def swallowed(site: WriteSite) -> bool:
+    """Injected error-handling bugs: a host write error forgotten, so the caller believes the write happened."""
+    if site is WriteSite.DATA:
+        return inject.on("eio-write-swallowed")
+    if site in (WriteSite.L2, WriteSite.REFBLOCK):
+        return inject.on("eio-metadata-writeback-swallowed")
+    return False
+
+
+def forget_failed_writeback(img: "Qcow2Image") -> None:
+    """Injected bug eio-dirty-cleared-after-failed-flush: a failed write-back is forgotten (tables count as written)."""
+    from models.qcow2.errors import HostIOError
+
+    try:
+        img._write_caches(force_refcounts=True)
+        img._file_flush()
+    except HostIOError:
+        img.l2cache.dirty.clear()
+        img.refcache.dirty.clear()
+
+
+def c_hex(value: int) -> str:
+    """C's %#x, as QEMU's messages print it: 0 is "0", not "0x0"."""
+    return f"{value:#x}" if value else "0"
