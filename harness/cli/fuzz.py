@@ -11,6 +11,8 @@ from harness.cli import UsageError
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from harness import profiles
+
     p = sub.add_parser("fuzz", help="run seeded crash-consistency examples (the main job)")
     budget = p.add_mutually_exclusive_group()
     budget.add_argument("--time", help="time budget, e.g. 90s, 10m, 1h")
@@ -18,7 +20,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=None, help="run seed (default: random, printed and recorded)")
     p.add_argument("--jobs", default="1", help="worker processes, or 'auto' for every core")
     p.add_argument("--shard", default="0/1", help="I/N: take examples I, I+N, ... of the seed space")
-    p.add_argument("--profile", choices=("dev", "ci", "nightly"), default=None,
+    p.add_argument("--profile", choices=profiles.NAMES, default=None,
                    help="sequence length and sweep depth (default: ci when CI=true, else dev)")
     p.add_argument("--config", default="", help="pin configuration keys: K=V,... (version, cluster_size, "
                    "refcount_bits, lazy_refcounts, cache_mode, virtual_size)")
@@ -79,6 +81,7 @@ def _parse_overrides(text: str) -> dict[str, str]:
 
 
 def cmd_fuzz(args: argparse.Namespace) -> int:
+    from harness import profiles
     from harness.fuzz import engine as fz
     from harness.fuzz import report as rp
     from harness.config import ConfigError, draw_config
@@ -86,7 +89,7 @@ def cmd_fuzz(args: argparse.Namespace) -> int:
     from models.qcow2 import inject
 
     seed = args.seed if args.seed is not None else int.from_bytes(os.urandom(4), "big")
-    profile = args.profile or ("ci" if os.environ.get("CI", "").lower() in ("1", "true", "yes") else "dev")
+    profile = args.profile or profiles.default_name()
     jobs = fz.default_jobs() if args.jobs == "auto" else _int_arg("--jobs", args.jobs, 1)
     seconds = parse_duration(args.time) if args.time else None
     examples = args.examples if args.examples is not None else (None if seconds else 24)
@@ -96,7 +99,7 @@ def cmd_fuzz(args: argparse.Namespace) -> int:
     try:
         import random
 
-        fz._override(draw_config(random.Random(0)), overrides, random.Random(0))  # validate early
+        draw_config(random.Random(0)).pinned(overrides)  # validate early
     except ConfigError as exc:
         raise UsageError(str(exc)) from None
     shard = _parse_shard(args.shard)

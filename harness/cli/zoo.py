@@ -9,12 +9,14 @@ from harness.cli import UsageError
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from harness import profiles
+
     p = sub.add_parser("zoo", help="fuzz against each injected bug; table of time to detection")
     p.add_argument("--budget", default="60s", help="time per bug (default 60s)")
     p.add_argument("--bugs", default="", help="comma-separated bug names (default: all)")
     p.add_argument("--jobs", default="1", help="bugs hunted in parallel, or 'auto'")
     p.add_argument("--seed", type=int, default=1)
-    p.add_argument("--profile", choices=("dev", "ci", "nightly"), default="dev")
+    p.add_argument("--profile", choices=profiles.NAMES, default="dev")
     p.add_argument("--list", action="store_true", help="print the bug names and what each stands for")
     p.add_argument("--out", default=None, help="report directory (default reports/zoo-<UTC time>)")
     p.set_defaults(func=cmd_zoo)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from harness.config import Config
-from harness.fuzz.engine import example_seed, generate, run_example
+from harness.fuzz.engine import example_seed, run_example
+from harness.generate import generate
 from harness.ops import Crash, Flush, Read, Reopen, Write, WriteZeroes, Discard, OpError
 from harness.oracle import Verdict, digest
 from harness.runner import Budget, Runner
