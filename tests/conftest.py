@@ -3,13 +3,28 @@
 from __future__ import annotations
 
 import shutil
+from collections.abc import Callable, Iterator
 
 import pytest
 
 from harness import profiles
+from models.qcow2 import inject
 
 # QCRASH_PROFILE names the profile; otherwise CI=true loads `ci` and anything else `dev`.
 profiles.load_hypothesis()
+
+
+@pytest.fixture(autouse=True)
+def injected() -> Iterator[Callable[..., None]]:
+    """Injected bugs for one test: none at the start (whatever QCRASH_INJECT says), none after it.
+
+    A test that wants bugs asks for this fixture and calls it: `injected("dirty-no-flush")`.
+    In-process fuzzing (jobs=1) switches the example's bugs on in this process too; this
+    resets them however the test ends.
+    """
+    inject.set_active([])
+    yield lambda *names: inject.set_active(list(names))
+    inject.set_active([])
 
 
 def qemu_available() -> bool:

@@ -14,7 +14,7 @@ from models.blockio import MemoryFile
 from models.qcow2.image import Qcow2Image
 from tests.conftest import requires_qemu
 
-pytestmark = [pytest.mark.qemu, requires_qemu]
+pytestmark = [pytest.mark.qemu, pytest.mark.slow, requires_qemu]
 
 KiB, MiB = 1 << 10, 1 << 20
 CACHE_MODES = ["writeback", "writethrough", "directsync"]
