@@ -74,6 +74,19 @@ class Config:
             data[key] = parse_value(key, raw)
         return Config(**data)
 
+    def pinned(self, overrides: dict[str, str]) -> "Config":
+        """A drawn configuration with some axes pinned from the command line, kept valid around the pins.
+
+        Pinning version=2 forces 16-bit refcounts and no lazy refcounts unless those are pinned too.
+        """
+        data = self.with_overrides(overrides).to_dict()
+        if data["version"] == 2:
+            if "refcount_bits" not in overrides:
+                data["refcount_bits"] = 16
+            if "lazy_refcounts" not in overrides:
+                data["lazy_refcounts"] = False
+        return Config(**data)
+
 
 def parse_value(key: str, raw: str) -> object:
     if key == "lazy_refcounts":
@@ -97,7 +110,12 @@ def parse_bool(text: str, what: str) -> bool:
 
 
 def draw_config(rng: random.Random, fixed: dict[str, object] | None = None) -> Config:
-    """Draw a configuration, weighted toward small clusters (more metadata per byte of data)."""
+    """Draw a configuration, weighted toward small clusters (more metadata per byte of data).
+
+    The one configuration generator: `rng` is a random.Random (qcrash fuzz) or any source with
+    its methods (harness.generate.Choices, for the Hypothesis machine). Every axis can be pinned
+    with `fixed`; a pinned axis still consumes its draw, so pinning one axis leaves the others as drawn.
+    """
     fixed = fixed or {}
     version = fixed.get("version", rng.choice((2, 3, 3, 3)))
     # Large clusters cost far more per crash state (tables are a cluster each) and hold less

@@ -1,9 +1,8 @@
-"""Workload operations as small serialisable values whose repr is valid Python, and their random generation."""
+"""Workload operations as small serialisable values whose repr is valid Python (generation is harness.generate)."""
 
 from __future__ import annotations
 
 import dataclasses
-import random
 from typing import Union
 
 from harness import serial
@@ -116,117 +115,3 @@ def validate_op(op: Op, config: Config, where: str = "op") -> None:
                           f"must be non-empty and end within the virtual size {config.virtual_size}")
     if isinstance(op, Repair) and op.mode not in ("leaks", "all"):
         raise OpError(f"{where}: Repair.mode = {op.mode!r}: must be 'leaks' or 'all'")
-
-
-# subsets twice: it is the policy with the most distinct states. Garbage (harsh mode) is never drawn.
-CRASH_POLICY_MIX = (Policy.DROP_UNSYNCED, Policy.PREFIX, Policy.SUBSETS, Policy.SUBSETS, Policy.TORN, Policy.TRUNCATE)
-
-
-def interesting_offset(rng: random.Random, config: Config) -> int:
-    """Offsets weighted toward cluster, L2-table and refcount-block boundaries, where metadata changes."""
-    cs = config.cluster_size
-    size = config.virtual_size
-    l2_span = cs * (cs // 8)
-    pick = rng.random()
-    if pick < 0.35:
-        base = rng.randrange(0, size, cs)
-    elif pick < 0.5 and l2_span < size:
-        base = rng.randrange(0, size, l2_span)
-        base = max(0, base + rng.choice((-cs, 0, 0, cs)))
-    elif pick < 0.65:
-        base = rng.randrange(0, min(size, 16 * cs), cs)  # a hot region, so overwrites and reuse happen
-    else:
-        base = rng.randrange(0, size, SECTOR)
-    return min(base, size - SECTOR)
-
-
-def random_range(rng: random.Random, config: Config) -> tuple[int, int]:
-    offset = interesting_offset(rng, config)
-    cs = config.cluster_size
-    choice = rng.random()
-    if choice < 0.4:
-        length = cs
-    elif choice < 0.6:
-        length = SECTOR * rng.randint(1, 8)
-    elif choice < 0.8:
-        length = cs * rng.randint(1, 3)
-    elif choice < 0.97:
-        length = SECTOR * rng.randint(1, max(1, 4 * cs // SECTOR))
-    else:
-        # Rarely a big write, so small clusters reach new refcount blocks and refcount-table growth.
-        length = SECTOR * rng.randint(256, 4096)
-    length = min(length, config.virtual_size - offset)
-    return offset, max(SECTOR, length // SECTOR * SECTOR)
-
-
-def _near(rng: random.Random, config: Config, recent: list[tuple[int, int]]) -> tuple[int, int]:
-    """A range over data written earlier, widened to whole clusters (so discards and zero writes bite)."""
-    cs = config.cluster_size
-    off, n = rng.choice(recent)
-    start = off - off % cs
-    end = min(config.virtual_size, -(-(off + n) // cs) * cs)
-    if rng.random() < 0.3:
-        return off, n
-    return start, max(SECTOR, end - start)
-
-
-def _fill_length(rng: random.Random, config: Config) -> int | None:
-    """A write long enough to need new refcount blocks, or to grow the refcount table, when the disk allows."""
-    cs = config.cluster_size
-    rbe = cs * 8 // config.refcount_bits
-    block_span = rbe * cs  # host bytes one refcount block covers
-    table_span = (cs // 8) * block_span  # host bytes a one-cluster refcount table covers
-    limit = min(config.virtual_size, 4 << 20)
-    choices = [n for n in (block_span + block_span // 2, table_span + 4 * cs, table_span + 4 * cs) if n <= limit]
-    if not choices:
-        return None
-    return rng.choice(choices) // SECTOR * SECTOR
-
-
-def random_op(rng: random.Random, config: Config, *, allow_crash: bool = True,
-              recent: list[tuple[int, int]] | None = None) -> Op:
-    recent = recent if recent is not None else []
-
-    def pick_range(reuse: float) -> tuple[int, int]:
-        if recent and rng.random() < reuse:
-            return _near(rng, config, recent)
-        return random_range(rng, config)
-
-    r = rng.random()
-    if r < 0.40:
-        off, n = pick_range(0.3)
-        recent.append((off, n))
-        return Write(off, n, rng.randrange(1 << 16))
-    if r < 0.48:
-        off, n = pick_range(0.6)
-        return WriteZeroes(off, n)
-    if r < 0.58:
-        off, n = pick_range(0.7)
-        return Discard(off, n)
-    if r < 0.68:
-        return Flush()
-    if r < 0.74:
-        off, n = pick_range(0.6)
-        return Read(off, n)
-    if r < 0.80:
-        lazy = rng.choice((None, True, False)) if config.version == 3 else None
-        return Reopen(lazy, rng.choice((None, "writeback", "writethrough", "directsync")))
-    if r < 0.83:
-        return Check()
-    if r < 0.85:
-        return Repair(rng.choice(("leaks", "all")))
-    if allow_crash:
-        return Crash(rng.randrange(-1, 64), rng.choice(CRASH_POLICY_MIX),
-                     rng.randrange(64))
-    return Flush()
-
-
-def random_ops(rng: random.Random, config: Config, n: int) -> list[Op]:
-    recent: list[tuple[int, int]] = []
-    ops = [random_op(rng, config, recent=recent) for _ in range(n)]
-    if rng.random() < 0.35:
-        # Sometimes one long write, so allocation reaches new refcount blocks and table growth.
-        length = _fill_length(rng, config)
-        if length:
-            ops.insert(rng.randrange(len(ops) + 1), Write(0, length, rng.randrange(1 << 16)))
-    return ops

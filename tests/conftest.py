@@ -1,64 +1,30 @@
-"""Shared pytest configuration: Hypothesis profiles and the QEMU availability gate."""
+"""Shared pytest configuration: the Hypothesis profiles (from harness.profiles), the QEMU availability gate and injected bugs."""
 
 from __future__ import annotations
 
-import os
 import shutil
+from collections.abc import Callable, Iterator
 
 import pytest
-from hypothesis import HealthCheck, settings
 
-def _database():
-    """The example database: QCRASH_HYPOTHESIS_DB (default .hypothesis/examples), plus, when
-    QCRASH_SHARED_DB names one, a shared database of known failures that shards read but never write."""
-    from hypothesis.database import DirectoryBasedExampleDatabase, MultiplexedDatabase, ReadOnlyDatabase
+from harness import profiles
+from models.qcow2 import inject
 
-    own = DirectoryBasedExampleDatabase(os.environ.get("QCRASH_HYPOTHESIS_DB", ".hypothesis/examples"))
-    shared = os.environ.get("QCRASH_SHARED_DB")
-    if shared:
-        return MultiplexedDatabase(own, ReadOnlyDatabase(DirectoryBasedExampleDatabase(shared)))
-    return own
+# QCRASH_PROFILE names the profile; otherwise CI=true loads `ci` and anything else `dev`.
+profiles.load_hypothesis()
 
 
-# Every profile names its parent explicitly, so `nightly` is never silently derandomized
-# by inheriting from `ci`.
-_default = settings.get_profile("default")
-settings.register_profile(
-    "dev",
-    parent=_default,
-    database=_database(),
-    max_examples=50,
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-)
-settings.register_profile(
-    "ci",
-    parent=_default,
-    max_examples=60,
-    deadline=None,
-    derandomize=True,
-    database=None,
-    print_blob=True,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-)
-settings.register_profile(
-    "nightly",
-    parent=_default,
-    database=_database(),
-    max_examples=2000,
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-)
+@pytest.fixture(autouse=True)
+def injected() -> Iterator[Callable[..., None]]:
+    """Injected bugs for one test: none at the start (whatever QCRASH_INJECT says), none after it.
 
-
-def _profile_name() -> str:
-    explicit = os.environ.get("QCRASH_PROFILE")
-    if explicit:
-        return explicit
-    return "ci" if os.environ.get("CI", "").lower() in ("1", "true", "yes") else "dev"
-
-
-settings.load_profile(_profile_name())
+    A test that wants bugs asks for this fixture and calls it: `injected("dirty-no-flush")`.
+    In-process fuzzing (jobs=1) switches the example's bugs on in this process too; this
+    resets them however the test ends.
+    """
+    inject.set_active([])
+    yield lambda *names: inject.set_active(list(names))
+    inject.set_active([])
 
 
 def qemu_available() -> bool:

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from harness.cli import EXIT_CODES, UsageError, common_options
+from harness import profiles
 from harness.cli.options import parse_bugs, parse_duration, parse_int, parse_overrides, parse_shard
 
 _RAW = argparse.RawDescriptionHelpFormatter
@@ -28,7 +29,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--shard", default="0/1", help="I/N: take examples I, I+N, ... of the seed space; 'auto' reads "
                    "GitLab's CI_NODE_INDEX/CI_NODE_TOTAL, CircleCI's or Buildkite's parallel-job variables; "
                    "'auto/N' reads a Kubernetes indexed Job's JOB_COMPLETION_INDEX")
-    p.add_argument("--profile", choices=("dev", "ci", "nightly"), default=None,
+    p.add_argument("--profile", choices=profiles.NAMES, default=None,
                    help="sequence length and sweep depth (default: ci when CI=true, else dev)")
     p.add_argument("--config", default="", help="pin configuration keys: K=V,... (version, cluster_size, "
                    "refcount_bits, lazy_refcounts, cache_mode, virtual_size)")
@@ -75,7 +76,7 @@ def _fuzz_options(args: argparse.Namespace):
     from models.qcow2 import inject
 
     seed = args.seed if args.seed is not None else int.from_bytes(os.urandom(4), "big")
-    profile = args.profile or ("ci" if os.environ.get("CI", "").lower() in ("1", "true", "yes") else "dev")
+    profile = args.profile or profiles.default_name()
     jobs = fz.default_jobs() if args.jobs == "auto" else parse_int("--jobs", args.jobs, 1, auto=True)
     seconds = parse_duration(args.time) if args.time else None
     examples = parse_int("--examples", args.examples, 1) if args.examples is not None else (None if seconds else 24)
@@ -86,7 +87,7 @@ def _fuzz_options(args: argparse.Namespace):
 
         from harness.config import draw_config
 
-        fz._override(draw_config(random.Random(0)), overrides, random.Random(0))  # validate early
+        draw_config(random.Random(0)).pinned(overrides)  # validate early
     except ConfigError as exc:
         raise UsageError(str(exc)) from None
     shard = parse_shard(args.shard)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from harness import profiles
 from harness.cli import EXIT_CODES, common_options
 from harness.cli.options import parse_bugs, parse_duration, parse_int
 
@@ -16,7 +17,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--bugs", default="", help="comma-separated bug names to hunt (default: all; --inject does the same)")
     p.add_argument("--jobs", default="1", help="bugs hunted in parallel, or 'auto'")
     p.add_argument("--seed", type=int, default=1, help="run seed (default 1)")
-    p.add_argument("--profile", choices=("dev", "ci", "nightly"), default="dev", help="sweep depth (default dev)")
+    p.add_argument("--profile", choices=profiles.NAMES, default="dev", help="sweep depth (default dev)")
     p.add_argument("--list", action="store_true", help="print the bug names and what each stands for")
     p.add_argument("--out", default=None, help="report directory (default reports/zoo-<UTC time>)")
     common_options(p)

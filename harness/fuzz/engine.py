@@ -6,8 +6,6 @@ import dataclasses
 import hashlib
 import multiprocessing
 import os
-import random
-import shutil
 import signal
 import sys
 import time
@@ -16,25 +14,13 @@ from typing import Callable, Iterator
 
 from harness.fuzz import corpus as corpusmod
 from harness.fuzz import evidence as evidencemod
-from harness.config import Config, draw_config
-from harness.ops import Op, random_ops
+from harness import profiles
+from harness.config import Config
+from harness.generate import generate
+from harness.ops import Op
 from harness.oracle import Finding
-from harness.runner import Budget, Runner, Stats
+from harness.runner import Runner, Stats
 from harness.shrink import crash_atoms, guest_op_count, shrink
-
-# Profiles: how long sequences are and how deep each example's sweep goes.
-PROFILES: dict[str, dict] = {
-    "dev": {"ops": (3, 12), "budget": Budget(), "shrink_seconds": 20.0},
-    "ci": {"ops": (3, 10), "budget": Budget(samples=3, states_per_op=8, recovery_every=6), "shrink_seconds": 10.0},
-    # Nightly asks real qemu-img check about a sample of raw crash images when it is installed.
-    # Nightly sweeps every point of every op under every policy (sampled inside a policy whose
-    # space is larger than 2**k, and past 512 states an op) and asks real qemu-img check about
-    # a sample of images.
-    "nightly": {"ops": (4, 24), "budget": Budget(samples=16, states_per_op=512, recovery_points=4, recovery_every=2,
-                                                 qemu_every=50 if shutil.which("qemu-img") else 0),
-                "shrink_seconds": 60.0},
-}
-
 
 @dataclasses.dataclass
 class FuzzOptions:
@@ -75,26 +61,6 @@ def example_seed(base: int, index: int) -> int:
     return int.from_bytes(digest, "big") >> 1
 
 
-def generate(seed: int, config_overrides: dict[str, str], profile: str) -> tuple[Config, list[Op]]:
-    rng = random.Random(seed)
-    config = draw_config(rng)
-    if config_overrides:
-        config = _override(config, config_overrides, rng)
-    lo, hi = PROFILES[profile]["ops"]
-    return config, random_ops(rng, config, rng.randint(lo, hi))
-
-
-def _override(config: Config, overrides: dict[str, str], rng: random.Random) -> Config:
-    data = config.with_overrides(overrides).to_dict()
-    # Keep the drawn config valid around what was pinned (e.g. pinning version=2 forces 16-bit, no lazy).
-    if data["version"] == 2:
-        if "refcount_bits" not in overrides:
-            data["refcount_bits"] = 16
-        if "lazy_refcounts" not in overrides:
-            data["lazy_refcounts"] = False
-    return Config(**data)
-
-
 def run_example(args: tuple) -> Outcome:
     """One example, in a worker process: generate and run it; with `do_shrink`, also shrink what it finds."""
     index, base_seed, overrides, profile, inject, do_shrink = args
@@ -103,7 +69,7 @@ def run_example(args: tuple) -> Outcome:
     injectmod.set_active(inject)
     seed = example_seed(base_seed, index)
     config, ops = generate(seed, overrides, profile)
-    budget = PROFILES[profile]["budget"]
+    budget = profiles.get(profile).budget
     t0 = time.perf_counter()
     runner = Runner(config, seed=seed, budget=budget)
     findings = runner.run(ops)
@@ -114,7 +80,7 @@ def run_example(args: tuple) -> Outcome:
         out.reproducer = corpusmod.Reproducer(config, list(runner.ops), seed, budget, findings[0], seed, sorted(inject),
                                               shrunk_from=len(runner.ops))
         if do_shrink:
-            out.reproducer = shrink_reproducer(out.reproducer, PROFILES[profile]["shrink_seconds"])
+            out.reproducer = shrink_reproducer(out.reproducer, profiles.get(profile).shrink_seconds)
     return out
 
 
@@ -217,7 +183,7 @@ class _Run:
         return work
 
     def _finish_args(self, rep: corpusmod.Reproducer) -> tuple | None:
-        seconds = PROFILES[self.opts.profile]["shrink_seconds"] if self.opts.shrink else 0.0
+        seconds = profiles.get(self.opts.profile).shrink_seconds if self.opts.shrink else 0.0
         if self.deadline is not None:
             left = self.deadline - time.monotonic()
             if left <= 0:

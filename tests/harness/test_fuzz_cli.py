@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -23,6 +25,24 @@ def qcrash(*args: str, env: dict | None = None, timeout: float = 300) -> subproc
     full_env.pop("QCRASH_INJECT", None) if env is None or "QCRASH_INJECT" not in env else None
     return subprocess.run([sys.executable, "-m", "harness", *args], capture_output=True, text=True, cwd=ROOT,
                           env=full_env, timeout=timeout)
+
+
+def _first_line(stream, wanted, seconds: float) -> str | None:
+    """The first line of `stream` that `wanted` accepts, read in a thread so a silent child cannot hang the test."""
+    found: queue.Queue = queue.Queue()
+
+    def read() -> None:
+        for line in stream:
+            if wanted(line):
+                found.put(line)
+                return
+        found.put(None)
+
+    threading.Thread(target=read, daemon=True).start()
+    try:
+        return found.get(timeout=seconds)
+    except queue.Empty:
+        return None
 
 
 def summary(report: Path) -> dict:

@@ -462,7 +462,7 @@ def test_workflow_fuzz_replay_shrink_known_merge(tmp_path: Path) -> None:
     known = tmp_path / "known"
     known.mkdir()
     shutil.copy(smaller, known / "a.json")
-    again = qcrash("fuzz", "--inject", BUG, "--examples", "8", "--seed", "2", "--shard", "0/2", "--config", BUGCFG,
+    _again = qcrash("fuzz", "--inject", BUG, "--examples", "8", "--seed", "2", "--shard", "0/2", "--config", BUGCFG,
                    "--known", str(known), "--report", str(tmp_path / "again"))
     s = json.loads((tmp_path / "again" / "summary.json").read_text())
     assert sig not in {f["signature"] for f in s["findings"] if f["status"] == "new"}

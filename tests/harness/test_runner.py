@@ -5,28 +5,17 @@ from __future__ import annotations
 import pytest
 
 from harness.config import Config
-from harness.fuzz.engine import example_seed, generate, run_example
+from harness.fuzz.engine import example_seed, run_example
+from harness.generate import generate
 from harness.ops import Crash, Flush, Read, Reopen, Write, WriteZeroes, Discard, OpError
 from harness.oracle import Verdict, digest
 from harness.runner import Budget, Runner
-from models.qcow2 import inject
 
 SMALL = dict(cluster_size=512, virtual_size=1 << 20)
 
 
-@pytest.fixture(autouse=True)
-def no_bugs():
-    inject.set_active([])
-    yield
-    inject.set_active([])
-
-
-def run(config: Config, ops, budget=Budget(), bugs=()):
-    inject.set_active(list(bugs))
-    try:
-        return Runner(config, seed=3, budget=budget).run(ops)
-    finally:
-        inject.set_active([])
+def run(config: Config, ops, budget=Budget()):
+    return Runner(config, seed=3, budget=budget).run(ops)
 
 
 def test_same_seed_same_run() -> None:
@@ -99,10 +88,11 @@ def test_ops_out_of_range_are_refused_with_the_rule() -> None:
          [Write(0, 512, 1), Flush(), Discard(0, 512), Write(512, 512, 2), Flush()], {Verdict.FOREIGN_DATA}),
     ],
 )
-def test_injected_bug_gives_its_verdict(bug, config, ops, verdicts) -> None:
+def test_injected_bug_gives_its_verdict(bug, config, ops, verdicts, injected) -> None:
     cfg = Config(cluster_size=512, virtual_size=1 << 20, **config)
     assert run(cfg, ops, Budget.exhaustive()) == [], "the correct implementation must pass the same sequence"
-    found = run(cfg, ops, Budget.exhaustive(), bugs=[bug])
+    injected(bug)
+    found = run(cfg, ops, Budget.exhaustive())
     assert found, f"{bug} not detected"
     assert found[0].verdict in verdicts, str(found[0])
     assert found[0].crash_id, "a crash finding names its crash state"
@@ -133,6 +123,7 @@ def test_qemu_check_agrees_on_sampled_crash_images() -> None:
     assert runner.stats.coverage["qemu-img check agreed"] >= 10
 
 
+@pytest.mark.qemu
 def test_qemu_disagreement_is_reported() -> None:
     """The comparison can fail: a refcount made wrong only for qcrash's checker is a disagreement."""
     import shutil

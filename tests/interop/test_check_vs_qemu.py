@@ -12,7 +12,6 @@ from typing import Callable
 import pytest
 
 from models.blockio import MemoryFile, OsFile, WriteSite
-from models.qcow2 import spec
 from models.qcow2.check import CheckResult, Fix, check, exit_code, format_human, format_json, repair
 from models.qcow2.structs import Header
 from tests.guestview import guest_view

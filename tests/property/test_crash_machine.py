@@ -9,7 +9,9 @@ from hypothesis.stateful import run_state_machine_as_test
 from harness.fuzz.machine import CrashMachine, machine_for
 from harness.ops import Crash, Read
 from harness.runner import Budget
-from models.qcow2 import inject
+
+# Long property runs: marked so they can be chosen (-m slow) or left out locally (-m "not slow"); CI runs them.
+pytestmark = pytest.mark.slow
 
 _profile = settings()  # the loaded profile (dev, ci or nightly)
 
@@ -30,16 +32,13 @@ BUG_HUNTS = [
 
 
 @pytest.mark.parametrize("bug, pinned", BUG_HUNTS, ids=[b for b, _ in BUG_HUNTS])
-def test_injected_bug_found_and_shrunk(bug: str, pinned: dict) -> None:
+def test_injected_bug_found_and_shrunk(bug: str, pinned: dict, injected) -> None:
     machine = machine_for({"cluster_size": 512, "virtual_size": 1 << 20, **pinned},
                           budget=Budget(samples=4, states_per_op=32, recovery_every=4))
-    inject.set_active([bug])
-    try:
-        with pytest.raises(AssertionError) as info:
-            run_state_machine_as_test(machine, settings=settings(
-                _profile, max_examples=300, stateful_step_count=10, database=None, print_blob=False))
-    finally:
-        inject.set_active([])
+    injected(bug)
+    with pytest.raises(AssertionError) as info:
+        run_state_machine_as_test(machine, settings=settings(
+            _profile, max_examples=300, stateful_step_count=10, database=None, print_blob=False))
     assert "reproduce:" in str(info.value) and "Runner(" in str(info.value)
     # Hypothesis replays the shrunk example last: that is the reproducer it reports.
     guest_ops = [op for op in machine.last_ops if not isinstance(op, (Crash, Read))]
