@@ -1,0 +1,163 @@
+"""qemu-img and qemu-io as judges of crash images: check (JSON), read-only reads, and recovery by each user path with its host log.
+
+Every function here takes image bytes and works on a private copy in a scratch
+directory, so calls are pure functions of their arguments; `JudgeCache` memoises
+`check` by the image's hash (recovery often hands back the very bytes it was given,
+and many crash states of one point build the same image).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import tempfile
+
+from harness.targets import CheckSummary
+from harness.targets.qemu.binaries import QemuBinaries
+from harness.targets.qemu.blklog import parse_file
+from harness.targets.qemu.hostlog import Converter
+from harness.targets.qemu.session import image_opts
+
+__all__ = ["Judge", "parse_check", "scratch_dir", "Run"]
+
+SECTOR = 512
+_TIMEOUT = 120
+
+
+def scratch_dir(prefix: str) -> str:
+    """A private directory for scratch images: tmpfs when there is one (judging images needs no O_DIRECT)."""
+    base = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
+    return tempfile.mkdtemp(prefix=prefix, dir=base)
+
+
+class Run:
+    """One tool invocation: argv, exit status and output, kept for findings and reproducer scripts."""
+
+    def __init__(self, argv: list[str], proc: subprocess.CompletedProcess) -> None:
+        self.argv, self.rc, self.stdout, self.stderr = argv, proc.returncode, proc.stdout, proc.stderr
+
+    @property
+    def lines(self) -> tuple[str, ...]:
+        return tuple(line for line in (self.stderr + self.stdout).splitlines() if line.strip())
+
+
+def _run(argv: list[str], cwd: str) -> Run:
+    return Run(argv, subprocess.run(argv, capture_output=True, text=True, timeout=_TIMEOUT, cwd=cwd))
+
+
+def parse_check(run: Run) -> CheckSummary:
+    """A CheckSummary from `qemu-img check --output=json` (optional fields are omitted when 0)."""
+    messages = tuple(line for line in run.stderr.splitlines() if line.strip())
+    try:
+        data = json.loads(run.stdout) if run.stdout.strip() else None
+    except json.JSONDecodeError:
+        data = None
+    if not isinstance(data, dict):
+        # No report at all: the image did not open, or check failed before counting.
+        return CheckSummary(check_errors=1, messages=messages or (f"qemu-img check exited {run.rc} without a report",))
+    errors = int(data.get("check-errors", 0))
+    if run.rc == 1 and not errors:
+        errors = 1  # "Check failed": QEMU counts it as not completed even when the JSON says 0
+    return CheckSummary(corruptions=int(data.get("corruptions", 0)), leaks=int(data.get("leaks", 0)),
+                        check_errors=errors, corruptions_fixed=int(data.get("corruptions-fixed", 0)),
+                        leaks_fixed=int(data.get("leaks-fixed", 0)), messages=messages)
+
+
+class Judge:
+    """Runs the QEMU tools on private copies of image bytes, in one scratch directory."""
+
+    def __init__(self, bins: QemuBinaries) -> None:
+        self.bins = bins
+        self.dir = scratch_dir("qcrash-judge-")
+        self._n = 0
+        self._checks: dict[bytes, CheckSummary] = {}
+        self.runs = 0  # tool processes started (the benchmark divides by it)
+
+    def _path(self, stem: str) -> str:
+        self._n += 1
+        return os.path.join(self.dir, f"{stem}.{self._n}")
+
+    def _put(self, raw: bytes, stem: str = "img") -> str:
+        path = self._path(stem) + ".qcow2"
+        with open(path, "wb") as f:
+            f.write(raw)
+        return path
+
+    def tool(self, argv: list[str]) -> Run:
+        self.runs += 1
+        return _run(argv, self.dir)
+
+    # ---- check ------------------------------------------------------------------------------------
+    def check(self, raw: bytes) -> CheckSummary:
+        key = hashlib.blake2b(raw, digest_size=16).digest()
+        hit = self._checks.get(key)
+        if hit is not None:
+            return hit
+        path = self._put(raw)
+        try:
+            summary = parse_check(self.tool([self.bins.qemu_img, "check", "-f", "qcow2", "--output=json", path]))
+        finally:
+            os.unlink(path)
+        if len(self._checks) > 4096:
+            self._checks.clear()
+        self._checks[key] = summary
+        return summary
+
+    # ---- read-only read ---------------------------------------------------------------------------
+    def read_all(self, raw: bytes) -> tuple[bytes | None, str | None, str | None]:
+        """The whole guest disk as QEMU reads it read-only: (disk, changed, error).
+
+        `qemu-img convert -O raw` opens the image read-only (no repair of a dirty image) and
+        writes a sparse raw copy; `changed` says whether the image file changed meanwhile.
+        """
+        path = self._put(raw)
+        out = path + ".raw"
+        try:
+            run = self.tool([self.bins.qemu_img, "convert", "-f", "qcow2", "-O", "raw", path, out])
+            with open(path, "rb") as f:
+                after = f.read()
+            changed = None if after == raw else f"the image file changed ({len(raw)} -> {len(after)} bytes)"
+            if run.rc != 0:
+                return None, changed, " ".join(run.lines) or f"qemu-img convert exited {run.rc}"
+            with open(out, "rb") as f:
+                return f.read(), changed, None
+        finally:
+            for p in (path, out):
+                if os.path.exists(p):
+                    os.unlink(p)
+
+    # ---- recovery -----------------------------------------------------------------------------------
+    def open_rw(self, path: str, conv: Converter, cache_mode: str, lazy: bool | None) -> Run:
+        """Open read-write and close (QEMU repairs a dirty image on open), logging through blklogwrites."""
+        log = self._path("log")
+        open(log, "wb").close()
+        opts = image_opts(path, log, lazy=lazy)
+        run = self.tool([self.bins.qemu_io, "-t", cache_mode, "-d", "unmap", "--image-opts", opts, "-c", "close"])
+        self._absorb(log, path, conv)
+        return run
+
+    def check_fix(self, path: str, conv: Converter, mode: str) -> tuple[Run, CheckSummary]:
+        """`qemu-img check -r <mode>` through blklogwrites; what it reported."""
+        log = self._path("log")
+        open(log, "wb").close()
+        run = self.tool([self.bins.qemu_img, "check", "-r", mode, "--output=json", "--image-opts",
+                         image_opts(path, log)])
+        self._absorb(log, path, conv)
+        return run, parse_check(run)
+
+    def check_path(self, path: str) -> CheckSummary:
+        with open(path, "rb") as f:
+            return self.check(f.read())
+
+    def _absorb(self, log: str, path: str, conv: Converter) -> None:
+        try:
+            conv.feed(parse_file(log).entries)
+        finally:
+            os.unlink(log)
+        conv.reconcile(os.path.getsize(path))
+        conv.settle()
+
+    def new_image(self, raw: bytes) -> str:
+        return self._put(raw, "rec")
