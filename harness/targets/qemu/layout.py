@@ -160,3 +160,49 @@ def guest_allocated(image: bytes | bytearray) -> tuple[int, ...]:
                 if guest < size:
                     out.append(guest)
     return tuple(out)
+
+
+def refcounts_past_eof(image: bytes | bytearray, limit: int = 64) -> tuple[int, ...]:
+    """Host clusters at or past the end of the file whose on-disk refcount is nonzero (at most `limit`).
+
+    QEMU's check compares refcounts only for clusters inside the file; qcrash's contract is
+    stricter (every refcount equals the references), so the judge asks for these separately.
+    """
+    if len(image) < 104 or image[:4] != b"QFI\xfb":
+        return ()
+    cluster_bits = struct.unpack_from(">I", image, 20)[0]
+    if not 9 <= cluster_bits <= 21:
+        return ()
+    cs = 1 << cluster_bits
+    version = struct.unpack_from(">I", image, 4)[0]
+    order = struct.unpack_from(">I", image, 96)[0] if version >= 3 else 4
+    if order > 6:
+        return ()
+    bits = 1 << order
+    per_block = cs * 8 // bits
+    reft_offset = struct.unpack_from(">Q", image, 48)[0]
+    reft_clusters = struct.unpack_from(">I", image, 56)[0]
+    if not reft_offset or reft_offset % cs:
+        return ()
+    nclusters = -(-len(image) // cs)
+    out: list[int] = []
+    entries = min(reft_clusters * cs // 8, _MAX_REFTABLE_ENTRIES)
+    for i, rte in enumerate(_u64s(image, reft_offset, entries)):
+        block = rte & _REFT_MASK
+        if not block or (i + 1) * per_block <= nclusters:
+            continue
+        data = bytes(image[block:block + cs]).ljust(cs, b"\0")
+        for j in range(max(0, nclusters - i * per_block), per_block):
+            if _refcount(data, j, bits):
+                out.append(i * per_block + j)
+                if len(out) >= limit:
+                    return tuple(out)
+    return tuple(out)
+
+
+def _refcount(block: bytes, index: int, bits: int) -> int:
+    if bits >= 8:
+        width = bits // 8
+        return int.from_bytes(block[index * width:(index + 1) * width], "big")
+    byte, shift = divmod(index * bits, 8)
+    return (block[byte] >> shift) & ((1 << bits) - 1)

@@ -29,7 +29,7 @@ from harness.targets.qemu.binaries import QemuBinaries
 from harness.targets.qemu.blklog import SUPER, scan
 from harness.targets.qemu.hostlog import Converter
 
-__all__ = ["QemuSession", "SessionError", "PROMPT", "image_opts"]
+__all__ = ["QemuIo", "QemuSession", "SessionError", "PROMPT", "image_opts", "failed"]
 
 PROMPT = b"qemu-io> "
 LOG_SECTOR = 512
@@ -81,6 +81,71 @@ class LogTail:
         return entries
 
 
+class QemuIo:
+    """A qemu-io process driven by the prompt protocol; no image of its own until a command opens one."""
+
+    def __init__(self, bins: QemuBinaries, workdir: str, timeout: float = 60.0) -> None:
+        self.timeout = timeout
+        self.proc = subprocess.Popen([bins.qemu_io], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, cwd=workdir)
+        self._buf = b""
+        self._read_prompt("start")
+
+    @property
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def send(self, line: str) -> str:
+        """Send one command and return its output (everything up to the next prompt)."""
+        if self.proc.poll() is not None:
+            raise SessionError(f"qemu-io exited with status {self.proc.returncode}", line)
+        self.proc.stdin.write(line.encode() + b"\n")
+        self.proc.stdin.flush()
+        return self._read_prompt(line)
+
+    def _read_prompt(self, line: str) -> str:
+        fd = self.proc.stdout.fileno()
+        deadline = time.monotonic() + self.timeout
+        while not self._buf.endswith(PROMPT):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise SessionError(f"no prompt within {self.timeout:.0f} s", line, self._buf.decode(errors="replace"))
+            ready, _, _ = select.select([fd], [], [], left)
+            if ready:
+                chunk = os.read(fd, 1 << 20)
+                if not chunk:
+                    raise SessionError(f"qemu-io exited (status {self.proc.wait()})", line,
+                                       self._buf.decode(errors="replace"))
+                self._buf += chunk
+        out, self._buf = self._buf[:-len(PROMPT)], b""
+        return out.decode(errors="replace")
+
+    def kill(self) -> None:
+        """Stop qemu-io at once (a crash of the host process; nothing more reaches the file)."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+        self._close_pipes()
+
+    def quit(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.stdin.write(b"quit\n")
+            self.proc.stdin.flush()
+            try:
+                self.proc.wait(self.timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._close_pipes()
+
+    def _close_pipes(self) -> None:
+        for stream in (self.proc.stdin, self.proc.stdout):
+            try:
+                stream.close()
+            except OSError:
+                pass
+
+
 class QemuSession:
     """A qemu-io process on one image; every command's host operations go to `self.conv.log`."""
 
@@ -93,42 +158,17 @@ class QemuSession:
         self._logs = 0
         self.tail: LogTail | None = None
         self.commands: list[str] = []  # every command sent, for the reproducer script
-        self.proc = subprocess.Popen([bins.qemu_io], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=subprocess.STDOUT, cwd=workdir)
-        self._buf = b""
-        self._read_prompt("start")
+        self.io = QemuIo(bins, workdir, timeout)
         self.open()
 
-    # ---- the protocol ---------------------------------------------------------------------------
     def command(self, line: str, *, must_succeed: bool = True) -> str:
         """Send one command, wait for the next prompt, absorb the log; return the command's output."""
-        if self.proc.poll() is not None:
-            raise SessionError(f"qemu-io exited with status {self.proc.returncode}", line)
         self.commands.append(line)
-        self.proc.stdin.write(line.encode() + b"\n")
-        self.proc.stdin.flush()
-        out = self._read_prompt(line)
+        out = self.io.send(line)
         self._absorb()
-        if must_succeed and _failed(out):
+        if must_succeed and failed(out):
             raise SessionError("qemu-io reported an error", line, out)
         return out
-
-    def _read_prompt(self, line: str) -> str:
-        fd = self.proc.stdout.fileno()
-        deadline = time.monotonic() + self.timeout
-        while not self._buf.endswith(PROMPT):
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise SessionError(f"no prompt within {self.timeout:.0f} s", line, self._buf.decode(errors="replace"))
-            ready, _, _ = select.select([fd], [], [], left)
-            if ready:
-                chunk = os.read(fd, 65536)
-                if not chunk:
-                    raise SessionError(f"qemu-io exited (status {self.proc.wait()})", line,
-                                       self._buf.decode(errors="replace"))
-                self._buf += chunk
-        out, self._buf = self._buf[:-len(PROMPT)], b""
-        return out.decode(errors="replace")
 
     def _absorb(self) -> None:
         if self.tail is not None:
@@ -176,36 +216,16 @@ class QemuSession:
         return proc
 
     def kill(self) -> None:
-        """Stop qemu-io at once (a crash of the host process; nothing more reaches the file)."""
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait()
-        for stream in (self.proc.stdin, self.proc.stdout):
-            try:
-                stream.close()
-            except OSError:
-                pass
+        self.io.kill()
 
     def quit(self) -> None:
         """Close the image cleanly and end qemu-io."""
-        if self.proc.poll() is None:
-            if self.tail is not None:
-                self.close()
-            self.proc.stdin.write(b"quit\n")
-            self.proc.stdin.flush()
-            try:
-                self.proc.wait(self.timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        for stream in (self.proc.stdin, self.proc.stdout):
-            try:
-                stream.close()
-            except OSError:
-                pass
+        if self.io.alive and self.tail is not None:
+            self.close()
+        self.io.quit()
 
 
-def _failed(output: str) -> bool:
+def failed(output: str) -> bool:
     # qemu-io prints failures as "<command>: <strerror>" or "command ... not found"; a
     # successful write/discard prints "wrote"/"discarded" statistics and flush prints nothing.
     for line in output.splitlines():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import struct
@@ -13,14 +14,15 @@ from harness.faultfile import WriteLog
 from harness.targets import CheckSummary, HeaderInfo, OpenOptions, ReadOnlyView, Recovery, RecoveryPath, Target
 from harness.targets.qemu.binaries import QemuBinaries, find_binaries
 from harness.targets.qemu.hostlog import Converter
-from harness.targets.qemu.layout import guest_allocated
+from harness.targets.qemu.layout import guest_allocated, refcounts_past_eof
 from harness.targets.qemu.session import QemuSession, SessionError
-from harness.targets.qemu.tools import Judge, Run, parse_check
+from harness.targets.qemu.tools import Judge, Run, parse_check, parse_dump
 from models.blockio import CacheMode
 
 __all__ = ["QemuTarget", "create_argv"]
 
 SECTOR = 512
+_DUMP_CHUNK = 1 << 20
 
 
 def create_argv(bins: QemuBinaries, config: Config, path: str) -> list[str]:
@@ -96,7 +98,11 @@ class QemuTarget(Target):
         self._live().command("flush")
 
     def read(self, offset: int, length: int) -> bytes:
-        return parse_dump(self._live().command(f"read -v {offset} {length}"), offset, length)
+        out = b""
+        for lo in range(offset, offset + length, _DUMP_CHUNK):
+            n = min(_DUMP_CHUNK, offset + length - lo)
+            out += parse_dump(self._live().command(f"read -v {lo} {n}"), lo, n)
+        return out
 
     def reopen(self, cache_mode: str | None, lazy_refcounts: bool | None) -> None:
         self._live().reopen(lazy=lazy_refcounts, cache_mode=cache_mode)
@@ -141,6 +147,7 @@ class QemuTarget(Target):
     def __del__(self) -> None:  # scratch space only; the processes are ended by close/abort
         try:
             self.abort()
+            self.judge.stop()
             shutil.rmtree(self.workdir, ignore_errors=True)
             shutil.rmtree(self.judge.dir, ignore_errors=True)
         except Exception:  # noqa: BLE001 - interpreter shutdown
@@ -150,21 +157,23 @@ class QemuTarget(Target):
     def inspect(self, raw: bytes) -> HeaderInfo:
         return inspect_header(raw)
 
-    def check(self, raw: bytes) -> CheckSummary:
-        return self.judge.check(raw)
+    def check(self, raw: bytes, *, past_eof: bool = False) -> CheckSummary:
+        summary = self.judge.check(raw)
+        if past_eof:
+            summary = dataclasses.replace(summary, refcounts_past_eof=refcounts_past_eof(raw))
+        return summary
 
     def read_only(self, raw: bytes, sectors: Iterable[int], *, allocated: bool = True) -> ReadOnlyView:
-        disk, changed, error = self.judge.read_all(raw)
-        if disk is None:
-            return ReadOnlyView(changed=changed, error=error)
         wanted = set(sectors)
         clusters = guest_allocated(raw) if allocated else ()
         if clusters:
             cs = 1 << struct.unpack_from(">I", raw, 20)[0]
             for guest in clusters:
-                wanted.update(range(guest // SECTOR, min(guest + cs, len(disk)) // SECTOR))
-        view = {s: disk[s * SECTOR:(s + 1) * SECTOR] for s in sorted(wanted) if s * SECTOR < len(disk)}
-        return ReadOnlyView(view, tuple(clusters), changed, None)
+                wanted.update(range(guest // SECTOR, (guest + cs) // SECTOR))
+        size = struct.unpack_from(">Q", raw, 24)[0] if len(raw) >= 32 else 0
+        wanted = {s for s in wanted if s * SECTOR < size}
+        view, changed, error = self.judge.read_only(raw, wanted)
+        return ReadOnlyView(view, tuple(clusters), changed, error)
 
     def recover(self, raw: bytes, path: RecoveryPath, options: OpenOptions, *, record: bool = True) -> Recovery:
         image = self.judge.new_image(raw)
@@ -185,13 +194,13 @@ class QemuTarget(Target):
                  messages: list[str], events: list[str]) -> str | None:
         judge = self.judge
         if path is RecoveryPath.OPEN:
-            run = judge.open_rw(image, conv, str(options.cache_mode), options.lazy_refcounts)
-            messages += run.lines
-            if run.rc != 0:
-                return f"qemu-io open exited {run.rc}: " + " ".join(run.lines)[:400]
-            if any("Rebuilding refcount structure" in m for m in run.lines):
+            error, lines = judge.open_rw(image, conv, str(options.cache_mode), options.lazy_refcounts)
+            messages += lines
+            if error:
+                return f"read-write open failed: {error}"
+            if any("Rebuilding refcount structure" in m for m in lines):
                 events.append("refcount rebuild")
-            if any(m.startswith(("ERROR", "Repairing", "Leaked")) for m in run.lines):
+            if any(m.startswith(("ERROR", "Repairing", "Leaked")) for m in lines):
                 events.append("repaired on open")
             after = judge.check_path(image)
             if after.leaks and not after.corruptions and not after.check_errors:
@@ -225,22 +234,3 @@ def inspect_header(raw: bytes) -> HeaderInfo:
     if len(raw) < 80:
         return HeaderInfo(error="qcow2 header too short")
     return HeaderInfo(struct.unpack_from(">Q", raw, 72)[0])
-
-
-def parse_dump(output: str, offset: int, length: int) -> bytes:
-    """The bytes of a `read -v` hex dump ("%08x:  xx xx ... xx  ascii"), checked against the expected range."""
-    out = bytearray()
-    for line in output.splitlines():
-        head, sep, rest = line.partition(":  ")
-        if not sep or len(head) < 8:
-            continue
-        try:
-            addr = int(head, 16)
-        except ValueError:
-            continue
-        if addr != offset + len(out):
-            raise SessionError(f"read -v dump jumps to {addr:#x}, expected {offset + len(out):#x}", "read -v", output)
-        out += bytes.fromhex(rest[:48])
-    if len(out) != length:
-        raise SessionError(f"read -v returned {len(out)} bytes, expected {length}", "read -v", output[-400:])
-    return bytes(out)

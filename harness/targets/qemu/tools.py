@@ -18,12 +18,48 @@ from harness.targets import CheckSummary
 from harness.targets.qemu.binaries import QemuBinaries
 from harness.targets.qemu.blklog import parse_file
 from harness.targets.qemu.hostlog import Converter
-from harness.targets.qemu.session import image_opts
+from harness.targets.qemu.session import QemuIo, SessionError, image_opts
 
-__all__ = ["Judge", "parse_check", "scratch_dir", "Run"]
+__all__ = ["Judge", "parse_check", "parse_dump", "scratch_dir", "Run"]
 
 SECTOR = 512
 _TIMEOUT = 120
+_DUMP_LIMIT = 1 << 20  # above this many bytes a read-only view is read by `qemu-img convert`, not a hex dump
+_CANT_OPEN = "can't open"
+
+
+def _message(output: str) -> str:
+    return " ".join(line.strip() for line in output.splitlines() if line.strip())[:400]
+
+
+def _runs(sectors: list[int]) -> list[tuple[int, int]]:
+    """Sorted sector numbers as (first, count) runs of consecutive sectors."""
+    runs: list[tuple[int, int]] = []
+    for s in sectors:
+        if runs and runs[-1][0] + runs[-1][1] == s:
+            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+        else:
+            runs.append((s, 1))
+    return runs
+
+
+def parse_dump(output: str, offset: int, length: int) -> bytes:
+    """The bytes of a `read -v` hex dump ("%08x:  xx xx ... xx  ascii"), checked against the expected range."""
+    out = bytearray()
+    for line in output.splitlines():
+        head, sep, rest = line.partition(":  ")
+        if not sep or len(head) != 8:
+            continue
+        try:
+            addr = int(head, 16)
+        except ValueError:
+            continue
+        if addr != offset + len(out):
+            raise SessionError(f"read -v dump jumps to {addr:#x}, expected {offset + len(out):#x}", "read -v", output)
+        out += bytes.fromhex(rest[:48])
+    if len(out) != length:
+        raise SessionError(f"read -v returned {len(out)} bytes, expected {length}", "read -v", output[-400:])
+    return bytes(out)
 
 
 def scratch_dir(prefix: str) -> str:
@@ -74,6 +110,20 @@ class Judge:
         self._n = 0
         self._checks: dict[bytes, CheckSummary] = {}
         self.runs = 0  # tool processes started (the benchmark divides by it)
+        self._io: QemuIo | None = None
+
+    def io(self) -> QemuIo:
+        """One long-lived qemu-io that opens and closes crash images in turn (start-up dominates otherwise)."""
+        if self._io is None or not self._io.alive:
+            self.runs += 1
+            self._io = QemuIo(self.bins, self.dir)
+        return self._io
+
+    def stop(self) -> None:
+        if self._io is not None:
+            self._io.kill()
+            self._io = None
+
 
     def _path(self, stem: str) -> str:
         self._n += 1
@@ -106,37 +156,72 @@ class Judge:
         return summary
 
     # ---- read-only read ---------------------------------------------------------------------------
-    def read_all(self, raw: bytes) -> tuple[bytes | None, str | None, str | None]:
-        """The whole guest disk as QEMU reads it read-only: (disk, changed, error).
+    def read_only(self, raw: bytes, sectors: set[int]) -> tuple[dict[int, bytes], str | None, str | None]:
+        """Open read-only in QEMU (no repair of a dirty image) and read `sectors`: (view, changed, error)."""
+        if len(sectors) * SECTOR > _DUMP_LIMIT:
+            return self._read_by_convert(raw, sectors)
+        path = self._put(raw)
+        try:
+            out = self.io().send(f"open -r -o driver=qcow2,file.driver=file,file.filename={path}")
+            if _CANT_OPEN in out:
+                return {}, self._changed(path, raw), _message(out)
+            try:
+                view = self._dump(sorted(sectors))
+            finally:
+                self.io().send("close")
+            return view, self._changed(path, raw), None
+        finally:
+            os.unlink(path)
 
-        `qemu-img convert -O raw` opens the image read-only (no repair of a dirty image) and
-        writes a sparse raw copy; `changed` says whether the image file changed meanwhile.
-        """
+    def _dump(self, sectors: list[int]) -> dict[int, bytes]:
+        view: dict[int, bytes] = {}
+        for first, count in _runs(sectors):
+            offset, length = first * SECTOR, count * SECTOR
+            out = self.io().send(f"read -v {offset} {length}")
+            data = parse_dump(out, offset, length)
+            for i in range(count):
+                view[first + i] = data[i * SECTOR:(i + 1) * SECTOR]
+        return view
+
+    def _read_by_convert(self, raw: bytes, sectors: set[int]) -> tuple[dict[int, bytes], str | None, str | None]:
+        # Large reads: a raw copy is cheaper than a hex dump of every sector.
         path = self._put(raw)
         out = path + ".raw"
         try:
             run = self.tool([self.bins.qemu_img, "convert", "-f", "qcow2", "-O", "raw", path, out])
-            with open(path, "rb") as f:
-                after = f.read()
-            changed = None if after == raw else f"the image file changed ({len(raw)} -> {len(after)} bytes)"
+            changed = self._changed(path, raw)
             if run.rc != 0:
-                return None, changed, " ".join(run.lines) or f"qemu-img convert exited {run.rc}"
+                return {}, changed, " ".join(run.lines) or f"qemu-img convert exited {run.rc}"
             with open(out, "rb") as f:
-                return f.read(), changed, None
+                disk = f.read()
+            return {s: disk[s * SECTOR:(s + 1) * SECTOR] for s in sectors}, changed, None
         finally:
             for p in (path, out):
                 if os.path.exists(p):
                     os.unlink(p)
 
+    @staticmethod
+    def _changed(path: str, raw: bytes) -> str | None:
+        with open(path, "rb") as f:
+            after = f.read()
+        if after == raw:
+            return None
+        first = next((i for i in range(min(len(raw), len(after))) if raw[i] != after[i]), min(len(raw), len(after)))
+        return f"the read-only open changed the image file ({len(raw)} -> {len(after)} bytes, first at {first:#x})"
+
     # ---- recovery -----------------------------------------------------------------------------------
-    def open_rw(self, path: str, conv: Converter, cache_mode: str, lazy: bool | None) -> Run:
-        """Open read-write and close (QEMU repairs a dirty image on open), logging through blklogwrites."""
+    def open_rw(self, path: str, conv: Converter, cache_mode: str, lazy: bool | None) -> tuple[str | None, tuple[str, ...]]:
+        """Open read-write and close in the long-lived qemu-io (QEMU repairs a dirty image on open), logging
+        through blklogwrites: (error or None, the lines QEMU printed)."""
         log = self._path("log")
         open(log, "wb").close()
         opts = image_opts(path, log, lazy=lazy)
-        run = self.tool([self.bins.qemu_io, "-t", cache_mode, "-d", "unmap", "--image-opts", opts, "-c", "close"])
+        out = self.io().send(f"open -t {cache_mode} -d unmap -o {opts}")
+        error = _message(out) if _CANT_OPEN in out else None
+        if error is None:
+            out += self.io().send("close")
         self._absorb(log, path, conv)
-        return run
+        return error, tuple(line for line in out.splitlines() if line.strip())
 
     def check_fix(self, path: str, conv: Converter, mode: str) -> tuple[Run, CheckSummary]:
         """`qemu-img check -r <mode>` through blklogwrites; what it reported."""
