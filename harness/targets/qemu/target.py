@@ -216,8 +216,19 @@ class QemuTarget(Target):
         if summary.leaks_fixed:
             events.append("leaks repaired")
         if run.rc == 1 or summary.check_errors:
-            return f"qemu-img check -r {mode} exited {run.rc}: " + " ".join(run.lines)[:400]
+            return f"qemu-img check -r {mode} exited {run.rc}: " + gist(run.lines)
         return None
+
+
+def gist(lines: Iterable[str]) -> str:
+    """QEMU's summary lines first (per-cluster ERROR/Leaked/Repairing lines can run to thousands), then a count of the rest."""
+    lines = list(lines)
+    per_cluster = [m for m in lines if m.startswith(("ERROR cluster", "Leaked cluster", "Repairing cluster"))]
+    summary = [m for m in lines if m not in per_cluster and not m.lstrip().startswith(("{", "}", '"'))]
+    text = " ".join(summary)
+    if per_cluster:
+        text += f" ({len(per_cluster)} per-cluster lines, first: {per_cluster[0]})"
+    return text[:600]
 
 
 def inspect_header(raw: bytes) -> HeaderInfo:
