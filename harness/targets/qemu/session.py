@@ -106,19 +106,23 @@ class QemuIo:
     def _read_prompt(self, line: str) -> str:
         fd = self.proc.stdout.fileno()
         deadline = time.monotonic() + self.timeout
-        while not self._buf.endswith(PROMPT):
+        chunks = [self._buf]
+        tail = self._buf[-len(PROMPT):]
+        while not tail.endswith(PROMPT):
             left = deadline - time.monotonic()
             if left <= 0:
-                raise SessionError(f"no prompt within {self.timeout:.0f} s", line, self._buf.decode(errors="replace"))
+                raise SessionError(f"no prompt within {self.timeout:.0f} s", line, b"".join(chunks).decode(errors="replace"))
             ready, _, _ = select.select([fd], [], [], left)
             if ready:
                 chunk = os.read(fd, 1 << 20)
                 if not chunk:
                     raise SessionError(f"qemu-io exited (status {self.proc.wait()})", line,
-                                       self._buf.decode(errors="replace"))
-                self._buf += chunk
-        out, self._buf = self._buf[:-len(PROMPT)], b""
-        return out.decode(errors="replace")
+                                       b"".join(chunks).decode(errors="replace"))
+                chunks.append(chunk)
+                tail = (tail + chunk)[-len(PROMPT):]
+        out = b"".join(chunks)
+        self._buf = b""
+        return out[:-len(PROMPT)].decode(errors="replace")
 
     def kill(self) -> None:
         """Stop qemu-io at once (a crash of the host process; nothing more reaches the file)."""
