@@ -29,7 +29,14 @@ _CANT_OPEN = "can't open"
 
 
 def _message(output: str) -> str:
-    return " ".join(line.strip() for line in output.splitlines() if line.strip())[:400]
+    """The failure line first ("qemu-io: can't open: ..."), then the first of the repair messages before it."""
+    lines = [line.strip() for line in output.splitlines() if line.strip()]
+    failure = [line for line in lines if _CANT_OPEN in line]
+    rest = [line for line in lines if _CANT_OPEN not in line]
+    text = " ".join(failure)
+    if rest:
+        text += f" ({len(rest)} lines before it, first: {rest[0]})"
+    return text[:600]
 
 
 def _runs(sectors: list[int]) -> list[tuple[int, int]]:
