@@ -15,33 +15,38 @@ SECTOR = 512
 IMAGE = "crash.qcow2"
 
 
+_RECOVER = {
+    "open": ['"$QEMU_IO" -f qcow2 -c close work.qcow2   # a read-write open repairs a dirty image',
+             '"$QEMU_IMG" check work.qcow2 >/dev/null || "$QEMU_IMG" check -r leaks work.qcow2'],
+    "check-all": ['"$QEMU_IMG" check -r all work.qcow2'],
+    "check-leaks": ['"$QEMU_IMG" check -r leaks work.qcow2'],
+}
+_CHECK = '"$QEMU_IMG" check work.qcow2; echo "exit $?"'
+
+
 def breaking_commands(finding: Finding, recovery: str | None) -> tuple[list[str], str]:
     """The commands whose result breaks the contract for this verdict, and what the contract expects of them."""
     v = finding.verdict
-    sector = finding.sector
-    read = f'"$QEMU_IO" -r -f qcow2 -c "read -v {sector * SECTOR} {SECTOR}" work.qcow2' if sector is not None else None
-    recover = {
-        "open": ['"$QEMU_IO" -f qcow2 -c close work.qcow2', '"$QEMU_IMG" check work.qcow2 || "$QEMU_IMG" check -r leaks work.qcow2'],
-        "check-all": ['"$QEMU_IMG" check -r all work.qcow2'],
-        "check-leaks": ['"$QEMU_IMG" check -r leaks work.qcow2'],
-    }.get(recovery or "open")
+    recover = _RECOVER.get(recovery or "open", _RECOVER["open"])
+    read = []
+    if finding.sector is not None:
+        read = [f'"$QEMU_IO" -r -f qcow2 -c "read -v {finding.sector * SECTOR} {SECTOR}" work.qcow2']
     if v is Verdict.CORRUPTION_WITHOUT_DIRTY:
-        return ['"$QEMU_IMG" check work.qcow2; echo "exit $?"'], "dirty bit clear on disk, so check exits 0 or 3 (leaks only)"
-    if v in (Verdict.DATA_LOST, Verdict.FOREIGN_DATA, Verdict.GARBAGE) and finding.phase == "raw" and read:
-        return [read], "the sector holds its durable value or a value written to it since (see the evidence)"
+        return [_CHECK], "the dirty bit is clear on disk, so check exits 0 or 3 (leaks only)"
+    if v in (Verdict.DATA_LOST, Verdict.FOREIGN_DATA, Verdict.GARBAGE) and finding.phase == "raw":
+        return read, "the sector holds its durable value or a value written to it since (see the evidence)"
     if v is Verdict.READONLY_OPEN_CHANGED:
-        return ['cp work.qcow2 before.qcow2', '"$QEMU_IMG" convert -f qcow2 -O raw work.qcow2 /dev/null',
-                'cmp before.qcow2 work.qcow2 && echo unchanged'], "a read-only open leaves the file unchanged"
+        return ["cp work.qcow2 before.qcow2", '"$QEMU_IMG" convert -f qcow2 -O raw work.qcow2 /dev/null',
+                "cmp before.qcow2 work.qcow2 && echo unchanged"], "a read-only open leaves the file unchanged"
     if v is Verdict.UNOPENABLE:
         return ['"$QEMU_IO" -r -f qcow2 -c "read 0 512" work.qcow2'], "the crash image opens"
     if v is Verdict.REPAIR_FAILED:
         return recover, "recovery succeeds"
-    if v is Verdict.NOT_CLEAN_AFTER_REPAIR:
-        return recover + ['"$QEMU_IMG" check work.qcow2; echo "exit $?"'], "after recovery check exits 0, dirty bit clear"
-    cmds = [*( [read.replace("work.qcow2", "work.qcow2 # before recovery")] if read else []), *recover]
-    if read:
-        cmds.append(read)
-    return cmds, "guest data after recovery equals what the read-only open read before it, and is allowed"
+    if v is Verdict.CHECK_FAILED:
+        return [_CHECK], "the image checks clean (exit 0)"
+    if v in (Verdict.NOT_CLEAN_AFTER_REPAIR, Verdict.REPAIR_NOT_IDEMPOTENT):
+        return recover + [_CHECK], "after recovery check exits 0 and the dirty bit is clear"
+    return read + recover + read, "guest data after recovery equals what the read-only open read before it"
 
 
 def write_reproducer(directory: str | os.PathLike[str], stem: str, *, finding: Finding, config: Config,

@@ -58,7 +58,7 @@ class QemuTarget(Target):
         self.config: Config | None = None
         self._opts = OpenOptions()
         self._payload = os.path.join(self.workdir, "payload.bin")
-        self.script: list[str] = []  # the live commands, for the reproducer script
+        self.script: list[str] = []  # the live commands so far (earlier sessions), for the reproducer script
 
     def describe(self) -> str:
         return f"qemu {self.bins.version} (qemu-img {self.bins.qemu_img}, qemu-io {self.bins.qemu_io})"
@@ -146,8 +146,15 @@ class QemuTarget(Target):
         if self.session is not None:
             self.session.kill()
 
+    def history(self) -> list[str]:
+        """The qemu-img create line and every qemu-io command of the example so far, scratch paths shortened."""
+        lines = self.script + (self.session.commands if self.session else [])
+        return [line.replace(self.workdir + "/", "") for line in lines]
+
     def restart(self, image: bytes) -> None:
         self.abort()
+        if self.session is not None:
+            self.script += self.session.commands + ["# crash: qemu-io killed; continuing on the recovered image"]
         with open(self.image, "wb") as f:
             f.write(image)
         self._start()

@@ -1,0 +1,38 @@
+"""A qemu-target finding's artifacts: replay its reproducer on QEMU, rebuild the crash image, write it with a shell script."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from harness.crashstates import CrashImageBuilder, CrashState
+from harness.targets.qemu.script import write_reproducer
+from harness.targets.qemu.target import QemuTarget
+
+__all__ = ["write_artifacts"]
+
+
+def write_artifacts(rep, directory: str | Path, stem: str, target: QemuTarget | None = None) -> Path | None:
+    """Replay `rep` (a harness.fuzz.corpus.Reproducer) on QEMU; write `<stem>.qcow2` and `<stem>.sh`.
+
+    Returns the script's path, or None when the replay no longer fails (nothing to show).
+    """
+    from harness.runner import Runner  # the runner imports the targets package: import it late
+
+    target = target or QemuTarget()
+    runner = Runner(rep.config, seed=rep.seed, budget=rep.budget, target=target)
+    try:
+        findings = runner.run(rep.ops)
+        if not findings:
+            return None
+        finding = findings[0]
+        if finding.crash_id:
+            state = CrashState.parse(finding.crash_id)
+            image = bytes(CrashImageBuilder(target.log).build(state))
+        else:
+            target.close()
+            image = target.contents()
+        return write_reproducer(directory, stem, finding=finding, config=rep.config, history=target.history(),
+                                crash_image=image, crash_id=finding.crash_id, recovery="open",
+                                version=target.bins.version, observed=finding.evidence)
+    finally:
+        target.abort()
