@@ -87,6 +87,10 @@ def _run(argv: list[str], cwd: str) -> Run:
     return Run(argv, subprocess.run(argv, capture_output=True, text=True, timeout=_TIMEOUT, cwd=cwd))
 
 
+def _key(raw: bytes) -> bytes:
+    return hashlib.blake2b(raw, digest_size=16).digest()
+
+
 def parse_check(run: Run) -> CheckSummary:
     """A CheckSummary from `qemu-img check --output=json` (optional fields are omitted when 0)."""
     messages = tuple(line for line in run.stderr.splitlines() if line.strip())
@@ -115,6 +119,7 @@ class Judge:
         self._checks: dict[bytes, CheckSummary] = {}
         self.runs = 0  # tool processes started (the benchmark divides by it)
         self._io: QemuIo | None = None
+        self.quick = 0  # checks answered by quick_clean
 
     def io(self) -> QemuIo:
         """One long-lived qemu-io that opens and closes crash images in turn (start-up dominates otherwise)."""
@@ -145,19 +150,74 @@ class Judge:
 
     # ---- check ------------------------------------------------------------------------------------
     def check(self, raw: bytes) -> CheckSummary:
-        key = hashlib.blake2b(raw, digest_size=16).digest()
+        key = _key(raw)
         hit = self._checks.get(key)
         if hit is not None:
             return hit
+        if self.quick_clean(raw):
+            return self._checks[key]
         path = self._put(raw)
         try:
             summary = parse_check(self.tool([self.bins.qemu_img, "check", "-f", "qcow2", "--output=json", path]))
         finally:
             os.unlink(path)
+        self._remember(key, summary)
+        return summary
+
+    def quick_clean(self, raw: bytes) -> bool:
+        """True if QEMU's own check finds nothing to report, learnt without starting qemu-img.
+
+        A read-write open of an image with the dirty bit set runs the same check as
+        `qemu-img check` (qcow2_co_check_locked, with fixing on) before anything else. So we
+        set the dirty bit on a copy and open it in the long-lived qemu-io: every corruption
+        and leak that check counts prints an ERROR / Leaked / Repairing line. Silence, a
+        successful open, and a file that comes back byte for byte as it was (the close only
+        clears the bit again) mean 0 corruptions, 0 leaks, 0 check errors. Anything else,
+        and every v2 image (no dirty bit), is left to a real `qemu-img check`.
+        """
+        if len(raw) < 104 or raw[:4] != b"QFI\xfb" or raw[7] != 3 or raw[79] & 3:
+            return False
+        probe = bytearray(raw)
+        probe[79] |= 1
+        path = self._put(bytes(probe), "probe")
+        try:
+            out = self.io().send(f"open -o driver=qcow2,file.driver=file,file.filename={path}")
+            if out.strip():
+                if _CANT_OPEN not in out:
+                    self.io().send("close")
+                return False
+            if self.io().send("close").strip():
+                return False
+            with open(path, "rb") as f:
+                if f.read() != raw:
+                    return False
+            self._remember(_key(raw), CheckSummary())
+            self.quick += 1
+            return True
+        finally:
+            os.unlink(path)
+
+    def cached_check(self, raw: bytes) -> CheckSummary | None:
+        return self._checks.get(_key(raw))
+
+    def _remember(self, key: bytes, summary: CheckSummary) -> None:
         if len(self._checks) > 4096:
             self._checks.clear()
         self._checks[key] = summary
-        return summary
+
+    def remember_after_fix(self, path: str, summary: CheckSummary, rc: int) -> None:
+        """Cache what `check -r` reported for the bytes it left.
+
+        qemu-img check -r checks again after fixing anything ("Double checking the fixed
+        image now...") and reports that second pass's corruptions, leaks and check errors
+        beside the fixed counts; without fixes the one pass is a plain check. Either way the
+        counts describe the file as it is now, so a later check of the same bytes is known.
+        """
+        if rc != 0 or summary.problems:
+            return  # only a clean result is cached: a finding's evidence wants a check's own ERROR lines
+        with open(path, "rb") as f:
+            after = f.read()
+        self._remember(_key(after), CheckSummary())
 
     # ---- read-only read ---------------------------------------------------------------------------
     def read_only(self, raw: bytes, sectors: set[int]) -> tuple[dict[int, bytes], str | None, str | None]:
@@ -234,7 +294,9 @@ class Judge:
         run = self.tool([self.bins.qemu_img, "check", "-r", mode, "--output=json", "--image-opts",
                          image_opts(path, log)])
         self._absorb(log, path, conv)
-        return run, parse_check(run)
+        summary = parse_check(run)
+        self.remember_after_fix(path, summary, run.rc)
+        return run, summary
 
     def check_path(self, path: str) -> CheckSummary:
         with open(path, "rb") as f:
