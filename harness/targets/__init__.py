@@ -85,7 +85,8 @@ class CheckSummary:
     leaks_fixed: int = 0
     messages: tuple[str, ...] = ()
     # qcrash's stricter rule (CRASH-CONTRACT.md): clusters past EOF with a nonzero refcount.
-    # A target whose check cannot see them reports ().
+    # Filled only when asked (`check(raw, past_eof=True)`, on recovered images: on a raw crash
+    # image the tables may point anywhere).
     refcounts_past_eof: tuple[int, ...] = ()
 
     @property
@@ -203,8 +204,8 @@ class Target(abc.ABC):
         """The header's flags without opening the image, or the error that refuses it."""
 
     @abc.abstractmethod
-    def check(self, raw: bytes) -> CheckSummary:
-        """`qemu-img check` (no repair) of the image."""
+    def check(self, raw: bytes, *, past_eof: bool = False) -> CheckSummary:
+        """`qemu-img check` (no repair) of the image; with `past_eof`, also fill `refcounts_past_eof`."""
 
     @abc.abstractmethod
     def read_only(self, raw: bytes, sectors: Iterable[int], *, allocated: bool = True) -> ReadOnlyView:

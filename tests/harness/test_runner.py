@@ -104,8 +104,8 @@ def test_chosen_crash_then_continue_keeps_model_and_image_in_step() -> None:
         assert runner.step(op) == []
     # After dropping everything unsynced the durable writes survive and the later ones are gone.
     assert runner.step(Read(0, 4096)) == []
-    assert runner.image.read(0, 512) == runner.model.read(0, 512)
-    assert runner.image.read(2048, 512) == bytes(512)
+    assert runner.target.read(0, 512) == runner.model.read(0, 512)
+    assert runner.target.read(2048, 512) == bytes(512)
     assert runner.finish() == []
 
 
@@ -126,7 +126,7 @@ def test_qemu_disagreement_is_reported() -> None:
     """The comparison can fail: a refcount made wrong only for qcrash's checker is a disagreement."""
     import shutil
 
-    from harness.runner import qemu_disagreement
+    from harness.qemu_check import qemu_disagreement
     from models.blockio import MemoryFile
     from models.qcow2 import Qcow2Image, check
 
