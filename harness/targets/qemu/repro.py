@@ -8,7 +8,7 @@ from harness.crashstates import CrashImageBuilder, CrashState
 from harness.targets.qemu.script import write_reproducer
 from harness.targets.qemu.target import QemuTarget
 
-__all__ = ["write_artifacts"]
+__all__ = ["write_artifacts", "artifacts_beside"]
 
 
 def write_artifacts(rep, directory: str | Path, stem: str, target: QemuTarget | None = None) -> Path | None:
@@ -35,4 +35,20 @@ def write_artifacts(rep, directory: str | Path, stem: str, target: QemuTarget | 
                                 crash_image=image, crash_id=finding.crash_id, recovery="open",
                                 version=target.bins.version, observed=finding.evidence)
     finally:
-        target.abort()
+        target.release()
+
+
+def artifacts_beside(json_path: str | Path, rep, spec) -> Path | None:
+    """Write the crash image and script next to a recorded reproducer (same stem); a failure is reported, not raised."""
+    import sys
+
+    json_path = Path(json_path)
+    target = spec.make()
+    try:
+        return write_artifacts(rep, json_path.parent, json_path.stem, target)
+    except Exception as exc:  # noqa: BLE001 - the JSON reproducer is already safe on disk
+        print(f"qcrash: {json_path}: could not write the QEMU reproducer script: {type(exc).__name__}: {exc}",
+              file=sys.stderr)
+        return None
+    finally:
+        target.release()

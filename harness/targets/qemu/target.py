@@ -159,6 +159,11 @@ class QemuTarget(Target):
             f.write(image)
         self._start()
 
+    def release(self) -> None:
+        """End every QEMU process this target started (the live session and the judging qemu-io)."""
+        self.abort()
+        self.judge.stop()
+
     def __del__(self) -> None:  # scratch space only; the processes are ended by close/abort
         try:
             self.abort()
