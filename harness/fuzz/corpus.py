@@ -13,6 +13,8 @@ from harness.config import Config, ConfigError
 from harness.ops import Op, OpError, op_from_dict, op_to_dict
 from harness.oracle import Finding
 from harness.runner import Budget
+from harness.targets.qemu.spec import PYTHON, TargetSpec
+from harness.targets.qemu.spec import from_dict as target_from_dict
 
 FORMAT = "qcrash-reproducer"
 FORMAT_VERSION = 1
@@ -34,6 +36,7 @@ class Reproducer:
     count: int = 1
     harness_version: str = __version__
     shrunk_from: int | None = None  # operations before shrinking
+    target: TargetSpec = PYTHON  # the implementation under test (and its version)
 
     @property
     def signature(self) -> str:
@@ -47,6 +50,7 @@ class Reproducer:
             "ops": [op_to_dict(op) for op in self.ops],
             "finding": self.finding.to_dict() if self.finding else None,
             "signature": self.signature, "count": self.count, "shrunk_from": self.shrunk_from,
+            "target": self.target.to_dict(),
             "python": self.python(),
         }
 
@@ -54,7 +58,8 @@ class Reproducer:
         """A runnable reproduction (also stored in the file, for reading)."""
         ops = ", ".join(repr(op) for op in self.ops)
         return (f"from harness.ops import *; from harness.config import Config; from harness.runner import Runner, Budget\n"
-                f"Runner({self.config!r}, seed={self.seed}, budget={self.budget!r}).run([{ops}])")
+                f"Runner({self.config!r}, seed={self.seed}, budget={self.budget!r}"
+                f"{'' if self.target.name == 'python' else f', target={self.target.name!r}'}).run([{ops}])")
 
 
 def load(path: str | os.PathLike[str]) -> Reproducer:
@@ -102,8 +107,13 @@ def from_dict(data: object, where: str) -> Reproducer:
         except (TypeError, ValueError) as exc:
             raise ReproducerError(f"{where}: field 'finding': {exc}") from None
     inject = need("inject", list) if "inject" in data else []
+    try:
+        target = target_from_dict(data.get("target"), where)
+    except ValueError as exc:
+        raise ReproducerError(str(exc)) from None
     return Reproducer(config, ops, need("seed", int), budget, finding, data.get("example_seed"), list(inject),
-                      int(data.get("count", 1)), str(data.get("harness_version", "?")), data.get("shrunk_from"))
+                      int(data.get("count", 1)), str(data.get("harness_version", "?")), data.get("shrunk_from"),
+                      target)
 
 
 def atomic_write_json(path: Path, data: dict) -> None:

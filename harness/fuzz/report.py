@@ -41,6 +41,7 @@ def build_summary(result, opts, *, argv: list[str]) -> dict:
         "config_overrides": opts.overrides,
         "inject": opts.inject,
         "jobs": opts.jobs,
+        "target": opts.target.to_dict(),
         "python": platform.python_version(),
         "interrupted": result.interrupted,
         "examples": len(result.outcomes),
@@ -87,6 +88,7 @@ def render_markdown(s: dict) -> str:
         "",
         f"- seed **{s['seed']}**, shard {s['shard'][0]}/{s['shard'][1]}, profile `{s['profile']}`, jobs {s['jobs']}"
         + (", **interrupted (partial report)**" if s.get("interrupted") else ""),
+        f"- target: {s.get('target', {}).get('name', 'python')} {s.get('target', {}).get('version', '')}".rstrip(),
         f"- injected bugs: {', '.join(s['inject']) or 'none'}; config overrides: {s['config_overrides'] or 'none'}",
         f"- {s['examples']} examples, {s['ops']} operations, **{s['crash_states']} crash states** in {t['seconds']} s "
         f"({t['crash_states_per_second']} states/s, {t['examples_per_second']} examples/s)",
