@@ -9,48 +9,58 @@ from harness.config import Config
 from harness.ops import Crash, Discard, Op, Read, Write, WriteZeroes
 from harness.oracle import Finding
 from harness.runner import Budget, Runner
+from harness.targets.qemu.spec import TargetSpec, make, release
 
 GUEST_OP_TYPES = (Write, WriteZeroes, Discard, Read)
 
 
-def reproduces(config: Config, ops: list[Op], seed: int, budget: Budget, verdict: str) -> Finding | None:
+def reproduces(config: Config, ops: list[Op], seed: int, budget: Budget, verdict: str,
+               target: TargetSpec | None = None) -> Finding | None:
+    runner = None
     try:
-        runner = Runner(config, seed=seed, budget=budget)
+        runner = Runner(config, seed=seed, budget=budget, target=make(target))
         findings = runner.run(ops)
     except Exception:  # noqa: BLE001 - an invalid candidate (e.g. a crash id that no longer fits) does not reproduce
         return None
+    finally:
+        if runner is not None:
+            release(runner.target)
     for f in findings:
         if str(f.verdict) == verdict:
             return f
     return None
 
 
-def explicit_crash(config: Config, ops: list[Op], seed: int, budget: Budget, finding: Finding) -> list[Op] | None:
+def explicit_crash(config: Config, ops: list[Op], seed: int, budget: Budget, finding: Finding,
+                   target: TargetSpec | None = None) -> list[Op] | None:
     """Turn a sweep finding into ops[:n+1] + Crash(...) that reproduces it with the sweep off."""
     if finding.crash_id is None or finding.phase not in ("raw", "recovery", "recovery-crash"):
         return None
-    runner = Runner(config, seed=seed, budget=dataclasses.replace(budget, sweep=False))
-    prefix = ops[: finding.op_index + 1]
-    for op in prefix:
-        runner.step(op)
-    from harness.crashstates import CrashState
+    runner = Runner(config, seed=seed, budget=dataclasses.replace(budget, sweep=False), target=make(target))
+    try:
+        prefix = ops[: finding.op_index + 1]
+        for op in prefix:
+            runner.step(op)
+        from harness.crashstates import CrashState
 
-    state = CrashState.parse(finding.crash_id)
-    if state.point > runner.ff.point():
-        return None
-    return prefix + [runner.crash_op_for(state)]
+        state = CrashState.parse(finding.crash_id)
+        if state.point > runner.ff.point():
+            return None
+        return prefix + [runner.crash_op_for(state)]
+    finally:
+        release(runner.target)
 
 
 def shrink(config: Config, ops: list[Op], seed: int, budget: Budget, finding: Finding, *,
-           seconds: float = 30.0) -> tuple[list[Op], Budget, Finding]:
+           seconds: float = 30.0, target: TargetSpec | None = None) -> tuple[list[Op], Budget, Finding]:
     """Greedy delta-debugging: returns the smallest sequence found that still gives the same verdict."""
     deadline = time.monotonic() + seconds
     verdict = str(finding.verdict)
     best, best_budget, best_finding = list(ops), budget, finding
-    explicit = explicit_crash(config, ops, seed, budget, finding)
+    explicit = explicit_crash(config, ops, seed, budget, finding, target)
     quiet = dataclasses.replace(budget, sweep=False, recovery_every=1)
     if explicit is not None:
-        hit = reproduces(config, explicit, seed, quiet, verdict)
+        hit = reproduces(config, explicit, seed, quiet, verdict, target)
         if hit:
             best, best_budget, best_finding = explicit, quiet, hit
     if best_finding is finding:
@@ -60,7 +70,7 @@ def shrink(config: Config, ops: list[Op], seed: int, budget: Budget, finding: Fi
         nonlocal best, best_finding
         if time.monotonic() > deadline or not candidate:
             return False
-        hit = reproduces(config, candidate, seed, best_budget, verdict)
+        hit = reproduces(config, candidate, seed, best_budget, verdict, target)
         if hit:
             best, best_finding = candidate, hit
             return True

@@ -19,6 +19,9 @@ from harness.config import Config, draw_config
 from harness.ops import Op, random_ops
 from harness.oracle import Finding
 from harness.runner import Budget, Runner, Stats
+from harness.targets.qemu.spec import PYTHON, TargetSpec
+from harness.targets.qemu.spec import make as make_target
+from harness.targets.qemu.spec import release as release_target
 from harness.shrink import crash_atoms, guest_op_count, shrink
 
 # Profiles: how long sequences are and how deep each example's sweep goes.
@@ -49,6 +52,7 @@ class FuzzOptions:
     known: set[str] = dataclasses.field(default_factory=set)  # signatures of known failures: counted, not re-recorded
     shrink: bool = True
     stop_after_findings: int | None = None
+    target: TargetSpec = PYTHON  # the implementation under test
 
 
 @dataclasses.dataclass
@@ -91,7 +95,8 @@ def _override(config: Config, overrides: dict[str, str], rng: random.Random) -> 
 
 def run_example(args: tuple) -> Outcome:
     """One example, in a worker process: generate, run, and shrink what it finds."""
-    index, base_seed, overrides, profile, inject, do_shrink = args
+    index, base_seed, overrides, profile, inject, do_shrink, *rest = args
+    target = rest[0] if rest else PYTHON  # callers from before the target seam pass six fields
     from models.qcow2 import inject as injectmod
 
     injectmod.set_active(inject)
@@ -99,18 +104,21 @@ def run_example(args: tuple) -> Outcome:
     config, ops = generate(seed, overrides, profile)
     budget = PROFILES[profile]["budget"]
     t0 = time.perf_counter()
-    runner = Runner(config, seed=seed, budget=budget)
-    findings = runner.run(ops)
+    runner = Runner(config, seed=seed, budget=budget, target=make_target(target))
+    try:
+        findings = runner.run(ops)
+    finally:
+        release_target(runner.target)
     out = Outcome(index, seed, config, len(ops), runner.stats, time.perf_counter() - t0)
     if findings:
         finding = findings[0]
         rep_ops, rep_budget, rep_finding = list(runner.ops), budget, finding
         if do_shrink:
             rep_ops, rep_budget, rep_finding = shrink(config, list(runner.ops), seed, budget, finding,
-                                                      seconds=PROFILES[profile]["shrink_seconds"])
+                                                      seconds=PROFILES[profile]["shrink_seconds"], target=target)
         out.finding = finding
         out.reproducer = corpusmod.Reproducer(config, rep_ops, seed, rep_budget, rep_finding, seed, sorted(inject),
-                                              shrunk_from=len(runner.ops))
+                                              shrunk_from=len(runner.ops), target=target)
     return out
 
 
@@ -187,7 +195,8 @@ def fuzz(opts: FuzzOptions, *, on_outcome: Callable[[Outcome], None] | None = No
     known_hits: dict[str, int] = {}
     total = Stats()
     timeline = []
-    args = ((i, opts.seed, opts.overrides, opts.profile, opts.inject, opts.shrink) for i in _indices(opts))
+    args = ((i, opts.seed, opts.overrides, opts.profile, opts.inject, opts.shrink, opts.target)
+            for i in _indices(opts))
 
     def accept(out: Outcome) -> None:
         outcomes.append(out)
@@ -199,6 +208,10 @@ def fuzz(opts: FuzzOptions, *, on_outcome: Callable[[Outcome], None] | None = No
             else:
                 counts[sig] = counts.get(sig, 0) + 1
                 files[sig] = corpusmod.record(opts.corpus, out.reproducer)
+                if counts[sig] == 1 and opts.target.name == "qemu":
+                    from harness.targets.qemu.repro import artifacts_beside
+
+                    artifacts_beside(files[sig], out.reproducer, opts.target)
         elapsed = time.monotonic() - t0
         timeline.append((round(elapsed, 2), len(outcomes), total.crash_states, sum(counts.values())))
         if progress:
