@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from harness.cli import UsageError
+from harness.targets.qemu import spec as target_args
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -28,15 +29,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--known", action="append", default=[], metavar="DIR",
                    help="a shared, read-only directory of known failures: replayed first; hits of a known "
                         "signature are counted, not recorded again (repeatable)")
+    target_args.add_arguments(p)
     p.set_defaults(func=cmd_fuzz)
 
     p = sub.add_parser("replay", help="re-run reproducer files without Hypothesis")
     p.add_argument("files", nargs="+")
+    target_args.add_arguments(p, default=None)
     p.set_defaults(func=cmd_replay)
 
     p = sub.add_parser("shrink", help="minimise a reproducer further; writes FILE.min.json beside it")
     p.add_argument("file")
     p.add_argument("--seconds", type=float, default=60.0)
+    target_args.add_arguments(p, default=None)
     p.set_defaults(func=cmd_shrink)
 
     p = sub.add_parser("report", help="work with run reports")
@@ -103,10 +107,13 @@ def cmd_fuzz(args: argparse.Namespace) -> int:
     suffix = f"-shard{shard[0]}of{shard[1]}" if shard[1] > 1 else ""
     report_dir = Path(args.report) if args.report else Path("reports") / f"{rp.utc_stamp()}-{seed}{suffix}"
     corpus = Path(args.corpus) if args.corpus else report_dir / "findings"
+    target = _target(args)
+    known_dirs = args.known + target_args.known_dirs(target)
     opts = fz.FuzzOptions(examples=examples, seconds=seconds, seed=seed, jobs=jobs, shard=_parse_shard(args.shard),
                           profile=profile, overrides=overrides, corpus=corpus, inject=sorted(inject.active()),
-                          shrink=not args.no_shrink, known=_known_signatures(args.known))
-    print(f"qcrash fuzz: seed {seed}, shard {opts.shard[0]}/{opts.shard[1]}, profile {profile}, jobs {jobs}, "
+                          shrink=not args.no_shrink, known=_known_signatures(known_dirs, args), target=target)
+    print(f"qcrash fuzz: target {target.name}{f' {target.version}' if target.version else ''}, "
+          f"seed {seed}, shard {opts.shard[0]}/{opts.shard[1]}, profile {profile}, jobs {jobs}, "
           f"{f'{examples} examples' if examples is not None else f'{seconds:g}s'}"
           + (f", injected bugs: {','.join(opts.inject)}" if opts.inject else ""), flush=True)
 
@@ -129,7 +136,17 @@ def cmd_fuzz(args: argparse.Namespace) -> int:
     return 1 if result.findings else 0
 
 
-def _known_signatures(dirs: list[str]) -> set[str]:
+def _target(args: argparse.Namespace, recorded=None):
+    """The target spec the command line names (the reproducer's when it names none); exit 2 when QEMU is missing."""
+    from harness.targets.qemu.binaries import QemuMissing
+
+    try:
+        return target_args.from_args(args, recorded)
+    except (QemuMissing, ValueError) as exc:
+        raise UsageError(str(exc)) from None
+
+
+def _known_signatures(dirs: list[str], args: argparse.Namespace | None = None) -> set[str]:
     """Replay every reproducer in the shared directories; the signatures still failing are known."""
     known = set()
     for d in dirs:
@@ -137,7 +154,7 @@ def _known_signatures(dirs: list[str]) -> set[str]:
         if not path.is_dir():
             raise UsageError(f"--known {d}: not a directory")
         for f in sorted(path.glob("*.json")):
-            verdict, detail, sig = replay_file(str(f))
+            verdict, detail, sig = replay_file(str(f), args)
             if sig is not None:
                 known.add(sig)
             print(f"known: {detail.splitlines()[0]}", flush=True)
@@ -154,25 +171,33 @@ def _int_arg(name: str, text: str, lo: int) -> int:
     return value
 
 
-def replay_file(path: str) -> tuple[str, str, str | None]:
+def replay_file(path: str, args: argparse.Namespace | None = None) -> tuple[str, str, str | None]:
     """('failing'|'fixed'|'error', detail, signature of the finding now) for one reproducer file."""
     from harness.fuzz.corpus import ReproducerError, load
     from harness.runner import Runner
+    from harness.targets.qemu.spec import make, release
     from models.qcow2 import inject
 
     try:
         rep = load(path)
     except ReproducerError as exc:
         return "error", str(exc), None
+    try:
+        spec = _target(args, rep.target) if args is not None else rep.target.resolved()
+    except Exception as exc:  # noqa: BLE001 - QEMU missing: this file cannot be replayed here
+        return "error", f"{path}: target {rep.target.name}: {exc}", None
     previous = inject.active()
+    runner = None
     try:
         inject.set_active(rep.inject)
-        runner = Runner(rep.config, seed=rep.seed, budget=rep.budget)
+        runner = Runner(rep.config, seed=rep.seed, budget=rep.budget, target=make(spec))
         findings = runner.run(rep.ops)
     except Exception as exc:  # noqa: BLE001
         return "error", f"{path}: replay raised {type(exc).__name__}: {exc}", None
     finally:
         inject.set_active(previous)
+        if runner is not None:
+            release(runner.target)
     if not findings:
         return "fixed", f"{path}: fixed (no finding; was {rep.signature})", None
     f = findings[0]
@@ -185,7 +210,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
     # 1 when any file still fails; else 2 when any file could not be read; else 0.
     seen = set()
     for path in args.files:
-        verdict, detail, _sig = replay_file(path)
+        verdict, detail, _sig = replay_file(path, args)
         print(detail, flush=True)
         seen.add(verdict)
     return 1 if "failing" in seen else 2 if "error" in seen else 0
@@ -195,6 +220,7 @@ def cmd_shrink(args: argparse.Namespace) -> int:
     from harness.fuzz import corpus as cp
     from harness.runner import Runner
     from harness.shrink import shrink
+    from harness.targets.qemu.spec import make, release
     from models.qcow2 import inject
 
     try:
@@ -203,13 +229,19 @@ def cmd_shrink(args: argparse.Namespace) -> int:
         print(f"qcrash: {exc}", file=sys.stderr)
         return 2
     inject.set_active(rep.inject)
-    findings = Runner(rep.config, seed=rep.seed, budget=rep.budget).run(rep.ops)
+    spec = _target(args, rep.target)
+    runner = Runner(rep.config, seed=rep.seed, budget=rep.budget, target=make(spec))
+    try:
+        findings = runner.run(rep.ops)
+    finally:
+        release(runner.target)
     if not findings:
         print(f"{args.file}: does not fail any more; nothing to shrink")
         return 0
-    ops, budget, finding = shrink(rep.config, rep.ops, rep.seed, rep.budget, findings[0], seconds=args.seconds)
+    ops, budget, finding = shrink(rep.config, rep.ops, rep.seed, rep.budget, findings[0], seconds=args.seconds,
+                                  target=spec)
     small = cp.Reproducer(rep.config, ops, rep.seed, budget, finding, rep.example_seed, rep.inject, rep.count,
-                          shrunk_from=len(rep.ops))
+                          shrunk_from=len(rep.ops), target=spec)
     out = Path(args.file).with_suffix(".min.json")
     cp.atomic_write_json(out, small.to_dict())
     print(f"{args.file}: {len(rep.ops)} -> {len(ops)} operations; wrote {out}")
