@@ -18,10 +18,11 @@ class TargetSpec:
     qemu_img: str | None = None
     qemu_io: str | None = None
     version: str | None = None
+    qemu_opts: str | None = None  # extra qcow2 driver options on every live open, e.g. "cache.no-flush=on"
 
     def make(self) -> Target:
         if self.name == "qemu":
-            return get_target("qemu", qemu_img=self.qemu_img, qemu_io=self.qemu_io)
+            return get_target("qemu", qemu_img=self.qemu_img, qemu_io=self.qemu_io, extra_opts=self.qemu_opts or "")
         return get_target(self.name)
 
     def resolved(self) -> "TargetSpec":
@@ -31,7 +32,7 @@ class TargetSpec:
         from harness.targets.qemu.binaries import find_binaries
 
         bins = find_binaries(self.qemu_img, self.qemu_io)
-        return TargetSpec("qemu", bins.qemu_img, bins.qemu_io, bins.version)
+        return TargetSpec("qemu", bins.qemu_img, bins.qemu_io, bins.version, self.qemu_opts)
 
     def to_dict(self) -> dict:
         return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
@@ -63,6 +64,8 @@ def add_arguments(parser: argparse.ArgumentParser, *, default: str | None = "pyt
     parser.add_argument("--qemu-img", default=None, metavar="PATH",
                         help="qemu-img binary, or a directory holding qemu-img and qemu-io (default: PATH)")
     parser.add_argument("--qemu-io", default=None, metavar="PATH", help="qemu-io binary (default: PATH)")
+    parser.add_argument("--qemu-opts", default=None, metavar="OPTS",
+                        help="extra qcow2 options on every live QEMU open, e.g. cache.no-flush=on (to see the oracle fail)")
 
 
 def from_args(args: argparse.Namespace, recorded: TargetSpec | None = None) -> TargetSpec:
@@ -72,9 +75,10 @@ def from_args(args: argparse.Namespace, recorded: TargetSpec | None = None) -> T
     if name != base.name:
         base = TargetSpec(name)
     # Recorded binary paths are the recording machine's: replay takes the command line's, or PATH.
-    spec = TargetSpec(name, args.qemu_img, args.qemu_io)
-    if (args.qemu_img or args.qemu_io) and name != "qemu":
-        raise ValueError("--qemu-img/--qemu-io: only meaningful with --target qemu")
+    opts = args.qemu_opts if args.qemu_opts is not None else base.qemu_opts
+    spec = TargetSpec(name, args.qemu_img, args.qemu_io, None, opts)
+    if (args.qemu_img or args.qemu_io or args.qemu_opts) and name != "qemu":
+        raise ValueError("--qemu-img/--qemu-io/--qemu-opts: only meaningful with --target qemu")
     return spec.resolved()
 
 
