@@ -22,6 +22,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="throughput, cost per write against qemu-img bench, memory")
     p.add_argument("--quick", action="store_true", help="a short run (under 5 minutes)")
     p.add_argument("--out", default=None, help="report directory (default reports/bench-<UTC time>)")
+    p.add_argument("--target", choices=("python", "qemu"), default=None,
+                   help="instead: crash states judged per second (per core) on this target beside the python target")
+    p.add_argument("--seconds", type=float, default=60.0, help="with --target: seconds per target (default 60)")
+    p.add_argument("--qemu-img", default=None, metavar="PATH", help="with --target qemu: qemu-img binary or directory")
+    p.add_argument("--qemu-io", default=None, metavar="PATH", help="with --target qemu: qemu-io binary")
     p.set_defaults(func=cmd_bench)
 
 
@@ -54,6 +59,21 @@ def cmd_zoo(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from harness.bench import throughput as bench
+
+    if args.target:
+        from harness.targets.qemu.bench import compare_targets
+
+        try:
+            path = compare_targets(args.target, seconds=args.seconds, qemu_img=args.qemu_img, qemu_io=args.qemu_io,
+                                   out=Path(args.out) if args.out else None)
+        except Exception as exc:  # noqa: BLE001 - QEMU missing names what to install
+            from harness.targets.qemu.binaries import QemuMissing
+
+            if isinstance(exc, QemuMissing):
+                raise UsageError(str(exc)) from None
+            raise
+        print(f"bench: {path}")
+        return 0
 
     out = bench.run(quick=args.quick, out=Path(args.out) if args.out else None)
     print(f"bench: {out}/bench.md")
