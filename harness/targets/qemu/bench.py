@@ -9,7 +9,7 @@ import time
 from harness.config import draw_config
 from harness.ops import random_ops
 
-__all__ = ["states_per_second", "format_rows"]
+__all__ = ["states_per_second", "format_rows", "compare_targets"]
 
 
 def _cpu() -> float:
@@ -52,3 +52,31 @@ def format_rows(rows: list[dict]) -> str:
     body = [f"| {r['target']} | {r['examples']} | {r['states']} | {r['seconds']} | {r['cpu_seconds']} | "
             f"{r['states_per_s']} | {r['states_per_cpu_s']} |" for r in rows]
     return "\n".join([head, *body])
+
+
+def compare_targets(target: str, *, seconds: float, qemu_img: str | None = None, qemu_io: str | None = None,
+                    out=None, seed: int = 1):
+    """`qcrash bench --target T`: the python target and T on the same seeded examples; writes targets.md and prints it."""
+    import json
+    from datetime import datetime, timezone
+    from pathlib import Path
+
+    from harness.targets.qemu.spec import TargetSpec
+
+    rows = [states_per_second("python", seconds=seconds, seed=seed)]
+    version = ""
+    if target != "python":
+        spec = TargetSpec(target, qemu_img, qemu_io).resolved()  # QemuMissing before any work
+        version = spec.version or ""
+        rows.append(states_per_second(target, seconds=seconds, seed=seed,
+                                      target_options={"qemu_img": spec.qemu_img, "qemu_io": spec.qemu_io}))
+    out = Path(out) if out else Path("reports") / f"bench-{datetime.now(timezone.utc).strftime('%Y%m%dT%H%M%SZ')}"
+    out.mkdir(parents=True, exist_ok=True)
+    table = format_rows(rows)
+    text = (f"# Crash states judged per second, by target\n\n{seconds:g} s per target, seed {seed}, 1 MiB disks, "
+            f"default budget; per core = crash states / CPU seconds of qcrash and every QEMU process it ran."
+            f"{f' QEMU {version}.' if version else ''}\n\n{table}\n")
+    (out / "targets.md").write_text(text)
+    (out / "targets.json").write_text(json.dumps({"rows": rows, "qemu_version": version}, indent=1) + "\n")
+    print(table)
+    return out / "targets.md"
