@@ -120,6 +120,7 @@ class Judge:
         self.runs = 0  # tool processes started (the benchmark divides by it)
         self._io: QemuIo | None = None
         self.quick = 0  # checks answered by quick_clean
+        self._views: dict[bytes, dict[int, bytes]] = {}
 
     def io(self) -> QemuIo:
         """One long-lived qemu-io that opens and closes crash images in turn (start-up dominates otherwise)."""
@@ -221,7 +222,23 @@ class Judge:
 
     # ---- read-only read ---------------------------------------------------------------------------
     def read_only(self, raw: bytes, sectors: set[int]) -> tuple[dict[int, bytes], str | None, str | None]:
-        """Open read-only in QEMU (no repair of a dirty image) and read `sectors`: (view, changed, error)."""
+        """Open read-only in QEMU (no repair of a dirty image) and read `sectors`: (view, changed, error).
+
+        Views are cached by the image's hash: QEMU reads the same bytes the same way, and a
+        recovery that changed nothing (a clean crash image) is read again right after.
+        """
+        key = _key(raw)
+        seen = self._views.get(key)
+        if seen is not None and sectors <= seen.keys():
+            return {s: seen[s] for s in sectors}, None, None
+        view, changed, error = self._read_only(raw, sectors)
+        if changed is None and error is None:
+            if len(self._views) > 64:
+                self._views.clear()
+            self._views.setdefault(key, {}).update(view)
+        return view, changed, error
+
+    def _read_only(self, raw: bytes, sectors: set[int]) -> tuple[dict[int, bytes], str | None, str | None]:
         if len(sectors) * SECTOR > _DUMP_LIMIT:
             return self._read_by_convert(raw, sectors)
         path = self._put(raw)
