@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from harness.crashstates import CrashImageBuilder, CrashState
+from harness.targets import RecoveryPath
 from harness.targets.qemu.script import write_reproducer
 from harness.targets.qemu.target import QemuTarget
 
@@ -25,14 +27,22 @@ def write_artifacts(rep, directory: str | Path, stem: str, target: QemuTarget | 
         if not findings:
             return None
         finding = findings[0]
-        if finding.crash_id:
-            state = CrashState.parse(finding.crash_id)
-            image = bytes(CrashImageBuilder(target.log).build(state))
+        crash_id = finding.crash_id
+        if crash_id:
+            image = bytes(CrashImageBuilder(target.log).build(CrashState.parse(crash_id)))
+            inner = re.search(r"\(recovery crashed at \[([^\]]+)\]\)", finding.evidence)
+            if inner:
+                # The contract broke on a crash *of the recovery*: ship that image, made from the
+                # recovery's own host log, so the script starts where the failing open starts.
+                rec = target.recover(image, RecoveryPath.OPEN, target.options, record=True)
+                if rec.log is not None:
+                    image = bytes(CrashImageBuilder(rec.log).build(CrashState.parse(inner.group(1))))
+                    crash_id = f"{crash_id}, then recovery crashed at {inner.group(1)}"
         else:
             target.close()
             image = target.contents()
         return write_reproducer(directory, stem, finding=finding, config=rep.config, history=target.history(),
-                                crash_image=image, crash_id=finding.crash_id, recovery="open",
+                                crash_image=image, crash_id=crash_id, recovery="open",
                                 version=target.bins.version, observed=finding.evidence)
     finally:
         target.release()

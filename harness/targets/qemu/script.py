@@ -16,12 +16,12 @@ IMAGE = "crash.qcow2"
 
 
 _RECOVER = {
-    "open": ['"$QEMU_IO" -f qcow2 -c close work.qcow2   # a read-write open repairs a dirty image',
-             '"$QEMU_IMG" check work.qcow2 >/dev/null || "$QEMU_IMG" check -r leaks work.qcow2'],
-    "check-all": ['"$QEMU_IMG" check -r all work.qcow2'],
-    "check-leaks": ['"$QEMU_IMG" check -r leaks work.qcow2'],
+    "open": ['"$QEMU_IO" -f qcow2 -c close $W/work.qcow2   # a read-write open repairs a dirty image',
+             '"$QEMU_IMG" check $W/work.qcow2 >/dev/null || "$QEMU_IMG" check -r leaks $W/work.qcow2'],
+    "check-all": ['"$QEMU_IMG" check -r all $W/work.qcow2'],
+    "check-leaks": ['"$QEMU_IMG" check -r leaks $W/work.qcow2'],
 }
-_CHECK = '"$QEMU_IMG" check work.qcow2; echo "exit $?"'
+_CHECK = '"$QEMU_IMG" check $W/work.qcow2; echo "exit $?"'
 
 
 def breaking_commands(finding: Finding, recovery: str | None) -> tuple[list[str], str]:
@@ -30,16 +30,16 @@ def breaking_commands(finding: Finding, recovery: str | None) -> tuple[list[str]
     recover = _RECOVER.get(recovery or "open", _RECOVER["open"])
     read = []
     if finding.sector is not None:
-        read = [f'"$QEMU_IO" -r -f qcow2 -c "read -v {finding.sector * SECTOR} {SECTOR}" work.qcow2']
+        read = [f'"$QEMU_IO" -r -f qcow2 -c "read -v {finding.sector * SECTOR} {SECTOR}" $W/work.qcow2']
     if v is Verdict.CORRUPTION_WITHOUT_DIRTY:
         return [_CHECK], "the dirty bit is clear on disk, so check exits 0 or 3 (leaks only)"
     if v in (Verdict.DATA_LOST, Verdict.FOREIGN_DATA, Verdict.GARBAGE) and finding.phase == "raw":
         return read, "the sector holds its durable value or a value written to it since (see the evidence)"
     if v is Verdict.READONLY_OPEN_CHANGED:
-        return ["cp work.qcow2 before.qcow2", '"$QEMU_IMG" convert -f qcow2 -O raw work.qcow2 /dev/null',
-                "cmp before.qcow2 work.qcow2 && echo unchanged"], "a read-only open leaves the file unchanged"
+        return ["cp $W/work.qcow2 $W/before.qcow2", '"$QEMU_IMG" convert -f qcow2 -O raw $W/work.qcow2 /dev/null',
+                "cmp $W/before.qcow2 $W/work.qcow2 && echo unchanged"], "a read-only open leaves the file unchanged"
     if v is Verdict.UNOPENABLE:
-        return ['"$QEMU_IO" -r -f qcow2 -c "read 0 512" work.qcow2'], "the crash image opens"
+        return ['"$QEMU_IO" -r -f qcow2 -c "read 0 512" $W/work.qcow2'], "the crash image opens"
     if v is Verdict.REPAIR_FAILED:
         return recover, "recovery succeeds"
     if v is Verdict.CHECK_FAILED:
@@ -71,6 +71,7 @@ def write_reproducer(directory: str | os.PathLike[str], stem: str, *, finding: F
         "set -u",
         'cd "$(dirname "$0")"',
         'QEMU_IMG=${QEMU_IMG:-qemu-img}; QEMU_IO=${QEMU_IO:-qemu-io}',
+        'W=$(mktemp -d); trap \'rm -rf "$W"\' EXIT',
         "",
         "# 1. How the image was built (for reading; qcrash logged every host write of these through",
         "#    blklogwrites and applied the crash state above to make the shipped crash image):",
@@ -79,7 +80,7 @@ def write_reproducer(directory: str | os.PathLike[str], stem: str, *, finding: F
     lines += [
         "",
         "# 2. The crash image, as the crash left it:",
-        f"cp {shlex.quote(stem + '.qcow2')} work.qcow2",
+        f'cp {shlex.quote(stem + ".qcow2")} "$W/work.qcow2"',
         "",
         f"# 3. The command whose result breaks the contract. Expected: {expected}.",
     ]
