@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from harness.faultfile import HostOp, OpKind, WriteLog
+from harness.faultfile import OpKind, WriteLog
 from harness.targets.qemu.blklog import Entry
 from harness.targets.qemu.layout import Layout, Role, read_layout
 from models.blockio import WriteSite

@@ -26,10 +26,10 @@ import subprocess
 import time
 
 from harness.targets.qemu.binaries import QemuBinaries
-from harness.targets.qemu.blklog import SUPER, scan
+from harness.targets.qemu.blklog import scan
 from harness.targets.qemu.hostlog import Converter
 
-__all__ = ["QemuIo", "QemuSession", "SessionError", "PROMPT", "image_opts", "failed"]
+__all__ = ["QemuIo", "QemuSession", "SessionError", "PROMPT", "image_opts", "failed", "failure_message"]
 
 PROMPT = b"qemu-io> "
 LOG_SECTOR = 512
@@ -238,3 +238,14 @@ def failed(output: str) -> bool:
                 or "cannot" in low or "could not" in low or low.startswith("qemu-io:")):
             return True
     return False
+
+
+def failure_message(output: str) -> str:
+    """The failure line first ("qemu-io: can't open: ..."), then the first of the repair messages before it."""
+    lines = [line.strip() for line in output.splitlines() if line.strip()]
+    failure = [line for line in lines if "can't open" in line]
+    rest = [line for line in lines if "can't open" not in line]
+    text = " ".join(failure)
+    if rest:
+        text += f" ({len(rest)} lines before it, first: {rest[0]})"
+    return text[:600]

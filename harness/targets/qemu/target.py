@@ -16,6 +16,7 @@ from harness.targets.qemu.binaries import QemuBinaries, find_binaries
 from harness.targets.qemu.hostlog import Converter
 from harness.targets.qemu.layout import guest_allocated, refcounts_past_eof
 from harness.targets.qemu.session import QemuSession, SessionError
+from harness.targets.qemu.recovery import recover_file
 from harness.targets.qemu.tools import Judge, Run, parse_check, parse_dump
 from models.blockio import CacheMode
 
@@ -201,7 +202,7 @@ class QemuTarget(Target):
         messages: list[str] = []
         events: list[str] = []
         try:
-            error = self._recover(image, conv, RecoveryPath(path), options, messages, events)
+            error = recover_file(self.judge, image, conv, RecoveryPath(path), options, messages, events)
             with open(image, "rb") as f:
                 recovered = f.read()
         finally:
@@ -209,56 +210,6 @@ class QemuTarget(Target):
         if error:
             return Recovery(None, conv.log if record else None, tuple(messages), tuple(events), error)
         return Recovery(recovered, conv.log if record else None, tuple(messages), tuple(events))
-
-    def _recover(self, image: str, conv: Converter, path: RecoveryPath, options: OpenOptions,
-                 messages: list[str], events: list[str]) -> str | None:
-        judge = self.judge
-        if path is RecoveryPath.OPEN:
-            error, lines = judge.open_rw(image, conv, str(options.cache_mode), options.lazy_refcounts)
-            messages += lines
-            if error:
-                return f"read-write open failed: {error}"
-            if any("Rebuilding refcount structure" in m for m in lines):
-                events.append("refcount rebuild")
-            if any(m.startswith(("ERROR", "Repairing", "Leaked")) for m in lines):
-                events.append("repaired on open")
-            with open(image, "rb") as f:
-                now = f.read()
-            known = judge.cached_check(now)
-            if known is None and judge.quick_clean(now):
-                known = judge.check(now)  # cached by quick_clean's success: no process started
-            if known is not None and not known.leaks:
-                return None  # the check of these very bytes is known and finds no leaks: nothing to do
-            # Leaks only are repaired with `check -r leaks`; run it at once instead of check first:
-            # it changes nothing when there are no leaks, and it reports the state it leaves.
-            if known is None or (not known.corruptions and not known.check_errors):
-                run, summary = judge.check_fix(image, conv, "leaks")
-                messages += run.lines
-                if summary.leaks_fixed:
-                    events.append("leaks repaired")
-            return None
-        mode = "all" if path is RecoveryPath.CHECK_ALL else "leaks"
-        run, summary = judge.check_fix(image, conv, mode)
-        messages += run.lines
-        if any("Rebuilding refcount structure" in m for m in run.lines):
-            events.append("refcount rebuild")
-        if summary.leaks_fixed:
-            events.append("leaks repaired")
-        if run.rc == 1 or summary.check_errors:
-            return f"qemu-img check -r {mode} exited {run.rc}: " + gist(run.lines)
-        return None
-
-
-def gist(lines: Iterable[str]) -> str:
-    """QEMU's summary lines first (per-cluster ERROR/Leaked/Repairing lines can run to thousands), then a count of the rest."""
-    lines = list(lines)
-    per_cluster = [m for m in lines if m.startswith(("ERROR cluster", "Leaked cluster", "Repairing cluster"))]
-    summary = [m for m in lines if m not in per_cluster and not m.lstrip().startswith(("{", "}", '"'))]
-    text = " ".join(summary)
-    if per_cluster:
-        text += f" ({len(per_cluster)} per-cluster lines, first: {per_cluster[0]})"
-    return text[:600]
-
 
 def inspect_header(raw: bytes) -> HeaderInfo:
     """The incompatible-feature bits as QEMU's open would first see them, or the rule that refuses the header."""

@@ -18,52 +18,14 @@ from harness.targets import CheckSummary
 from harness.targets.qemu.binaries import QemuBinaries
 from harness.targets.qemu.blklog import parse_file
 from harness.targets.qemu.hostlog import Converter
-from harness.targets.qemu.session import QemuIo, SessionError, image_opts
+from harness.targets.qemu.reader import ViewReader, parse_dump
+from harness.targets.qemu.session import QemuIo, failure_message, image_opts
 
 __all__ = ["Judge", "parse_check", "parse_dump", "scratch_dir", "Run"]
 
 SECTOR = 512
 _TIMEOUT = 120
-_DUMP_LIMIT = 64 << 10  # above this many bytes a read-only view is read by `qemu-img convert`, not a hex dump
 _CANT_OPEN = "can't open"
-
-
-def _message(output: str) -> str:
-    """The failure line first ("qemu-io: can't open: ..."), then the first of the repair messages before it."""
-    lines = [line.strip() for line in output.splitlines() if line.strip()]
-    failure = [line for line in lines if _CANT_OPEN in line]
-    rest = [line for line in lines if _CANT_OPEN not in line]
-    text = " ".join(failure)
-    if rest:
-        text += f" ({len(rest)} lines before it, first: {rest[0]})"
-    return text[:600]
-
-
-def _runs(sectors: list[int]) -> list[tuple[int, int]]:
-    """Sorted sector numbers as (first, count) runs of consecutive sectors."""
-    runs: list[tuple[int, int]] = []
-    for s in sectors:
-        if runs and runs[-1][0] + runs[-1][1] == s:
-            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
-        else:
-            runs.append((s, 1))
-    return runs
-
-
-def parse_dump(output: str, offset: int, length: int) -> bytes:
-    """The bytes of a `read -v` hex dump ("%08x:  xx xx ... xx  ascii"), checked against the expected range."""
-    lines = [line for line in output.splitlines() if line[8:11] == ":  "]
-    try:
-        data = bytes.fromhex("".join(line[11:58] for line in lines))
-        first = int(lines[0][:8], 16) if lines else offset
-        last = int(lines[-1][:8], 16) if lines else offset
-    except ValueError as exc:
-        raise SessionError(f"read -v dump is not hex ({exc})", "read -v", output[:400]) from None
-    # qemu-io prints 16 bytes a line from the request's offset; a gap or a short dump is an error.
-    if len(data) != length or first != offset or last != offset + length - 16 or len(lines) * 16 != length:
-        raise SessionError(f"read -v returned {len(data)} bytes from {first:#x}, expected {length} from {offset:#x}",
-                           "read -v", output[-400:])
-    return data
 
 
 def scratch_dir(prefix: str) -> str:
@@ -85,6 +47,7 @@ class Run:
 
 def _run(argv: list[str], cwd: str) -> Run:
     return Run(argv, subprocess.run(argv, capture_output=True, text=True, timeout=_TIMEOUT, cwd=cwd))
+
 
 
 def _key(raw: bytes) -> bytes:
@@ -120,7 +83,7 @@ class Judge:
         self.runs = 0  # tool processes started (the benchmark divides by it)
         self._io: QemuIo | None = None
         self.quick = 0  # checks answered by quick_clean
-        self._views: dict[bytes, dict[int, bytes]] = {}
+        self.reader = ViewReader(self)
 
     def io(self) -> QemuIo:
         """One long-lived qemu-io that opens and closes crash images in turn (start-up dominates otherwise)."""
@@ -222,73 +185,8 @@ class Judge:
 
     # ---- read-only read ---------------------------------------------------------------------------
     def read_only(self, raw: bytes, sectors: set[int]) -> tuple[dict[int, bytes], str | None, str | None]:
-        """Open read-only in QEMU (no repair of a dirty image) and read `sectors`: (view, changed, error).
-
-        Views are cached by the image's hash: QEMU reads the same bytes the same way, and a
-        recovery that changed nothing (a clean crash image) is read again right after.
-        """
-        key = _key(raw)
-        seen = self._views.get(key)
-        if seen is not None and sectors <= seen.keys():
-            return {s: seen[s] for s in sectors}, None, None
-        view, changed, error = self._read_only(raw, sectors)
-        if changed is None and error is None:
-            if len(self._views) > 64:
-                self._views.clear()
-            self._views.setdefault(key, {}).update(view)
-        return view, changed, error
-
-    def _read_only(self, raw: bytes, sectors: set[int]) -> tuple[dict[int, bytes], str | None, str | None]:
-        if len(sectors) * SECTOR > _DUMP_LIMIT:
-            return self._read_by_convert(raw, sectors)
-        path = self._put(raw)
-        try:
-            out = self.io().send(f"open -r -o driver=qcow2,file.driver=file,file.filename={path}")
-            if _CANT_OPEN in out:
-                return {}, self._changed(path, raw), _message(out)
-            try:
-                view = self._dump(sorted(sectors))
-            finally:
-                self.io().send("close")
-            return view, self._changed(path, raw), None
-        finally:
-            os.unlink(path)
-
-    def _dump(self, sectors: list[int]) -> dict[int, bytes]:
-        view: dict[int, bytes] = {}
-        for first, count in _runs(sectors):
-            offset, length = first * SECTOR, count * SECTOR
-            out = self.io().send(f"read -v {offset} {length}")
-            data = parse_dump(out, offset, length)
-            for i in range(count):
-                view[first + i] = data[i * SECTOR:(i + 1) * SECTOR]
-        return view
-
-    def _read_by_convert(self, raw: bytes, sectors: set[int]) -> tuple[dict[int, bytes], str | None, str | None]:
-        # Large reads: a raw copy is cheaper than a hex dump of every sector.
-        path = self._put(raw)
-        out = path + ".raw"
-        try:
-            run = self.tool([self.bins.qemu_img, "convert", "-f", "qcow2", "-O", "raw", path, out])
-            changed = self._changed(path, raw)
-            if run.rc != 0:
-                return {}, changed, " ".join(run.lines) or f"qemu-img convert exited {run.rc}"
-            with open(out, "rb") as f:
-                disk = f.read()
-            return {s: disk[s * SECTOR:(s + 1) * SECTOR] for s in sectors}, changed, None
-        finally:
-            for p in (path, out):
-                if os.path.exists(p):
-                    os.unlink(p)
-
-    @staticmethod
-    def _changed(path: str, raw: bytes) -> str | None:
-        with open(path, "rb") as f:
-            after = f.read()
-        if after == raw:
-            return None
-        first = next((i for i in range(min(len(raw), len(after))) if raw[i] != after[i]), min(len(raw), len(after)))
-        return f"the read-only open changed the image file ({len(raw)} -> {len(after)} bytes, first at {first:#x})"
+        """Open read-only in QEMU and read `sectors`: (view, changed, error); see `reader.ViewReader`."""
+        return self.reader.read_only(raw, sectors)
 
     # ---- recovery -----------------------------------------------------------------------------------
     def open_rw(self, path: str, conv: Converter, cache_mode: str, lazy: bool | None) -> tuple[str | None, tuple[str, ...]]:
@@ -298,7 +196,7 @@ class Judge:
         open(log, "wb").close()
         opts = image_opts(path, log, lazy=lazy)
         out = self.io().send(f"open -t {cache_mode} -d unmap -o {opts}")
-        error = _message(out) if _CANT_OPEN in out else None
+        error = failure_message(out) if _CANT_OPEN in out else None
         if error is None:
             out += self.io().send("close")
         self._absorb(log, path, conv)
