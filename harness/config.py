@@ -5,7 +5,8 @@ from __future__ import annotations
 import dataclasses
 import random
 
-from harness import sizes
+from harness import serial, sizes
+from harness.errors import QcrashError
 from models.blockio import CacheMode
 
 CLUSTER_SIZES = tuple(1 << b for b in range(9, 22))
@@ -13,7 +14,7 @@ REFCOUNT_BITS = (1, 2, 4, 8, 16, 32, 64)
 CACHE_MODES = tuple(m.value for m in CacheMode)
 
 
-class ConfigError(ValueError):
+class ConfigError(QcrashError):
     """A configuration value breaks a rule; the message names the key, the value and the rule."""
 
 
@@ -55,21 +56,14 @@ class Config:
                 f"size={self.virtual_size}")
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        return serial.to_data(self)  # type: ignore[return-value]
 
     @classmethod
     def from_dict(cls, data: dict, *, where: str = "config") -> "Config":
-        known = {f.name: f.type for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - set(known))
-        if unknown:
-            raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}; known: {', '.join(known)}")
-        kwargs = {}
-        for key, value in data.items():
-            want = bool if key == "lazy_refcounts" else (str if key == "cache_mode" else int)
-            if not isinstance(value, want) or (want is int and isinstance(value, bool)):
-                raise ConfigError(f"{where}.{key} = {value!r}: must be {want.__name__}")
-            kwargs[key] = value
-        return cls(**kwargs)
+        try:
+            return serial.from_data(cls, data, where=where)
+        except serial.SerialError as exc:
+            raise ConfigError(str(exc)) from None
 
     def with_overrides(self, overrides: dict[str, str]) -> "Config":
         """Apply `K=V` strings from the command line (--config cluster_size=512,lazy_refcounts=off)."""
@@ -83,17 +77,23 @@ class Config:
 
 def parse_value(key: str, raw: str) -> object:
     if key == "lazy_refcounts":
-        if raw.lower() in ("on", "true", "1", "yes"):
-            return True
-        if raw.lower() in ("off", "false", "0", "no"):
-            return False
-        raise ConfigError(f"--config {key}={raw}: must be on or off")
+        return parse_bool(raw, f"--config {key}")
     if key == "cache_mode":
         return raw
     try:
         return sizes.parse_size(raw, f"--config {key}")
     except sizes.SizeError as exc:
         raise ConfigError(str(exc)) from None
+
+
+def parse_bool(text: str, what: str) -> bool:
+    """An on/off switch as QEMU's qapi_bool_parse reads it: on, yes, true, y or off, no, false, n."""
+    low = text.lower()
+    if low in ("on", "yes", "true", "y"):
+        return True
+    if low in ("off", "no", "false", "n"):
+        return False
+    raise ConfigError(f"{what} = '{text}': must be on or off")
 
 
 def draw_config(rng: random.Random, fixed: dict[str, object] | None = None) -> Config:

@@ -98,6 +98,10 @@ class Executor:
             # The durability rule of later writes follows the new mode.
             self.model.cache_mode = CacheMode(op.cache_mode)
 
+    def span_at(self, point: int) -> Span | None:
+        """The span of the guest op in flight at crash point `point` (None between ops)."""
+        return next((span for span in self.spans if span.start < point <= span.end), None)
+
     def model_at(self, point: int) -> ReferenceDisk:
         """The model as it was at a crash point: the op whose host ops straddle it is in flight."""
         for span in self.spans:

@@ -21,7 +21,7 @@ import random
 import traceback
 
 from harness.crashstates import CrashImageBuilder, CrashState, Policy, enumerate_states
-from harness.faultfile import OpKind, WriteLog
+from harness.faultfile import HostOpKind, WriteLog
 from harness.oracle import RULES, Finding, Verdict
 from harness.points import Budget
 from harness.qemu_check import qemu_disagreement
@@ -105,7 +105,7 @@ class Judge:
         ops = log.ops
         if state.point:
             last = ops[state.point - 1]
-            self.stats.by_site["flush" if last.kind is OpKind.FLUSH else str(last.site)] += 1
+            self.stats.by_site["flush" if last.kind is HostOpKind.FLUSH else str(last.site)] += 1
         for index, _sectors in state.tears:
             if ops[index].site in _METADATA_SITES:
                 self.stats.coverage["torn metadata write"] += 1

@@ -7,7 +7,7 @@ import random
 from typing import Protocol
 
 from harness.crashstates import DEFAULT_POLICIES, CrashState, Policy, enumerate_point, enumerate_states
-from harness.faultfile import OpKind, WriteLog
+from harness.faultfile import HostOpKind, WriteLog
 from harness.ops import Crash
 from models.blockio import WriteSite
 
@@ -56,8 +56,8 @@ def choose_points(log: WriteLog, span: PointSpan, budget: Budget, rng: random.Ra
         return points
     ops = log.ops
     inner = points[:-1]
-    rarest = [p for p in inner if ops[p - 1].site in RAREST_SITES and ops[p - 1].kind is OpKind.WRITE]
-    rare = [p for p in inner if ops[p - 1].kind is OpKind.WRITE and ops[p - 1].site in RARE_SITES]
+    rarest = [p for p in inner if ops[p - 1].site in RAREST_SITES and ops[p - 1].kind is HostOpKind.WRITE]
+    rare = [p for p in inner if ops[p - 1].kind is HostOpKind.WRITE and ops[p - 1].site in RARE_SITES]
     want = budget.states_per_op - 1
     chosen = set(rarest[:want // 2])
     # The order of the rng calls below is part of every seed's behaviour digest.

@@ -18,7 +18,7 @@ import time
 from typing import Callable
 
 from harness.config import Config
-from harness.crashstates import CrashState
+from harness.crashstates import CrashImageBuilder, CrashState
 from harness.executor import Executor, Span
 from harness.judge import Judge, Where, exc_text, judge_clean_image, judge_closed_reads, read_view
 from harness.ops import Check, Crash, Op, Read, validate_op
@@ -27,7 +27,7 @@ from harness.points import Budget, choose_points, choose_states, crash_op_for, r
 from harness.qemu_check import qemu_disagreement
 from harness.stats import Stats
 from harness.targets import Target, TargetError, get_target
-from models.blockio import SECTOR
+from models.blockio import SECTOR, MemoryFile
 from models.qcow2.errors import Qcow2Error
 
 __all__ = ["Budget", "Runner", "Stats", "qemu_disagreement"]
@@ -56,12 +56,26 @@ class Runner:
         return self.executor.model
 
     @property
+    def builder(self) -> CrashImageBuilder:
+        """Crash images of the current host-op log."""
+        return self.executor.builder
+
+    @property
+    def inner(self) -> MemoryFile:
+        """A snapshot of the live image file (`.getvalue()`), for callers that predate `target.contents()`."""
+        return MemoryFile(self.target.contents())
+
+    @property
     def ff(self) -> Target:
         """The host-op log's owner: `.log` and `.point()` (the name predates the target seam)."""
         return self.target
 
     def _where(self, n: int, state: CrashState | None = None) -> Where:
-        kind = type(self.ops[n]).__name__ if n < len(self.ops) else "finish"
+        # A crash state's finding is named after the guest op in flight at the crash point, not
+        # the op being run: a shrunk reproducer (ops + explicit Crash) then keeps its signature.
+        at = self.executor.span_at(state.point) if state else None
+        index = at.op_index if at else n
+        kind = type(self.ops[index]).__name__ if index < len(self.ops) else "finish"
         return Where(n, kind, state)
 
     def _report(self, finding: Finding | None) -> None:

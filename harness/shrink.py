@@ -1,21 +1,27 @@
-"""Shrinking a failing case beyond the sweep: make the crash explicit, then drop and simplify operations while the verdict holds."""
+"""Shrinking a failing case beyond the sweep: make the crash explicit, then drop and simplify operations while the signature holds."""
 
 from __future__ import annotations
 
 import dataclasses
 import time
+from typing import Callable
 
 from harness.config import Config
-from harness.ops import Crash, Discard, Op, Read, Write, WriteZeroes
+from harness.crashstates import Policy
+from harness.ops import GUEST_RANGE_OPS, Crash, Op, Write
 from harness.oracle import Finding
 from harness.runner import Budget, Runner
 from harness.targets.qemu.spec import TargetSpec, make, release
 
-GUEST_OP_TYPES = (Write, WriteZeroes, Discard, Read)
+# Policies a shrunk Crash tries in turn, simplest first.
+SIMPLER_POLICIES = (Policy.DROP_UNSYNCED, Policy.PREFIX, Policy.SUBSETS)
+# Policies whose state is the whole point: no kept/torn/cut choice beyond it.
+CHOICELESS_POLICIES = (Policy.PREFIX, Policy.DROP_UNSYNCED)
 
 
-def reproduces(config: Config, ops: list[Op], seed: int, budget: Budget, verdict: str,
+def reproduces(config: Config, ops: list[Op], seed: int, budget: Budget, signature: str,
                target: TargetSpec | None = None) -> Finding | None:
+    """The finding of `ops` if it has this signature; a candidate that fails differently does not reproduce."""
     runner = None
     try:
         runner = Runner(config, seed=seed, budget=budget, target=make(target))
@@ -26,7 +32,7 @@ def reproduces(config: Config, ops: list[Op], seed: int, budget: Budget, verdict
         if runner is not None:
             release(runner.target)
     for f in findings:
-        if str(f.verdict) == verdict:
+        if f.signature() == signature:
             return f
     return None
 
@@ -52,15 +58,25 @@ def explicit_crash(config: Config, ops: list[Op], seed: int, budget: Budget, fin
 
 
 def shrink(config: Config, ops: list[Op], seed: int, budget: Budget, finding: Finding, *,
-           seconds: float = 30.0, target: TargetSpec | None = None) -> tuple[list[Op], Budget, Finding]:
-    """Greedy delta-debugging: returns the smallest sequence found that still gives the same verdict."""
+           seconds: float = 30.0, stop: Callable[[], bool] = lambda: False,
+           target: TargetSpec | None = None) -> tuple[list[Op], Budget, Finding]:
+    """Greedy delta-debugging: the smallest sequence found that still fails with the same signature.
+
+    Like Hypothesis, a candidate that slips to a different failure (another verdict, op kind,
+    policy or phase) is rejected, so the file named after the signature holds that failure.
+    Stops at `seconds` or as soon as `stop()` is true, returning the best so far.
+    """
     deadline = time.monotonic() + seconds
-    verdict = str(finding.verdict)
+    signature = finding.signature()
     best, best_budget, best_finding = list(ops), budget, finding
-    explicit = explicit_crash(config, ops, seed, budget, finding, target)
+
+    def out_of_time() -> bool:
+        return time.monotonic() > deadline or stop()
+
+    explicit = None if out_of_time() else explicit_crash(config, ops, seed, budget, finding, target)
     quiet = dataclasses.replace(budget, sweep=False, recovery_every=1)
     if explicit is not None:
-        hit = reproduces(config, explicit, seed, quiet, verdict, target)
+        hit = reproduces(config, explicit, seed, quiet, signature, target)
         if hit:
             best, best_budget, best_finding = explicit, quiet, hit
     if best_finding is finding:
@@ -68,16 +84,16 @@ def shrink(config: Config, ops: list[Op], seed: int, budget: Budget, finding: Fi
 
     def attempt(candidate: list[Op]) -> bool:
         nonlocal best, best_finding
-        if time.monotonic() > deadline or not candidate:
+        if out_of_time() or not candidate:
             return False
-        hit = reproduces(config, candidate, seed, best_budget, verdict, target)
+        hit = reproduces(config, candidate, seed, best_budget, signature, target)
         if hit:
             best, best_finding = candidate, hit
             return True
         return False
 
     changed = True
-    while changed and time.monotonic() < deadline:
+    while changed and not out_of_time():
         changed = False
         # 1. drop single operations, from the front
         i = 0
@@ -100,7 +116,7 @@ def shrink(config: Config, ops: list[Op], seed: int, budget: Budget, finding: Fi
 def _simpler(op: Op, config: Config) -> list[Op]:
     out: list[Op] = []
     cs = config.cluster_size
-    if isinstance(op, GUEST_OP_TYPES):
+    if isinstance(op, GUEST_RANGE_OPS):
         for length in (512, cs):
             if length < op.length:
                 out.append(dataclasses.replace(op, length=length))
@@ -115,7 +131,7 @@ def _simpler(op: Op, config: Config) -> list[Op]:
             out.append(dataclasses.replace(op, point=-1))
         if op.state:
             out.append(dataclasses.replace(op, state=0))
-        for policy in ("drop-unsynced", "prefix", "subsets"):
+        for policy in SIMPLER_POLICIES:
             if policy != op.policy:
                 out.append(dataclasses.replace(op, policy=policy, state=0))
     return out
@@ -130,5 +146,5 @@ def crash_atoms(ops: list[Op]) -> int:
     total = 0
     for op in ops:
         if isinstance(op, Crash):
-            total += 1 + (op.state > 0) + (op.policy not in ("prefix", "drop-unsynced"))
+            total += 1 + (op.state > 0) + (op.policy not in CHOICELESS_POLICIES)
     return total

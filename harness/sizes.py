@@ -4,18 +4,23 @@ from __future__ import annotations
 
 import re
 
+from harness.errors import QcrashError
 
-class SizeError(ValueError):
+
+class SizeError(QcrashError):
     """A size string breaks a rule; the message names what it was for, the text and the rule."""
 
 
-_SIZE_RE = re.compile(r"(0[xX][0-9a-fA-F]+|\d+(?:\.\d*)?|\.\d+)\s*([a-zA-Z]?)")
+# QEMU 7.2: leading blanks and a '+' are skipped (strtoull), the integer part is required
+# ('.5M' is refused), nothing may follow the suffix ('1M ' is refused), and a hexadecimal
+# number may still take a suffix (deprecated, with a warning, but accepted: '0x200k').
+_SIZE_RE = re.compile(r"\+?(0[xX][0-9a-fA-F]+|\d+(?:\.\d*)?)([a-zA-Z]?)")
 _SIZE_MULT = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40, "p": 1 << 50, "e": 1 << 60}
 
 
 def parse_size(text: str, what: str = "size") -> int:
     """QEMU's qemu_strtosz: bytes, or a number with a k/K/M/G/T/P/E suffix (binary; fractions allowed with one)."""
-    m = _SIZE_RE.fullmatch(text.strip())
+    m = _SIZE_RE.fullmatch(text.lstrip(" \t\n\v\f\r"))
     if not m:
         raise SizeError(f"{what} '{text}': invalid; use bytes or a number with a k, M, G, T, P or E suffix")
     number, suffix = m.group(1), m.group(2).lower()
@@ -23,9 +28,7 @@ def parse_size(text: str, what: str = "size") -> int:
         raise SizeError(f"{what} '{text}': unknown suffix '{m.group(2)}' (use k, M, G, T, P or E)")
     mult = _SIZE_MULT[suffix]
     if number.lower().startswith("0x"):
-        if suffix:
-            raise SizeError(f"{what} '{text}': a hexadecimal number takes no suffix")
-        value = int(number, 16)
+        value = int(number, 16) * mult
     elif "." in number:
         if mult == 1:
             raise SizeError(f"{what} '{text}': a fraction needs a k, M, G, T, P or E suffix")

@@ -16,7 +16,7 @@
 #   134 (the shell's status for SIGABRT, without the core dump); `sigraise 9` does the same
 #   and exits 137 (SIGKILL's status, what the shell reports for `qemu-io -c "sigraise 9"`).
 # - Every error prints one `qcrash: <message>` line naming the file and what was wrong and
-#   exits non-zero: 2 for command-line usage, 1 for everything else. Never a traceback
+#   exits non-zero: 1, usage errors included (qemu-img's and qemu-io's status). Never a traceback
 #   (an unexpected exception prints "qcrash: internal error: ..." and exits 70; set
 #   QCRASH_TRACEBACK=1 to see the traceback).
 
@@ -34,7 +34,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-from harness import sizes
+from harness import config, sizes
 from harness.cli import UsageError
 
 EXIT_ABORT = 134  # 128 + SIGABRT
@@ -54,12 +54,11 @@ def parse_size(text: str, what: str = "size") -> int:
 
 
 def parse_bool(text: str, what: str) -> bool:
-    low = text.lower()
-    if low in ("on", "yes", "true", "y"):
-        return True
-    if low in ("off", "no", "false", "n"):
-        return False
-    raise UsageError(f"{what} = '{text}': must be on or off")
+    """harness.config's on/off parser (QEMU's rules), failing as a usage error."""
+    try:
+        return config.parse_bool(text, what)
+    except config.ConfigError as exc:
+        raise UsageError(str(exc)) from None
 
 
 def parse_opts(text: str, what: str) -> list[tuple[str, str]]:
@@ -101,8 +100,10 @@ def _guard(handler: Callable[[argparse.Namespace], int]) -> Callable[[argparse.N
 
         try:
             return handler(args)
-        except UsageError:
-            raise
+        except UsageError as exc:
+            # qemu-img and qemu-io exit 1 on a usage error (not 2 as argparse would).
+            _err(f"error: {exc}")
+            return 1
         except (CommandFailed, Qcow2Error) as exc:
             _err(str(exc))
             return 1
@@ -514,7 +515,7 @@ def _run_io_command(img, cmd: IoCommand) -> bool:
     if cmd.name == "reopen":
         img.flush()  # bdrv_reopen flushes first
         if cmd.cache is not None:
-            from models.qcow2.image import CacheMode
+            from models.blockio import CacheMode
 
             img.cache_mode = CacheMode(cmd.cache)
         if cmd.lazy is not None:
@@ -550,12 +551,14 @@ def _run_io_command(img, cmd: IoCommand) -> bool:
 @_guard
 def cmd_io(args: argparse.Namespace) -> int:
     from models.qcow2.errors import CorruptImage, ImageNotWritable, InvalidRequest, Qcow2Error
-    from models.qcow2.image import CacheMode, Qcow2Image
+    from models.blockio import CacheMode
+    from models.qcow2.image import Qcow2Image
 
     _check_format(args.format)
     cache = _cache_mode(args.cache, "-t")
     lazy = None if args.lazy_option is None else _lazy_option(args.lazy_option, "-o")
-    commands = [parse_io_command(c) for c in args.cmd]
+    # Like qemu-io: the -c commands, or with none, one command per line of standard input.
+    commands = [parse_io_command(c) for c in args.cmd] if args.cmd else _stdin_commands()
     f = _open_file(args.file, readonly=args.read_only)
 
     def log(line: str) -> None:
@@ -566,6 +569,10 @@ def cmd_io(args: argparse.Namespace) -> int:
         img = Qcow2Image.open(f, readonly=args.read_only, cache_mode=CacheMode(cache), lazy_refcounts=lazy, log=log)
         try:
             for cmd in commands:
+                if isinstance(cmd, UsageError):  # a bad line on stdin: reported, and the next one runs
+                    _err(f"error: {cmd}")
+                    status = 1
+                    continue
                 try:
                     if not _run_io_command(img, cmd):
                         status = 1
@@ -592,14 +599,31 @@ def cmd_io(args: argparse.Namespace) -> int:
     return status
 
 
+def _stdin_commands():
+    """Commands read from standard input, one a line (a prompt on a terminal); a bad line yields its UsageError."""
+    tty = sys.stdin.isatty()
+    while True:
+        if tty:
+            sys.stdout.write("qcrash io> ")
+            sys.stdout.flush()
+        line = sys.stdin.readline()
+        if not line:
+            return
+        if line.strip() and not line.lstrip().startswith("#"):
+            try:
+                yield parse_io_command(line.strip())
+            except UsageError as exc:
+                yield exc
+
+
 # ---------------------------------------------------------------------------------- registration
 def _install_error(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """argparse errors print `qcrash: error: <message>` (after the usage line) and exit 2."""
+    """argparse errors print `qcrash: error: <message>` (after the usage line) and exit 1, as qemu-img's do."""
 
     def error(message: str) -> None:
         parser.print_usage(sys.stderr)
         print(f"qcrash: error: {parser.prog}: {message}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(1)  # qemu-img's and qemu-io's status for a usage error
 
     parser.error = error  # type: ignore[method-assign]
     return parser
@@ -607,11 +631,11 @@ def _install_error(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     img = _install_error(subparsers.add_parser("img", help="qemu-img work-alike: create, info, check"))
-    img_sub = img.add_subparsers(dest="img_command", metavar="SUBCOMMAND")
+    img_sub = img.add_subparsers(dest="img_command", metavar="SUBCOMMAND", help="create, info or check")
 
     def img_help(_args: argparse.Namespace) -> int:
         img.print_help(sys.stderr)
-        return 2
+        return 1
 
     img.set_defaults(func=img_help)
 
@@ -622,22 +646,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("-o", dest="options", action="append", default=[], metavar="OPTIONS",
                    help="compat=0.10|1.1|v2|v3, cluster_size=SIZE, refcount_bits=N, lazy_refcounts=on|off, size=SIZE")
     p.add_argument("-q", dest="quiet", action="store_true", help="do not print the Formatting line")
-    p.add_argument("file", metavar="FILE")
+    p.add_argument("file", metavar="FILE", help="the image file")
     p.add_argument("size", metavar="SIZE", nargs="?", help="virtual size: bytes or k/M/G/T/P/E suffix")
     p.set_defaults(func=cmd_create)
 
     p = _install_error(img_sub.add_parser("info", help="describe an image (qemu-img info)"))
-    p.add_argument("-f", dest="format", default=None, metavar="FMT")
-    p.add_argument("--output", choices=("human", "json"), default="human")
-    p.add_argument("file", metavar="FILE")
+    p.add_argument("-f", dest="format", default=None, metavar="FMT", help="image format (only qcow2)")
+    p.add_argument("--output", choices=("human", "json"), default="human", help="output format (default human)")
+    p.add_argument("file", metavar="FILE", help="the image file")
     p.set_defaults(func=cmd_info)
 
     p = _install_error(img_sub.add_parser("check", help="check, and with -r repair, an image (qemu-img check)"))
-    p.add_argument("-f", dest="format", default=None, metavar="FMT")
-    p.add_argument("-r", dest="repair", choices=("leaks", "all"), default=None)
-    p.add_argument("--output", choices=("human", "json"), default="human")
+    p.add_argument("-f", dest="format", default=None, metavar="FMT", help="image format (only qcow2)")
+    p.add_argument("-r", dest="repair", choices=("leaks", "all"), default=None, help="repair leaks, or all errors")
+    p.add_argument("--output", choices=("human", "json"), default="human", help="output format (default human)")
     p.add_argument("-q", dest="quiet", action="store_true", help="quiet: no summary on stdout")
-    p.add_argument("file", metavar="FILE")
+    p.add_argument("file", metavar="FILE", help="the image file")
     p.set_defaults(func=cmd_check)
 
     p = _install_error(subparsers.add_parser(
@@ -645,12 +669,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Run qemu-io commands (write [-P BYTE] [-z] OFF LEN, read [-P BYTE] OFF LEN, discard OFF LEN, "
                     "flush, abort, sigraise 9, reopen -o lazy-refcounts=on|off) in order."))
     p.add_argument("-c", "--cmd", dest="cmd", action="append", default=[], metavar="CMD",
-                   help="a qemu-io command; repeat for several, run in order")
+                   help="a qemu-io command; repeat for several, run in order (none: read commands from stdin)")
     p.add_argument("-r", "--read-only", dest="read_only", action="store_true", help="open read-only (no repair)")
     p.add_argument("-t", "--cache", dest="cache", default="writethrough", metavar="MODE",
                    help="writeback | writethrough (default, as qemu-io) | directsync")
     p.add_argument("-o", dest="lazy_option", default=None, metavar="lazy-refcounts=on|off",
                    help="override the header's lazy refcounts setting for this open")
-    p.add_argument("-f", "--format", dest="format", default=None, metavar="FMT")
-    p.add_argument("file", metavar="FILE")
+    p.add_argument("-f", "--format", dest="format", default=None, metavar="FMT", help="image format (only qcow2)")
+    p.add_argument("file", metavar="FILE", help="the image file")
     p.set_defaults(func=cmd_io)

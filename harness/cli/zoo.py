@@ -5,23 +5,28 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from harness.cli import UsageError
+from harness.cli import EXIT_CODES, UsageError, common_options
+from harness.cli.options import parse_bugs, parse_duration, parse_int
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("zoo", help="fuzz against each injected bug; table of time to detection")
-    p.add_argument("--budget", default="60s", help="time per bug (default 60s)")
-    p.add_argument("--bugs", default="", help="comma-separated bug names (default: all)")
+    p = sub.add_parser("zoo", help="fuzz against each injected bug; table of time to detection", epilog=EXIT_CODES,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--budget", default="60s", help="time per bug, e.g. 60s, 5m (default 60s)")
+    p.add_argument("--bugs", default="", help="comma-separated bug names to hunt (default: all; --inject does the same)")
     p.add_argument("--jobs", default="1", help="bugs hunted in parallel, or 'auto'")
-    p.add_argument("--seed", type=int, default=1)
-    p.add_argument("--profile", choices=("dev", "ci", "nightly"), default="dev")
+    p.add_argument("--seed", type=int, default=1, help="run seed (default 1)")
+    p.add_argument("--profile", choices=("dev", "ci", "nightly"), default="dev", help="sweep depth (default dev)")
     p.add_argument("--list", action="store_true", help="print the bug names and what each stands for")
     p.add_argument("--out", default=None, help="report directory (default reports/zoo-<UTC time>)")
+    common_options(p)
     p.set_defaults(func=cmd_zoo)
 
-    p = sub.add_parser("bench", help="throughput, cost per write against qemu-img bench, memory")
+    p = sub.add_parser("bench", help="throughput, cost per write against qemu-img bench, memory", epilog=EXIT_CODES,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="a short run (under 5 minutes)")
     p.add_argument("--out", default=None, help="report directory (default reports/bench-<UTC time>)")
+    common_options(p)  # --inject: measure with these bugs switched on
     p.add_argument("--target", choices=("python", "qemu"), default=None,
                    help="instead: crash states judged per second (per core) on this target beside the python target")
     p.add_argument("--seconds", type=float, default=60.0, help="with --target: seconds per target (default 60)")
@@ -34,7 +39,6 @@ def cmd_zoo(args: argparse.Namespace) -> int:
     from harness.fuzz import engine as fz
     from harness.fuzz import report as rp
     from harness.fuzz import zoo
-    from harness.cli.fuzz import parse_duration
     from models.qcow2.inject import BUGS
 
     if args.list:
@@ -42,12 +46,10 @@ def cmd_zoo(args: argparse.Namespace) -> int:
         for name, text in BUGS.items():
             print(f"{name:<{width}}  {text}")
         return 0
-    bugs = [b.strip() for b in args.bugs.split(",") if b.strip()] or list(BUGS)
-    unknown = [b for b in bugs if b not in BUGS]
-    if unknown:
-        raise UsageError(f"--bugs: unknown bug(s) {', '.join(unknown)}; see `qcrash zoo --list`")
-    jobs = fz.default_jobs() if args.jobs == "auto" else int(args.jobs)
-    seconds = parse_duration(args.budget)
+    bugs = (parse_bugs(args.bugs, "--bugs") or (parse_bugs(args.inject, "--inject") if args.inject else [])
+            or list(BUGS))
+    jobs = fz.default_jobs() if args.jobs == "auto" else parse_int("--jobs", args.jobs, 1, auto=True)
+    seconds = parse_duration(args.budget, "--budget")
     out = Path(args.out) if args.out else Path("reports") / f"zoo-{rp.utc_stamp()}"
     print(f"qcrash zoo: {len(bugs)} bugs, {seconds:g}s each, seed {args.seed}, jobs {jobs}", flush=True)
     rows = zoo.run_zoo(bugs, seconds=seconds, seed=args.seed, jobs=jobs, profile=args.profile, out=out)
@@ -58,20 +60,22 @@ def cmd_zoo(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from harness.bench import throughput as bench
+    import os
 
+    from harness.bench import throughput as bench
+    from models.qcow2 import inject
+
+    if inject.active():  # the benchmark's fuzz runs are subprocesses: they read the bugs from the environment
+        os.environ["QCRASH_INJECT"] = ",".join(sorted(inject.active()))
     if args.target:
         from harness.targets.qemu.bench import compare_targets
+        from harness.targets.qemu.binaries import QemuMissing
 
         try:
             path = compare_targets(args.target, seconds=args.seconds, qemu_img=args.qemu_img, qemu_io=args.qemu_io,
                                    out=Path(args.out) if args.out else None)
-        except Exception as exc:  # noqa: BLE001 - QEMU missing names what to install
-            from harness.targets.qemu.binaries import QemuMissing
-
-            if isinstance(exc, QemuMissing):
-                raise UsageError(str(exc)) from None
-            raise
+        except QemuMissing as exc:
+            raise UsageError(str(exc)) from None
         print(f"bench: {path}")
         return 0
 

@@ -9,19 +9,23 @@ import tempfile
 from pathlib import Path
 
 from harness import __version__
-from harness.config import Config, ConfigError
-from harness.ops import Op, OpError, op_from_dict, op_to_dict
+from harness import serial
+from harness.targets.qemu.spec import QemuDetail
+from harness.config import Config
+from harness.errors import QcrashError
+from harness.ops import Op, OpError, validate_op
 from harness.oracle import Finding
 from harness.runner import Budget
-from harness.targets.qemu.spec import PYTHON, TargetSpec
-from harness.targets.qemu.spec import from_dict as target_from_dict
+from models.qcow2 import inject
 
 FORMAT = "qcrash-reproducer"
 FORMAT_VERSION = 1
+# Written for people and tools, recomputed from the fields on every write, ignored on load.
+DERIVED = ("format", "format_version", "signature", "crash_state", "python")
 
 
-class ReproducerError(ValueError):
-    """A reproducer file is malformed; the message names the file and the field."""
+class ReproducerError(QcrashError):
+    """A reproducer file is malformed; the message names the file, the field, the value and the rule."""
 
 
 @dataclasses.dataclass
@@ -36,30 +40,24 @@ class Reproducer:
     count: int = 1
     harness_version: str = __version__
     shrunk_from: int | None = None  # operations before shrinking
-    target: TargetSpec = PYTHON  # the implementation under test (and its version)
+    target: str = "python"  # what ran the operations: the pure-Python qcow2 model, or real QEMU
+    qemu: QemuDetail | None = None  # with target "qemu": the QEMU version and extra driver options
 
     @property
     def signature(self) -> str:
         return self.finding.signature() if self.finding else "none"
 
-    def to_dict(self) -> dict:
-        return {
-            "format": FORMAT, "format_version": FORMAT_VERSION, "harness_version": self.harness_version,
-            "config": self.config.to_dict(), "seed": self.seed, "example_seed": self.example_seed,
-            "budget": dataclasses.asdict(self.budget), "inject": list(self.inject),
-            "ops": [op_to_dict(op) for op in self.ops],
-            "finding": self.finding.to_dict() if self.finding else None,
-            "signature": self.signature, "count": self.count, "shrunk_from": self.shrunk_from,
-            "target": self.target.to_dict(),
-            "python": self.python(),
-        }
+    def to_dict(self, crash_state: str | None = None) -> dict:
+        head = {"format": FORMAT, "format_version": FORMAT_VERSION}
+        tail = {"signature": self.signature, "crash_state": crash_state, "python": self.python()}
+        return {**head, **serial.to_data(self), **tail}  # type: ignore[dict-item]
 
     def python(self) -> str:
-        """A runnable reproduction (also stored in the file, for reading)."""
+        """A runnable reproduction, injected bugs included (also stored in the file, for reading)."""
         ops = ", ".join(repr(op) for op in self.ops)
-        return (f"from harness.ops import *; from harness.config import Config; from harness.runner import Runner, Budget\n"
-                f"Runner({self.config!r}, seed={self.seed}, budget={self.budget!r}"
-                f"{'' if self.target.name == 'python' else f', target={self.target.name!r}'}).run([{ops}])")
+        return ("from harness.ops import *; from harness.config import Config; from harness.runner import Runner, Budget\n"
+                f"from models.qcow2 import inject; inject.set_active({sorted(self.inject)!r})\n"
+                f"print(Runner({self.config!r}, seed={self.seed}, budget={self.budget!r}).run([{ops}]))")
 
 
 def load(path: str | os.PathLike[str]) -> Reproducer:
@@ -74,56 +72,53 @@ def load(path: str | os.PathLike[str]) -> Reproducer:
 
 
 def from_dict(data: object, where: str) -> Reproducer:
-    def need(key: str, kind: type | tuple[type, ...]) -> object:
-        if key not in data:
-            raise ReproducerError(f"{where}: field '{key}' is missing")
-        value = data[key]
-        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-            raise ReproducerError(f"{where}: field '{key}' = {value!r}: wrong type")
-        return value
-
     if not isinstance(data, dict):
         raise ReproducerError(f"{where}: the top level must be a JSON object")
     if data.get("format") != FORMAT:
         raise ReproducerError(f"{where}: field 'format' = {data.get('format')!r}: must be {FORMAT!r}")
-    version = need("format_version", int)
+    version = data.get("format_version")
     if version != FORMAT_VERSION:
-        raise ReproducerError(f"{where}: field 'format_version' = {version}: this qcrash reads version {FORMAT_VERSION}")
+        raise ReproducerError(f"{where}: field 'format_version' = {version!r}: this qcrash reads version {FORMAT_VERSION}")
+    body = {k: v for k, v in data.items() if k not in DERIVED}
     try:
-        config = Config.from_dict(need("config", dict), where=f"{where}: field 'config'")
-        ops = [op_from_dict(o, f"{where}: field 'ops[{i}]'") for i, o in enumerate(need("ops", list))]
-    except (ConfigError, OpError) as exc:
+        rep = serial.from_data(Reproducer, body, where=where)
+        for i, op in enumerate(rep.ops):
+            validate_op(op, rep.config, f"{where}: field 'ops[{i}]'")
+        if rep.count < 1:
+            raise serial.SerialError(where, "count", rep.count, "must be at least 1")
+        unknown = sorted(set(rep.inject) - set(inject.BUGS))
+        if unknown:
+            raise serial.SerialError(where, "inject", unknown, f"unknown bug name(s); known: {', '.join(sorted(inject.BUGS))}")
+    except (serial.SerialError, OpError) as exc:
         raise ReproducerError(str(exc)) from None
-    budget_raw = need("budget", dict)
-    try:
-        budget_raw = {k: tuple(v) if isinstance(v, list) else v for k, v in budget_raw.items()}
-        budget = Budget(**budget_raw)
-    except TypeError as exc:
-        raise ReproducerError(f"{where}: field 'budget': {exc}") from None
-    finding = None
-    if data.get("finding") is not None:
-        try:
-            finding = Finding.from_dict(need("finding", dict))
-        except (TypeError, ValueError) as exc:
-            raise ReproducerError(f"{where}: field 'finding': {exc}") from None
-    inject = need("inject", list) if "inject" in data else []
-    try:
-        target = target_from_dict(data.get("target"), where)
-    except ValueError as exc:
-        raise ReproducerError(str(exc)) from None
-    return Reproducer(config, ops, need("seed", int), budget, finding, data.get("example_seed"), list(inject),
-                      int(data.get("count", 1)), str(data.get("harness_version", "?")), data.get("shrunk_from"),
-                      target)
+    return rep
 
 
-def atomic_write_json(path: Path, data: dict) -> None:
-    """Write then rename, so a reader (or a kill -9) never sees half a file."""
+def schema() -> dict:
+    """The JSON Schema of a reproducer file, from the same type hints the loader reads (corpora/reproducer.schema.json)."""
+    defs: dict[str, dict] = {}
+    body = serial.schema(Reproducer, defs)
+    top = defs.pop("Reproducer")
+    assert body == {"$ref": "#/$defs/Reproducer"}
+    top["properties"] = {"format": {"const": FORMAT}, "format_version": {"const": FORMAT_VERSION},
+                         **top["properties"], "signature": {"type": "string"},
+                         "crash_state": {"type": ["string", "null"]}, "python": {"type": "string"}}
+    top["required"] = ["format", "format_version", *top["required"]]
+    return {"$schema": "https://json-schema.org/draft/2020-12/schema", "title": "qcrash reproducer",
+            "description": "One finding: configuration, operations, crash-state choice, verdict and injected bugs. "
+                           "Written by qcrash fuzz and shrink; read by qcrash replay and the corpora tests.",
+            **top, "$defs": dict(sorted(defs.items()))}
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write then rename, so a reader (or a kill -9) never sees half a file; the mode follows the umask."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
-        with os.fdopen(fd, "w") as out:
-            json.dump(data, out, indent=1, sort_keys=False)
-            out.write("\n")
+        # mkstemp creates 0600; a report is for the team, so give it the mode open() would.
+        os.fchmod(fd, 0o666 & ~_umask())
+        with os.fdopen(fd, "wb") as out:
+            out.write(data)
             out.flush()
             os.fsync(out.fileno())
         os.replace(tmp, path)
@@ -135,22 +130,57 @@ def atomic_write_json(path: Path, data: dict) -> None:
         raise
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)  # the only way to read it is to set it: set it straight back
+    os.umask(mask)
+    return mask
+
+
+def atomic_write_json(path: Path, data: dict) -> None:
+    atomic_write(path, (json.dumps(data, indent=1) + "\n").encode())
+
+
 def file_name(rep: Reproducer) -> str:
+    """Named after the finding's signature (the same before and after shrinking) and the injected bugs."""
     assert rep.finding is not None
     bugs = "+".join(rep.inject) or "main"
     return f"{rep.finding.verdict}-{rep.finding.short_signature()}-{bugs}.json"
 
 
+def sidecars(path: Path) -> tuple[Path, Path]:
+    """The crash image and the host-op log kept beside a finding file."""
+    return path.with_suffix(".qcow2"), path.with_suffix(".ops.txt")
+
+
 def record(corpus: Path, rep: Reproducer) -> Path:
     """Save a finding, deduplicated by signature: a repeat only bumps the count of the existing file."""
     path = corpus / file_name(rep)
-    if path.exists():
-        try:
-            old = load(path)
-            old.count += rep.count
-            atomic_write_json(path, old.to_dict())
-            return path
-        except ReproducerError:
-            pass  # a damaged file is replaced by the new finding
+    if path.exists() and bump_count(path, rep.count):
+        return path
     atomic_write_json(path, rep.to_dict())
     return path
+
+
+def bump_count(path: Path, by: int = 1) -> bool:
+    """Add hits to a finding file, leaving everything else as written; False if the file is damaged."""
+    try:
+        data = json.loads(path.read_text())
+        from_dict(data, str(path))
+    except (OSError, ValueError):
+        return False
+    data["count"] += by
+    atomic_write_json(path, data)
+    return True
+
+
+def save(path: Path, rep: Reproducer, evidence=None) -> None:
+    """Rewrite a finding (shrunk) with the hits counted so far, and its evidence beside it."""
+    try:
+        rep = dataclasses.replace(rep, count=max(rep.count, json.loads(path.read_text()).get("count", 1)))
+    except (OSError, ValueError, TypeError):
+        pass
+    image, oplog = sidecars(path)
+    if evidence is not None and evidence.image is not None:
+        atomic_write(image, evidence.image)
+        atomic_write(oplog, evidence.oplog.encode())
+    atomic_write_json(path, rep.to_dict(crash_state=evidence.words if evidence is not None else None))

@@ -15,14 +15,15 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from harness.fuzz import corpus as corpusmod
+from harness.fuzz import evidence as evidencemod
 from harness.config import Config, draw_config
 from harness.ops import Op, random_ops
 from harness.oracle import Finding
 from harness.runner import Budget, Runner, Stats
-from harness.targets.qemu.spec import PYTHON, TargetSpec
+from harness.shrink import crash_atoms, guest_op_count, shrink
+from harness.targets.qemu.spec import TargetSpec, detail_of, spec_of
 from harness.targets.qemu.spec import make as make_target
 from harness.targets.qemu.spec import release as release_target
-from harness.shrink import crash_atoms, guest_op_count, shrink
 
 # Profiles: how long sequences are and how deep each example's sweep goes.
 PROFILES: dict[str, dict] = {
@@ -41,7 +42,7 @@ PROFILES: dict[str, dict] = {
 @dataclasses.dataclass
 class FuzzOptions:
     examples: int | None = 30
-    seconds: float | None = None
+    seconds: float | None = None  # a hard limit: examples, shrinking and evidence all fit inside it
     seed: int = 0
     jobs: int = 1
     shard: tuple[int, int] = (0, 1)
@@ -49,10 +50,11 @@ class FuzzOptions:
     overrides: dict[str, str] = dataclasses.field(default_factory=dict)
     corpus: Path = Path("reports/findings")
     inject: list[str] = dataclasses.field(default_factory=list)
-    known: set[str] = dataclasses.field(default_factory=set)  # signatures of known failures: counted, not re-recorded
+    known: dict[str, str] = dataclasses.field(default_factory=dict)  # known signature -> its file: counted, not re-recorded
     shrink: bool = True
-    stop_after_findings: int | None = None
-    target: TargetSpec = PYTHON  # the implementation under test
+    stop_after_findings: int | None = None  # stop once this many distinct new findings are on file (-x: 1)
+    target: str = "python"
+    target_spec: TargetSpec | None = None  # with target "qemu": binaries, version, options
 
 
 @dataclasses.dataclass
@@ -65,6 +67,10 @@ class Outcome:
     seconds: float
     finding: Finding | None = None
     reproducer: corpusmod.Reproducer | None = None
+    new: bool = False  # the first finding of its signature in this run (recorded and shrunk)
+    shrink_seconds: float = 0.0
+    shrink_cut: bool = False  # shrinking was cut short by the time budget or a signal
+    raw_ops: list[Op] = dataclasses.field(default_factory=list, repr=False)
 
 
 def example_seed(base: int, index: int) -> int:
@@ -94,9 +100,9 @@ def _override(config: Config, overrides: dict[str, str], rng: random.Random) -> 
 
 
 def run_example(args: tuple) -> Outcome:
-    """One example, in a worker process: generate, run, and shrink what it finds."""
+    """One example, in a worker process: generate and run it; with `do_shrink`, also shrink what it finds."""
     index, base_seed, overrides, profile, inject, do_shrink, *rest = args
-    target = rest[0] if rest else PYTHON  # callers from before the target seam pass six fields
+    spec = rest[0] if rest else None  # callers from before the target seam pass six fields
     from models.qcow2 import inject as injectmod
 
     injectmod.set_active(inject)
@@ -104,69 +110,59 @@ def run_example(args: tuple) -> Outcome:
     config, ops = generate(seed, overrides, profile)
     budget = PROFILES[profile]["budget"]
     t0 = time.perf_counter()
-    runner = Runner(config, seed=seed, budget=budget, target=make_target(target))
+    runner = Runner(config, seed=seed, budget=budget, target=make_target(spec))
     try:
         findings = runner.run(ops)
     finally:
         release_target(runner.target)
     out = Outcome(index, seed, config, len(ops), runner.stats, time.perf_counter() - t0)
     if findings:
-        finding = findings[0]
-        rep_ops, rep_budget, rep_finding = list(runner.ops), budget, finding
+        out.finding = findings[0]
+        out.raw_ops = list(runner.ops)
+        out.reproducer = corpusmod.Reproducer(config, list(runner.ops), seed, budget, findings[0], seed, sorted(inject),
+                                              shrunk_from=len(runner.ops), target=spec.name if spec else "python",
+                                              qemu=detail_of(spec) if spec else None)
         if do_shrink:
-            rep_ops, rep_budget, rep_finding = shrink(config, list(runner.ops), seed, budget, finding,
-                                                      seconds=PROFILES[profile]["shrink_seconds"], target=target)
-        out.finding = finding
-        out.reproducer = corpusmod.Reproducer(config, rep_ops, seed, rep_budget, rep_finding, seed, sorted(inject),
-                                              shrunk_from=len(runner.ops), target=target)
+            out.reproducer = shrink_reproducer(out.reproducer, PROFILES[profile]["shrink_seconds"])
     return out
 
 
-class Progress:
-    """A live bar on a terminal; plain periodic lines otherwise."""
+def shrink_reproducer(rep: corpusmod.Reproducer, seconds: float,
+                      stop: Callable[[], bool] = lambda: False) -> corpusmod.Reproducer:
+    """The same finding with fewer operations (same signature), within `seconds`."""
+    assert rep.finding is not None
+    ops, budget, finding = shrink(rep.config, rep.ops, rep.seed, rep.budget, rep.finding, seconds=seconds, stop=stop,
+                                  target=spec_of(rep.target, rep.qemu))
+    return dataclasses.replace(rep, ops=ops, budget=budget, finding=finding, shrunk_from=len(rep.ops))
 
-    def __init__(self, total: int | None, seconds: float | None, stream=sys.stderr) -> None:
-        self.total, self.seconds, self.stream = total, seconds, stream
-        self.tty = stream.isatty()
-        self.t0 = time.monotonic()
-        self.last = 0.0
 
-    def update(self, done: int, states: int, findings: int, force: bool = False) -> None:
-        now = time.monotonic()
-        interval = 0.2 if self.tty else 10.0
-        if not force and now - self.last < interval:
-            return
-        self.last = now
-        elapsed = now - self.t0
-        rate = states / elapsed if elapsed else 0.0
-        if self.total:
-            left = f"{done}/{self.total} examples"
-            frac = done / self.total
-        else:
-            left = f"{done} examples, {max(0.0, (self.seconds or 0) - elapsed):.0f}s left"
-            frac = min(1.0, elapsed / self.seconds) if self.seconds else 0.0
-        line = f"{left} | {states} crash states ({rate:.0f}/s) | {findings} findings | {elapsed:.0f}s"
-        if self.tty:
-            bar = "#" * int(frac * 24)
-            self.stream.write(f"\r[{bar:<24}] {line}\033[K")
-            if force:
-                self.stream.write("\n")
-        else:
-            self.stream.write(f"qcrash: {line}\n")
-        self.stream.flush()
+def finish_finding(args: tuple) -> tuple[corpusmod.Reproducer, evidencemod.Evidence, bool]:
+    """In a worker: shrink a new finding (unless seconds is 0) and gather its evidence; True when cut short."""
+    rep, inject, seconds, deadline = args
+    from models.qcow2 import inject as injectmod
+
+    injectmod.set_active(inject)
+    stop = (lambda: time.time() > deadline) if deadline else (lambda: False)
+    t0 = time.monotonic()
+    if seconds > 0:
+        rep = shrink_reproducer(rep, seconds, stop)
+    cut = stop() or (seconds > 0 and time.monotonic() - t0 >= seconds)
+    return rep, evidencemod.gather(rep), cut
 
 
 @dataclasses.dataclass
 class FuzzResult:
     outcomes: list[Outcome]
-    findings: dict[str, Path]  # signature -> reproducer file
+    findings: dict[str, Path]  # signature -> reproducer file (new in this run)
     counts: dict[str, int]
     stats: Stats
     seconds: float
     interrupted: bool
-    timeline: list[tuple[float, int, int, int]]  # (t, examples, crash states, findings)
+    timeline: list[tuple[float, int, int, int]]  # (t, examples, crash states, distinct findings)
     known_hits: dict[str, int] = dataclasses.field(default_factory=dict)
     unfinished: int = 0  # examples cut off by the time budget or a signal
+    signal: int | None = None  # the signal that stopped the run (SIGINT, SIGTERM), if any
+    found_at: dict[str, float] = dataclasses.field(default_factory=dict)  # signature -> seconds into the run
 
 
 def _indices(opts: FuzzOptions) -> Iterator[int]:
@@ -177,95 +173,170 @@ def _indices(opts: FuzzOptions) -> Iterator[int]:
         j += 1
 
 
-def fuzz(opts: FuzzOptions, *, on_outcome: Callable[[Outcome], None] | None = None,
-         progress: Progress | None = None) -> FuzzResult:
-    """Run examples until the count or the time budget is used up; findings reach the corpus as they are made."""
-    t0 = time.monotonic()
-    deadline = t0 + opts.seconds if opts.seconds else None
-    stop = {"flag": False}
-    dropped = {"n": 0}
+class _Run:
+    """The bookkeeping of one fuzz run: identity, dedup before shrinking, the budget, the corpus and the timeline."""
 
-    def on_signal(signum, _frame):
-        stop["flag"] = True
+    def __init__(self, opts: FuzzOptions, on_outcome: Callable[[Outcome], None] | None, progress) -> None:
+        self.opts, self.on_outcome, self.progress = opts, on_outcome, progress
+        self.t0 = time.monotonic()
+        self.deadline = self.t0 + opts.seconds if opts.seconds else None
+        self.wall_deadline = time.time() + opts.seconds if opts.seconds else None
+        self.signal: int | None = None
+        self.outcomes: list[Outcome] = []
+        self.files: dict[str, Path] = {}
+        self.counts: dict[str, int] = {}
+        self.known_hits: dict[str, int] = {}
+        self.found_at: dict[str, float] = {}
+        self.total = Stats()
+        self.timeline: list[tuple[float, int, int, int]] = []
+        self.unfinished = 0
 
-    old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-    outcomes: list[Outcome] = []
-    files: dict[str, Path] = {}
-    counts: dict[str, int] = {}
-    known_hits: dict[str, int] = {}
-    total = Stats()
-    timeline = []
-    args = ((i, opts.seed, opts.overrides, opts.profile, opts.inject, opts.shrink, opts.target)
-            for i in _indices(opts))
+    def expired(self) -> bool:
+        """Out of time, or stopped by a signal: running work is abandoned."""
+        return self.signal is not None or (self.deadline is not None and time.monotonic() > self.deadline)
 
-    def accept(out: Outcome) -> None:
-        outcomes.append(out)
-        total.merge(out.stats)
+    def no_more(self) -> bool:
+        """No new examples: expired, or enough distinct findings."""
+        limit = self.opts.stop_after_findings
+        return self.expired() or bool(limit and len(self.files) >= limit)
+
+    def accept(self, out: Outcome) -> tuple | None:
+        """Count an example; record a new signature at once (unshrunk) and return the work to finish it."""
+        self.outcomes.append(out)
+        self.total.merge(out.stats)
+        work = None
         if out.finding is not None and out.reproducer is not None:
             sig = out.finding.signature()
-            if sig in opts.known:
-                known_hits[sig] = known_hits.get(sig, 0) + 1
+            if sig in self.opts.known:
+                self.known_hits[sig] = self.known_hits.get(sig, 0) + 1
+            elif sig in self.files:  # a duplicate: counted, never shrunk again
+                self.counts[sig] += 1
+                corpusmod.bump_count(self.files[sig])
             else:
-                counts[sig] = counts.get(sig, 0) + 1
-                files[sig] = corpusmod.record(opts.corpus, out.reproducer)
-                if counts[sig] == 1 and opts.target.name == "qemu":
-                    from harness.targets.qemu.repro import artifacts_beside
+                out.new = True
+                self.counts[sig] = 1
+                self.found_at[sig] = round(time.monotonic() - self.t0, 2)
+                self.files[sig] = corpusmod.record(self.opts.corpus, out.reproducer)
+                work = self._finish_args(out.reproducer)
+        self.timeline.append((round(time.monotonic() - self.t0, 2), len(self.outcomes), self.total.crash_states,
+                              len(self.files)))
+        if self.progress:
+            self.progress.update(len(self.outcomes), self.total.crash_states, len(self.files))
+        if work is None:
+            self.emit(out)
+        return work
 
-                    artifacts_beside(files[sig], out.reproducer, opts.target)
-        elapsed = time.monotonic() - t0
-        timeline.append((round(elapsed, 2), len(outcomes), total.crash_states, sum(counts.values())))
-        if progress:
-            progress.update(len(outcomes), total.crash_states, len(counts))
-        if on_outcome:
-            on_outcome(out)
+    def _finish_args(self, rep: corpusmod.Reproducer) -> tuple | None:
+        seconds = PROFILES[self.opts.profile]["shrink_seconds"] if self.opts.shrink else 0.0
+        if self.deadline is not None:
+            left = self.deadline - time.monotonic()
+            if left <= 0:
+                return None  # out of time: the unshrunk file stays, without evidence
+            seconds = min(seconds, left)
+        return rep, self.opts.inject, seconds, self.wall_deadline
 
-    def done() -> bool:
-        if stop["flag"] or (deadline and time.monotonic() > deadline):
-            return True
-        return bool(opts.stop_after_findings and len(counts) >= opts.stop_after_findings)
+    def finished(self, out: Outcome, rep: corpusmod.Reproducer, evidence, cut: bool, seconds: float) -> None:
+        out.reproducer, out.shrink_cut, out.shrink_seconds = rep, cut, seconds
+        corpusmod.save(self.files[out.finding.signature()], rep, evidence)
+        if rep.target == "qemu" and not cut:
+            from harness.targets.qemu.repro import artifacts_beside
 
+            artifacts_beside(self.files[out.finding.signature()], rep, self.opts.target_spec or spec_of("qemu"))
+        self.emit(out)
+
+    def finish_inline(self, out: Outcome, work: tuple) -> None:
+        rep, _inject, seconds, _wall = work
+        t0 = time.monotonic()
+        if seconds > 0:
+            rep = shrink_reproducer(rep, seconds, self.expired)
+        cut = self.expired()
+        evidence = None if cut else evidencemod.gather(rep)
+        self.finished(out, rep, evidence, cut, time.monotonic() - t0)
+
+    def emit(self, out: Outcome) -> None:
+        if self.on_outcome:
+            self.on_outcome(out)
+
+    def result(self) -> FuzzResult:
+        self.outcomes.sort(key=lambda o: o.index)
+        return FuzzResult(self.outcomes, self.files, self.counts, self.total, time.monotonic() - self.t0,
+                          self.signal is not None, self.timeline, self.known_hits, self.unfinished, self.signal,
+                          self.found_at)
+
+
+def fuzz(opts: FuzzOptions, *, on_outcome: Callable[[Outcome], None] | None = None,
+         progress=None) -> FuzzResult:
+    """Run examples until the count, the time budget or the findings limit is reached; findings reach the corpus as they are made.
+
+    Duplicates are dropped before shrinking: only the first example of a signature is
+    shrunk (inside the time budget) and gets its evidence; later hits only bump its count.
+    """
+    run = _Run(opts, on_outcome, progress)
+
+    def on_signal(signum, _frame):
+        run.signal = signum
+
+    old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    args = ((i, opts.seed, opts.overrides, opts.profile, opts.inject, False, opts.target_spec) for i in _indices(opts))
     try:
         if opts.jobs <= 1:
             for a in args:
-                if done():
+                if run.no_more():
                     break
-                accept(run_example(a))
+                out = run_example(a)
+                work = run.accept(out)
+                if work is not None:
+                    run.finish_inline(out, work)
         else:
-            ctx = multiprocessing.get_context("fork" if sys.platform != "win32" else "spawn")
-            with ctx.Pool(opts.jobs, initializer=_worker_init) as pool:
-                pending = []
-                it = iter(args)
-                exhausted = False
-                while True:
-                    while not exhausted and not done() and len(pending) < opts.jobs:
-                        a = next(it, None)
-                        if a is None:
-                            exhausted = True
-                            break
-                        pending.append(pool.apply_async(run_example, (a,)))
-                    if not pending:
-                        break
-                    ready = [p for p in pending if p.ready()]
-                    if not ready:
-                        if done():
-                            # Out of time, or a signal: examples still running are dropped (they
-                            # have found nothing yet, or their finding would be on disk already).
-                            dropped["n"] = len(pending)
-                            pool.terminate()
-                            break
-                        pending[0].wait(0.05)
-                        continue
-                    for p in ready:
-                        pending.remove(p)
-                        accept(p.get())
+            _pool_loop(run, args, opts.jobs)
     finally:
         for s, h in old.items():
             signal.signal(s, h)
     if progress:
-        progress.update(len(outcomes), total.crash_states, len(counts), force=True)
-    outcomes.sort(key=lambda o: o.index)
-    return FuzzResult(outcomes, files, counts, total, time.monotonic() - t0, stop["flag"], timeline, known_hits,
-                      dropped["n"])
+        progress.update(len(run.outcomes), run.total.crash_states, len(run.files), force=True)
+    return run.result()
+
+
+def _pool_loop(run: _Run, args: Iterator[tuple], jobs: int) -> None:
+    """Examples and finishing work (shrink + evidence) share the worker processes; the parent decides what is new."""
+    ctx = multiprocessing.get_context("fork" if sys.platform != "win32" else "spawn")
+    with ctx.Pool(jobs, initializer=_worker_init) as pool:
+        pending: list[tuple[Outcome | None, float, object]] = []  # (outcome being finished or None, start, result)
+        exhausted = False
+        while True:
+            while not exhausted and not run.no_more() and len(pending) < jobs:
+                a = next(args, None)
+                if a is None:
+                    exhausted = True
+                    break
+                pending.append((None, time.monotonic(), pool.apply_async(run_example, (a,))))
+            if not pending:
+                break
+            ready = [p for p in pending if p[2].ready()]
+            if not ready:
+                if run.expired():
+                    # Out of time, or a signal: running examples are dropped (they have found
+                    # nothing yet); a finding being shrunk keeps its unshrunk file.
+                    run.unfinished = sum(1 for out, _t, _r in pending if out is None)
+                    for out, t0, _r in pending:
+                        if out is not None:
+                            out.shrink_cut, out.shrink_seconds = True, time.monotonic() - t0
+                            run.emit(out)
+                    pool.terminate()
+                    break
+                pending[0][2].wait(0.05)
+                continue
+            for item in ready:
+                pending.remove(item)
+                out, t0, res = item
+                if out is None:
+                    example = res.get()
+                    work = run.accept(example)
+                    if work is not None:
+                        pending.append((example, time.monotonic(), pool.apply_async(finish_finding, (work,))))
+                else:
+                    rep, evidence, cut = res.get()
+                    run.finished(out, rep, evidence, cut, time.monotonic() - t0)
 
 
 def _worker_init() -> None:

@@ -1,4 +1,4 @@
-"""Run reports: summary.json (data), summary.md with SVG plots (for people), and merging shard reports."""
+"""Run reports: summary.json (data, versioned) and summary.md with SVG plots (for the people who fix the bugs)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ from collections import Counter
 from pathlib import Path
 
 from harness import __version__
-from harness.fuzz.corpus import atomic_write_json
+from harness.fuzz import plots
+from harness.fuzz.corpus import atomic_write, atomic_write_json
 from harness.oracle import digest
 
 # Recovery situations a night should reach; a report says which it never reached.
@@ -17,33 +18,43 @@ COVERAGE_KEYS = (
     "dirty at open", "clean at open", "repaired on open", "refcount rebuild", "leaks after crash", "leaks repaired",
     "recovery crashed", "refcount-table growth crashed", "torn metadata write", "dirty-bit write unsynced",
 )
+SUMMARY_FORMAT = "qcrash-summary"
+SUMMARY_VERSION = 2  # 2: format fields, target, finding details with report-relative files, shard timelines
 
 
 def utc_stamp() -> str:
     return dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
 
 
-def build_summary(result, opts, *, argv: list[str]) -> dict:
+def build_summary(result, opts, *, argv: list[str], report_dir: Path | None = None) -> dict:
     stats = result.stats
     per_verdict = Counter()
     findings = []
     for sig, path in sorted(result.findings.items()):
-        verdict = sig.split("@", 1)[0]
-        per_verdict[verdict] += result.counts[sig]
-        findings.append({"signature": sig, "count": result.counts[sig], "file": str(path)})
+        per_verdict[sig.split("@", 1)[0]] += result.counts[sig]
+        findings.append(_finding_entry(sig, result.counts[sig], Path(path), report_dir, "new",
+                                       result.found_at.get(sig)))
+    known = getattr(opts, "known", {}) or {}
+    for sig, hits in sorted(getattr(result, "known_hits", {}).items()):
+        path = known.get(sig) if isinstance(known, dict) else None
+        findings.append(_finding_entry(sig, hits, Path(path) if path else None, report_dir, "known", None))
     seconds = max(result.seconds, 1e-9)
     return {
+        "format": SUMMARY_FORMAT,
+        "format_version": SUMMARY_VERSION,
         "harness_version": __version__,
         "command": argv,
         "seed": opts.seed,
         "shard": list(opts.shard),
+        "shards_held": [opts.shard[0]],
         "profile": opts.profile,
+        "target": getattr(opts, "target", "python"),
         "config_overrides": opts.overrides,
         "inject": opts.inject,
         "jobs": opts.jobs,
-        "target": opts.target.to_dict(),
         "python": platform.python_version(),
         "interrupted": result.interrupted,
+        "signal": int(result.signal) if getattr(result, "signal", None) else None,
         "examples": len(result.outcomes),
         "unfinished_examples": getattr(result, "unfinished", 0),
         "example_seeds_digest": digest([o.example_seed for o in result.outcomes]),
@@ -57,11 +68,38 @@ def build_summary(result, opts, *, argv: list[str]) -> dict:
         "findings": findings,
         "known_failures_seen": dict(sorted(getattr(result, "known_hits", {}).items())),
         "timing": {"seconds": round(result.seconds, 3),
+                   "longest_example_seconds": round(max((o.seconds for o in result.outcomes), default=0.0), 3),
                    "phase_seconds": {k: round(v, 3) for k, v in sorted(stats.phase_seconds.items())},
                    "crash_states_per_second": round(stats.crash_states / seconds, 2),
                    "examples_per_second": round(len(result.outcomes) / seconds, 3)},
         "throughput": [{"t": t, "examples": e, "crash_states": c, "findings": f} for t, e, c, f in result.timeline],
     }
+
+
+def _finding_entry(sig: str, count: int, path: Path | None, report_dir: Path | None, status: str,
+                   found_at: float | None) -> dict:
+    """One finding for summary.json: identity, hits, new or known, and what a person needs (rule, evidence, replay)."""
+    entry = {"signature": sig, "status": status, "count": count, "found_at": found_at,
+             "file": relative(path, report_dir) if path else None,
+             "verdict": sig.split("@", 1)[0], "rule": None, "evidence": None, "crash_state": None, "guest_ops": None}
+    try:
+        data = json.loads(path.read_text()) if path else None
+    except (OSError, ValueError):
+        data = None
+    if isinstance(data, dict) and isinstance(data.get("finding"), dict):
+        entry.update(rule=data["finding"].get("rule"), evidence=data["finding"].get("evidence"),
+                     crash_state=data.get("crash_state"), guest_ops=len(data.get("ops", [])))
+    return entry
+
+
+def relative(path: Path, base: Path | None) -> str:
+    """A file inside the report as a path relative to it (the report can be moved, merged or downloaded)."""
+    if base is not None:
+        try:
+            return str(path.resolve().relative_to(base.resolve()))
+        except ValueError:
+            pass
+    return str(path)
 
 
 def _config_key(config) -> str:
@@ -72,36 +110,40 @@ def _config_key(config) -> str:
 def write_report(directory: Path, summary: dict) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     atomic_write_json(directory / "summary.json", summary)
-    (directory / "throughput.svg").write_text(_line_svg(
-        [(p["t"], p["crash_states"]) for p in summary["throughput"]], "crash states checked over time", "s", "states"))
-    (directory / "findings.svg").write_text(_line_svg(
-        [(p["t"], p["findings"]) for p in summary["throughput"]], "distinct findings over time", "s", "findings"))
-    (directory / "sites.svg").write_text(_bar_svg(summary["crash_points_by_site"], "crash points by write site"))
-    (directory / "summary.md").write_text(render_markdown(summary))
+    timelines = summary.get("throughput_by_shard") or {str(summary["shard"][0]): summary["throughput"]}
+    states = {f"shard {k}": [(p["t"], p["crash_states"]) for p in v] for k, v in timelines.items()}
+    found = {f"shard {k}": [(p["t"], p["findings"]) for p in v] for k, v in timelines.items()}
+    _write(directory / "throughput.svg", plots.line_svg(states, "crash states checked over time", "seconds",
+                                                        "crash states"))
+    _write(directory / "findings.svg", plots.line_svg(found, "distinct findings over time", "seconds",
+                                                      "distinct findings", steps=True))
+    _write(directory / "sites.svg", plots.bar_svg(summary["crash_points_by_site"], "crash points by write site"))
+    _write(directory / "summary.md", render_markdown(summary))
     return directory
 
 
-def render_markdown(s: dict) -> str:
+def _write(path: Path, text: str) -> None:
+    atomic_write(path, text.encode())
+
+
+def render_markdown(s: dict, *, for_step_summary: bool = False) -> str:
     t = s["timing"]
+    held = s.get("shard_label") or f"shard {s['shard'][0]}/{s['shard'][1]}"
     lines = [
         "# qcrash fuzz report",
         "",
-        f"- seed **{s['seed']}**, shard {s['shard'][0]}/{s['shard'][1]}, profile `{s['profile']}`, jobs {s['jobs']}"
-        + (", **interrupted (partial report)**" if s.get("interrupted") else ""),
-        f"- target: {s.get('target', {}).get('name', 'python')} {s.get('target', {}).get('version', '')}".rstrip(),
+        f"- seed **{s['seed']}**, {held}, profile `{s['profile']}`, target `{s.get('target', 'python')}`, "
+        f"jobs {s['jobs']}" + (", **interrupted (partial report)**" if s.get("interrupted") else ""),
         f"- injected bugs: {', '.join(s['inject']) or 'none'}; config overrides: {s['config_overrides'] or 'none'}",
         f"- {s['examples']} examples, {s['ops']} operations, **{s['crash_states']} crash states** in {t['seconds']} s "
         f"({t['crash_states_per_second']} states/s, {t['examples_per_second']} examples/s)",
         f"- verdicts: {', '.join(f'{k}: {v}' for k, v in s['verdicts'].items()) or 'no findings'}",
-        "",
-        "## Findings",
-        "",
     ]
-    if s["findings"]:
-        lines += ["| signature | hits | reproducer |", "|---|---|---|"]
-        lines += [f"| `{f['signature']}` | {f['count']} | `{f['file']}` |" for f in s["findings"]]
-    else:
-        lines.append("None.")
+    lines += [f"- **merged despite:** {p}" for p in s.get("merge_problems", [])]
+    lines += ["", "## Findings", ""]
+    lines += _findings_markdown(s["findings"])
+    if for_step_summary:
+        return "\n".join(lines) + "\n"
     lines += ["", "## Recovery situations reached", "", "| situation | times |", "|---|---|"]
     for key, value in s["coverage"].items():
         lines.append(f"| {key} | {value}{'  **(never reached)**' if not value else ''} |")
@@ -115,69 +157,22 @@ def render_markdown(s: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def merge(dirs: list[Path], out: Path) -> dict:
-    """Merge shard reports: counts add up, findings are unioned by signature."""
-    summaries = []
-    for d in dirs:
-        path = d / "summary.json"
-        try:
-            summaries.append(json.loads(path.read_text()))
-        except (OSError, json.JSONDecodeError) as exc:
-            raise ValueError(f"{path}: cannot read a summary: {exc}") from None
-    merged = dict(summaries[0])
-    merged["shard"] = [0, 1]
-    merged["merged_from"] = [str(d) for d in dirs]
-    for key in ("examples", "ops", "crash_states"):
-        merged[key] = sum(s[key] for s in summaries)
-    for key in ("crash_states_by_policy", "crash_points_by_site", "coverage", "verdicts", "configs"):
-        total = Counter()
-        for s in summaries:
-            total.update(s[key])
-        merged[key] = dict(sorted(total.items()))
-    sigs: dict[str, dict] = {}
-    for s in summaries:
-        for f in s["findings"]:
-            entry = sigs.setdefault(f["signature"], {"signature": f["signature"], "count": 0, "file": f["file"]})
-            entry["count"] += f["count"]
-    merged["findings"] = sorted(sigs.values(), key=lambda f: f["signature"])
-    seconds = max(s["timing"]["seconds"] for s in summaries)
-    merged["timing"] = {"seconds": seconds, "phase_seconds": {},
-                        "crash_states_per_second": round(merged["crash_states"] / max(seconds, 1e-9), 2),
-                        "examples_per_second": round(merged["examples"] / max(seconds, 1e-9), 3)}
-    merged["throughput"] = []
-    write_report(out, merged)
-    return merged
-
-
-def _line_svg(points: list[tuple[float, float]], title: str, xlabel: str, ylabel: str) -> str:
-    w, h, pad = 560, 260, 44
-    if not points:
-        points = [(0, 0)]
-    xmax = max(p[0] for p in points) or 1
-    ymax = max(p[1] for p in points) or 1
-    coords = " ".join(f"{pad + (x / xmax) * (w - 2 * pad):.1f},{h - pad - (y / ymax) * (h - 2 * pad):.1f}"
-                      for x, y in points)
-    return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="11">'
-            f'<text x="{w / 2}" y="16" text-anchor="middle" font-size="13">{title}</text>'
-            f'<line x1="{pad}" y1="{h - pad}" x2="{w - pad}" y2="{h - pad}" stroke="black"/>'
-            f'<line x1="{pad}" y1="{pad}" x2="{pad}" y2="{h - pad}" stroke="black"/>'
-            f'<text x="{w - pad}" y="{h - pad + 16}" text-anchor="end">{xmax:g} {xlabel}</text>'
-            f'<text x="{pad - 4}" y="{pad}" text-anchor="end">{ymax:g}</text>'
-            f'<text x="{pad - 4}" y="{h - pad}" text-anchor="end">0</text>'
-            f'<text x="12" y="{h / 2}" transform="rotate(-90 12 {h / 2})" text-anchor="middle">{ylabel}</text>'
-            f'<polyline fill="none" stroke="#1f77b4" stroke-width="2" points="{coords}"/></svg>\n')
-
-
-def _bar_svg(values: dict[str, int], title: str) -> str:
-    items = sorted(values.items(), key=lambda kv: -kv[1]) or [("none", 0)]
-    w, row = 560, 20
-    h = 30 + row * len(items)
-    vmax = max(v for _, v in items) or 1
-    bars = []
-    for i, (k, v) in enumerate(items):
-        y = 26 + i * row
-        bars.append(f'<text x="130" y="{y + 13}" text-anchor="end">{k}</text>'
-                    f'<rect x="136" y="{y}" width="{(v / vmax) * 360:.1f}" height="{row - 4}" fill="#ff7f0e"/>'
-                    f'<text x="{140 + (v / vmax) * 360:.1f}" y="{y + 13}">{v}</text>')
-    return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="11">'
-            f'<text x="{w / 2}" y="16" text-anchor="middle" font-size="13">{title}</text>{"".join(bars)}</svg>\n')
+def _findings_markdown(findings: list[dict]) -> list[str]:
+    if not findings:
+        return ["None."]
+    lines = []
+    for f in findings:
+        hits = f"{f['count']} hit{'s' if f['count'] != 1 else ''}"
+        lines += [f"### `{f['signature']}`: {f.get('status', 'new')}, {hits}", ""]
+        if f.get("rule"):
+            lines.append(f"- rule broken: {f['rule']}")
+        if f.get("crash_state"):
+            lines.append(f"- crash: {f['crash_state']}")
+        if f.get("evidence"):
+            lines.append(f"- evidence: {f['evidence']}")
+        if f.get("file"):
+            ops = f" ({f['guest_ops']} operations)" if f.get("guest_ops") else ""
+            lines.append(f"- reproducer: `{f['file']}`{ops}, crash image and host-op log beside it")
+            lines.append(f"- replay: `qcrash replay {f['file']}`")
+        lines.append("")
+    return lines

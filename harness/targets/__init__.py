@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from harness.config import Config
+from harness.errors import QcrashError
 from harness.faultfile import WriteLog
 from models.blockio import CacheMode
 from models.qcow2.spec import IncompatFeature
@@ -36,7 +37,7 @@ class TargetError(Exception):
     """The implementation under test could not do what the runner asked (not a contract verdict by itself)."""
 
 
-class UnknownTarget(TargetError, ValueError):
+class UnknownTarget(TargetError, QcrashError):
     """`get_target` was given a name no target is registered under."""
 
 

@@ -112,11 +112,11 @@ def test_bad_reproducer_files_are_named_and_others_still_replay(tmp_path: Path) 
     (tmp_path / "junk.json").write_text("{not json")
     proc = qcrash("replay", str(tmp_path / "version.json"), str(tmp_path / "op.json"), str(tmp_path / "junk.json"),
                   str(good))
-    out = proc.stdout
-    assert "version.json: field 'format_version' = 99" in out
-    assert "op.json" in out and "Write.offset = 'zero'" in out
-    assert "junk.json: line 1 column 2: not JSON" in out
-    assert "good.json: still failing" in out
+    out, err = proc.stdout, proc.stderr
+    assert "version.json: field 'format_version' = 99" in err
+    assert "op.json: field 'ops[0].offset' = 'zero': must be a whole number (Write.offset)" in err
+    assert "junk.json: line 1 column 2: not JSON" in err
+    assert "good.json: still failing" in out and "Traceback" not in err
     assert proc.returncode == 1
 
 
@@ -164,18 +164,27 @@ def test_known_failures_are_counted_not_recorded_again(tmp_path: Path) -> None:
     assert not recorded_first & recorded_second, "a known signature was recorded again"
 
 
-def test_sigint_writes_a_partial_report(tmp_path: Path) -> None:
+@pytest.mark.parametrize("signum, status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_signal_writes_a_partial_report_and_exits_128_plus_signal(tmp_path: Path, signum: int, status: int) -> None:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env.pop("QCRASH_INJECT", None)
     report = tmp_path / "r"
-    proc = subprocess.Popen([sys.executable, "-m", "harness", "fuzz", "--time", "5m", "--seed", "6",
+    proc = subprocess.Popen([sys.executable, "-m", "harness", "fuzz", "-v", "--time", "5m", "--seed", "6",
                              "--config", SMALL, "--report", str(report)],
                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    time.sleep(4)
-    proc.send_signal(signal.SIGINT)
-    out, _err = proc.communicate(timeout=120)
+    try:
+        # Poll: wait for the first example's line (-v), then signal; no fixed sleep.
+        for line in proc.stdout:
+            if line.startswith("example "):
+                break
+        proc.send_signal(signum)
+        rest, _err = proc.communicate(timeout=120)
+    finally:
+        proc.kill() if proc.poll() is None else None
+    assert proc.returncode == status, rest
     s = json.loads((report / "summary.json").read_text())
-    assert s["interrupted"] is True and s["examples"] >= 1
-    assert "(interrupted)" in out
+    assert s["interrupted"] is True and s["examples"] >= 1 and s["signal"] == signum
+    assert ("interrupted by SIGINT" if signum == signal.SIGINT else "stopped by SIGTERM") in rest
     assert "interrupted (partial report)" in (report / "summary.md").read_text()
 
 

@@ -6,7 +6,7 @@ import random
 from types import SimpleNamespace
 
 from harness.crashstates import Policy
-from harness.faultfile import OpKind, WriteLog
+from harness.faultfile import HostOpKind, WriteLog
 from harness.points import Budget, choose_points, choose_states
 from models.blockio import WriteSite
 
@@ -16,9 +16,9 @@ def log_of(sites: list[WriteSite | None]) -> WriteLog:
     log = WriteLog(bytes(4096))
     for i, site in enumerate(sites):
         if site is None:
-            log.append(OpKind.FLUSH, 0, b"", WriteSite.OTHER, 4096)
+            log.append(HostOpKind.FLUSH, 0, b"", WriteSite.OTHER, 4096)
         else:
-            log.append(OpKind.WRITE, (i % 8) * 512, bytes([i]) * 512, site, 4096)
+            log.append(HostOpKind.WRITE, (i % 8) * 512, bytes([i]) * 512, site, 4096)
     return log
 
 

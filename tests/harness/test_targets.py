@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from harness.config import Config
-from harness.faultfile import OpKind
+from harness.faultfile import HostOpKind
 from harness.targets import RecoveryPath, Target, TargetError, UnknownTarget, get_target, register_target, target_names
 from harness.targets.python import PythonTarget
 
@@ -65,7 +65,7 @@ def test_guest_ops_advance_the_log_and_points() -> None:
     target.write(0, b"x" * 512)
     after_write = target.point()
     assert after_write > 0 and target.log is target.log, "one log object, appended to"
-    assert any(op.kind is OpKind.FLUSH for op in target.log), "writethrough flushes every write"
+    assert any(op.kind is HostOpKind.FLUSH for op in target.log), "writethrough flushes every write"
     target.write_zeroes(512, 512)
     target.discard(0, 512)
     assert target.point() > after_write

@@ -6,7 +6,7 @@ import pytest
 
 from harness.config import Config
 from harness.crashstates import CrashImageBuilder, Policy, enumerate_states
-from harness.faultfile import OpKind
+from harness.faultfile import HostOpKind
 from harness.targets import get_target
 from models.payload import make_payload
 from tests.conftest import requires_qemu
@@ -17,7 +17,7 @@ CS = 65536
 
 
 def _trace(target, since: int) -> list[str]:
-    return ["F" if op.kind is OpKind.FLUSH else str(op.site) for op in target.log.ops[since:]]
+    return ["F" if op.kind is HostOpKind.FLUSH else str(op.site) for op in target.log.ops[since:]]
 
 
 def _three_writes(lazy: bool) -> tuple[list[list[str]], object]:

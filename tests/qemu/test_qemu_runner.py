@@ -14,7 +14,7 @@ from harness.points import Budget
 from harness.runner import Runner
 from harness.shrink import guest_op_count, shrink
 from harness.targets.qemu.repro import artifacts_beside
-from harness.targets.qemu.spec import TargetSpec
+from harness.targets.qemu.spec import TargetSpec, detail_of
 from tests.conftest import requires_qemu
 
 pytestmark = [pytest.mark.qemu, requires_qemu]
@@ -40,9 +40,9 @@ def test_no_flush_qemu_is_lost_data_and_shrinks(tmp_path) -> None:
     assert findings and findings[0].verdict is Verdict.DATA_LOST, findings
     ops, budget, finding = shrink(WRITETHROUGH, list(runner.ops), 3, DURABLE, findings[0], seconds=30, target=NO_FLUSH)
     assert finding.verdict is Verdict.DATA_LOST and guest_op_count(ops) <= 2 < guest_op_count(OPS), ops
-    rep = corpus.Reproducer(WRITETHROUGH, ops, 3, budget, finding, target=NO_FLUSH)
+    rep = corpus.Reproducer(WRITETHROUGH, ops, 3, budget, finding, target="qemu", qemu=detail_of(NO_FLUSH))
     path = corpus.record(tmp_path, rep)
-    assert corpus.load(path).target.qemu_opts == "cache.no-flush=on"
+    assert corpus.load(path).qemu.qemu_opts == "cache.no-flush=on"
 
     # It replays from the JSON file ...
     from harness.cli.fuzz import replay_file

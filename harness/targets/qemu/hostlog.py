@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from harness.faultfile import OpKind, WriteLog
+from harness.faultfile import HostOpKind, WriteLog
 from harness.targets.qemu.blklog import Entry
 from harness.targets.qemu.layout import Layout, Role, read_layout
 from models.blockio import WriteSite
@@ -60,7 +60,7 @@ class Converter:
         """Append the host operations of newly parsed log entries."""
         for entry in entries:
             if entry.is_flush:
-                self.log.append(OpKind.FLUSH, 0, b"", WriteSite.OTHER, len(self.image))
+                self.log.append(HostOpKind.FLUSH, 0, b"", WriteSite.OTHER, len(self.image))
             elif entry.is_discard:
                 end = min(entry.offset + entry.length, len(self.image))
                 if end > entry.offset:
@@ -72,7 +72,7 @@ class Converter:
         """Record a size change that bypassed the log (the real file is the truth), as a TRUNCATE."""
         if real_size != len(self.image):
             self._resize(real_size)
-            self.log.append(OpKind.TRUNCATE, real_size, b"", WriteSite.OTHER, real_size)
+            self.log.append(HostOpKind.TRUNCATE, real_size, b"", WriteSite.OTHER, real_size)
 
     def settle(self) -> None:
         """End of a guest operation: writes still linked in by nothing are data (see the module docstring)."""
@@ -87,7 +87,7 @@ class Converter:
             self._resize(offset + len(data))
         self.image[offset:offset + len(data)] = data
         site, relayout = self._classify(offset, data, before)
-        op = self.log.append(OpKind.WRITE, offset, data, WriteSite.OTHER if discard else site, len(self.image))
+        op = self.log.append(HostOpKind.WRITE, offset, data, WriteSite.OTHER if discard else site, len(self.image))
         if site is None and not discard:
             self._unlinked[op.index] = (offset, len(data))
             self.log.ops[op.index] = dataclasses.replace(op, site=WriteSite.OTHER)

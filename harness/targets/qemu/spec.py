@@ -7,7 +7,7 @@ import dataclasses
 
 from harness.targets import Target, get_target, target_names
 
-__all__ = ["TargetSpec", "add_arguments", "from_args", "from_dict", "known_dirs", "make", "release", "PYTHON"]
+__all__ = ["QemuDetail", "detail_of", "spec_of", "TargetSpec", "add_arguments", "from_args", "from_dict", "known_dirs", "make", "release", "PYTHON"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,6 +39,25 @@ class TargetSpec:
 
 
 PYTHON = TargetSpec()
+
+
+@dataclasses.dataclass(frozen=True)
+class QemuDetail:
+    """What a reproducer records beside `target: "qemu"`: the QEMU version it ran, and extra driver options."""
+
+    version: str | None = None
+    qemu_opts: str | None = None
+
+
+def spec_of(name: str, detail: "QemuDetail | None" = None) -> TargetSpec:
+    """The spec a reproducer names (binaries are this machine's: PATH, unless the command line says otherwise)."""
+    if name != "qemu":
+        return TargetSpec(name)
+    return TargetSpec("qemu", version=detail.version if detail else None, qemu_opts=detail.qemu_opts if detail else None)
+
+
+def detail_of(spec: TargetSpec) -> "QemuDetail | None":
+    return QemuDetail(spec.version, spec.qemu_opts) if spec.name == "qemu" else None
 
 
 def from_dict(data: object, where: str) -> TargetSpec:
