@@ -4,9 +4,10 @@ A crash state goes through (CRASH-CONTRACT.md):
 
 1. the raw image: dirty bit clear on disk => `check` finds no corruption; a read-only
    open reads only allowed values and writes nothing;
-2. recovery: a read-write open (repairing when dirty), then `check -r leaks` when
-   leaks remain; afterwards check is clean, the dirty and corrupt bits clear, guest data
-   allowed and equal to what the read-only open saw;
+2. recovery by the state's path (`Budget.recovery_paths`; by default a read-write open,
+   repairing when dirty, then `check -r leaks` when only leaks remain); afterwards check
+   is clean, the dirty and corrupt bits clear, guest data allowed and equal to what the
+   read-only open saw;
 3. crashes of the recovery itself at sampled points of its own log: recovering again
    gives the same guest data and a clean check.
 
@@ -23,7 +24,7 @@ import traceback
 from harness.crashstates import CrashImageBuilder, CrashState, Policy, enumerate_states
 from harness.faultfile import HostOpKind, WriteLog
 from harness.oracle import RULES, Finding, Verdict
-from harness.points import Budget
+from harness.points import Budget, recovery_path
 from harness.qemu_check import qemu_disagreement
 from harness.stats import Stats
 from harness.targets import HeaderInfo, ReadOnlyView, Recovery, RecoveryPath, Target, TargetError
@@ -70,14 +71,17 @@ class _Phase:
     suffix: str = ""  # appended to the evidence
 
 
-_RECOVERY = _Phase("recovery", Verdict.NOT_CLEAN_AFTER_REPAIR, Verdict.REPAIR_CHANGED_DATA, Verdict.REPAIR_FAILED)
+def _recovery(path: RecoveryPath) -> _Phase:
+    how = "" if path is RecoveryPath.OPEN else f" (recovered by {path})"
+    return _Phase("recovery", Verdict.NOT_CLEAN_AFTER_REPAIR, Verdict.REPAIR_CHANGED_DATA, Verdict.REPAIR_FAILED, how)
 
 
-def _recovery_crash(sub: CrashState) -> _Phase:
+def _recovery_crash(sub: CrashState, path: RecoveryPath) -> _Phase:
     # Recovering a crashed recovery must end where the first recovery would have: any
     # difference, dirty or changed, is non-idempotent repair.
+    how = "" if path is RecoveryPath.OPEN else f", recovered by {path}"
     v = Verdict.REPAIR_NOT_IDEMPOTENT
-    return _Phase("recovery-crash", v, v, v, f" (recovery crashed at [{sub.id}])")
+    return _Phase("recovery-crash", v, v, v, f" (recovery crashed at [{sub.id}]{how})")
 
 
 class Judge:
@@ -116,16 +120,20 @@ class Judge:
             self.stats.coverage["dirty-bit write unsynced"] += 1
 
     def _judge(self, where: Where, raw: bytes, model: ReferenceDisk, *, deep: bool) -> Judged:
+        assert where.state is not None
         bad, pre = self._judge_raw(where, raw, model)
         if bad:
             return Judged(bad)
-        rec = self._recover(raw, record=True)
-        bad = self._judge_recovery(where, rec, pre, model, _RECOVERY)
+        path = recovery_path(self.budget, where.state)
+        if path is not RecoveryPath.OPEN:  # (counting the default would change every behaviour digest)
+            self.stats.coverage[f"recovered by {path}"] += 1
+        rec = self._recover(raw, path, record=True)
+        bad = self._judge_recovery(where, rec, pre, model, _recovery(path))
         if bad:
             return Judged(bad)
         assert rec.image is not None
         if deep and rec.log is not None and len(rec.log):
-            bad = self._crash_recovery(where, rec.log, pre, model)
+            bad = self._crash_recovery(where, rec.log, pre, model, path)
             if bad:
                 return Judged(bad)
         return Judged(None, rec.image, pre)
@@ -158,8 +166,8 @@ class Judge:
             return data_finding(where, verdicts, "raw"), {}
         return None, view.sectors
 
-    def _recover(self, raw: bytes, *, record: bool) -> Recovery:
-        rec = self.target.recover(raw, RecoveryPath.OPEN, self.target.options, record=record)
+    def _recover(self, raw: bytes, path: RecoveryPath, *, record: bool) -> Recovery:
+        rec = self.target.recover(raw, path, self.target.options, record=record)
         self.stats.coverage.update(rec.events)
         return rec
 
@@ -182,7 +190,8 @@ class Judge:
                                      f"read-only view before it{phase.suffix}", phase.name, sector=s)
         return None
 
-    def _crash_recovery(self, where: Where, log: WriteLog, pre: dict[int, bytes], model: ReferenceDisk) -> Finding | None:
+    def _crash_recovery(self, where: Where, log: WriteLog, pre: dict[int, bytes], model: ReferenceDisk,
+                        path: RecoveryPath) -> Finding | None:
         """Step 3: crash the recovery at sampled points of its log, recover again, judge again."""
         self.stats.coverage["recovery crashed"] += 1
         builder = CrashImageBuilder(log)
@@ -190,8 +199,8 @@ class Judge:
         picks = self.rng.sample(points, min(len(points), self.budget.recovery_points))
         for point in sorted(picks):
             for sub in enumerate_states(log, point, Policy.SUBSETS, k=4, seed=self.seed, samples=2):
-                rec = self._recover(bytes(builder.build(sub)), record=False)
-                bad = self._judge_recovery(where, rec, pre, model, _recovery_crash(sub))
+                rec = self._recover(bytes(builder.build(sub)), path, record=False)
+                bad = self._judge_recovery(where, rec, pre, model, _recovery_crash(sub, path))
                 if bad:
                     return bad
         return None

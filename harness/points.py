@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 import random
+import zlib
 from typing import Protocol
 
 from harness.crashstates import DEFAULT_POLICIES, CrashState, Policy, enumerate_point, enumerate_states
 from harness.faultfile import HostOpKind, WriteLog
+from harness.errors import QcrashError
 from harness.ops import Crash
+from harness.targets import RecoveryPath
 from models.blockio import WriteSite
 
 # Points just after these writes are rare (a few per run) and are where lazy-refcount and
@@ -30,6 +33,13 @@ class Budget:
     recovery_points: int = 2  # crash points sampled in each recovery log (step 3)
     recovery_every: int = 4  # step 3 runs on one judged state in this many (0 = never)
     qemu_every: int = 0  # real qemu-img check on one raw crash image in this many (0 = never)
+    # How crash images are brought back: one path per state, chosen from its id (`recovery_path`).
+    recovery_paths: tuple[RecoveryPath, ...] = (RecoveryPath.OPEN,)
+
+    def __post_init__(self) -> None:
+        if not self.recovery_paths:
+            raise QcrashError("Budget.recovery_paths = (): must name at least one recovery path "
+                              f"({', '.join(RecoveryPath)})")
 
     @classmethod
     def exhaustive(cls) -> "Budget":
@@ -80,6 +90,14 @@ def choose_states(log: WriteLog, points: list[int], budget: Budget, seed: int, r
             if states and len(chosen) < budget.states_per_op:
                 chosen.append(states.pop())
     return chosen
+
+
+def recovery_path(budget: Budget, state: CrashState) -> RecoveryPath:
+    """The path that recovers `state`: a function of its id alone, so a replay recovers it the same way."""
+    paths = budget.recovery_paths
+    if len(paths) == 1:
+        return paths[0]
+    return paths[zlib.crc32(state.id.encode()) % len(paths)]
 
 
 def resolve_crash(log: WriteLog, op: Crash, budget: Budget, seed: int) -> CrashState:

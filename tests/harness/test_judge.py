@@ -46,7 +46,8 @@ class DirtyAfter(PythonTarget):
         return Recovery(set_incompat(rec.image, IncompatFeature.DIRTY), rec.log, rec.messages, rec.events)
 
 
-def judge_last_point(target: PythonTarget, *, corrupt_header: bool = False) -> tuple[Judged, CrashState]:
+def judge_last_point(target: PythonTarget, *, corrupt_header: bool = False,
+                     budget: Budget = Budget(recovery_points=2)) -> tuple[Judged, CrashState]:
     """Run two lazy-refcount writes on `target`, then judge the crash state 'everything kept' at the last point."""
     config = Config(lazy_refcounts=True, cache_mode="writeback", **SMALL)
     runner = Runner(config, seed=2, budget=Budget(sweep=False), target=target)
@@ -59,7 +60,6 @@ def judge_last_point(target: PythonTarget, *, corrupt_header: bool = False) -> t
         # Clear the dirty bit of a lazy image whose refcounts lag: corruption the header does not admit.
         (flags,) = struct.unpack_from(">Q", image, INCOMPAT)
         struct.pack_into(">Q", image, INCOMPAT, flags & ~IncompatFeature.DIRTY)
-    budget = Budget(recovery_points=2)
     judge = Judge(target, budget, seed=2, rng=random.Random(0), stats=Stats())
     return judge.judge(Where(2, "Flush", state), image, runner.model, log, deep=True), state
 
@@ -98,3 +98,13 @@ def test_a_dirty_bit_left_by_recovery_gets_the_verdict_of_its_phase(only_unrecor
 def test_runner_rejects_an_unknown_target_with_the_choices() -> None:
     with pytest.raises(UnknownTarget, match=r"target = 'nope'.*choose one of 'python', 'qemu'"):
         Runner(Config(**SMALL), target="nope")
+
+
+def test_the_recovery_path_is_the_budgets_and_named_in_the_evidence() -> None:
+    # `check -r leaks` cannot rebuild the refcounts a lazy-refcounts crash leaves behind (as in QEMU).
+    judged, _state = judge_last_point(PythonTarget(), budget=Budget(recovery_paths=(RecoveryPath.CHECK_LEAKS,)))
+    finding = judged.finding
+    assert finding is not None and finding.verdict is Verdict.REPAIR_FAILED and finding.phase == "recovery"
+    assert finding.evidence.endswith("(recovered by check-leaks)")
+    judged, _state = judge_last_point(PythonTarget(), budget=Budget(recovery_paths=(RecoveryPath.CHECK_ALL,)))
+    assert judged.finding is None and judged.recovered is not None

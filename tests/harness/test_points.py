@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import random
+
+import pytest
 from types import SimpleNamespace
 
-from harness.crashstates import Policy
+from harness.crashstates import CrashState, Policy
 from harness.faultfile import HostOpKind, WriteLog
-from harness.points import Budget, choose_points, choose_states
+from harness.errors import QcrashError
+from harness.points import Budget, choose_points, choose_states, recovery_path
+from harness.targets import RecoveryPath
 from models.blockio import WriteSite
 
 
@@ -74,3 +78,17 @@ def test_states_are_spread_round_robin_over_the_points() -> None:
     states = choose_states(log, [2, 4, 6], budget, seed=0, rng=random.Random(0))
     assert len(states) == 4
     assert [s.point for s in states[:3]] == [2, 4, 6], "every point gets one state before any gets a second"
+
+
+def test_each_state_has_one_recovery_path_fixed_by_its_id() -> None:
+    every = Budget(recovery_paths=tuple(RecoveryPath))
+    states = [CrashState(p, Policy.PREFIX) for p in range(60)]
+    paths = [recovery_path(every, s) for s in states]
+    assert paths == [recovery_path(every, s) for s in states]
+    assert set(paths) == set(RecoveryPath), "sixty states use every path"
+    assert {recovery_path(Budget(), s) for s in states} == {RecoveryPath.OPEN}
+
+
+def test_a_budget_without_recovery_paths_is_refused_by_name() -> None:
+    with pytest.raises(QcrashError, match=r"Budget.recovery_paths = \(\): must name at least one recovery path"):
+        Budget(recovery_paths=())
