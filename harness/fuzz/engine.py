@@ -21,6 +21,7 @@ from harness.ops import Op, random_ops
 from harness.oracle import Finding
 from harness.runner import Budget, Runner, Stats
 from harness.shrink import crash_atoms, guest_op_count, shrink
+from harness.targets import RecoveryPath
 from harness.targets.qemu.spec import TargetSpec, detail_of, spec_of
 from harness.targets.qemu.spec import make as make_target
 from harness.targets.qemu.spec import release as release_target
@@ -99,6 +100,9 @@ def _override(config: Config, overrides: dict[str, str], rng: random.Random) -> 
     return Config(**data)
 
 
+QEMU_RECOVERY_PATHS = (RecoveryPath.OPEN, RecoveryPath.CHECK_ALL)
+
+
 def run_example(args: tuple) -> Outcome:
     """One example, in a worker process: generate and run it; with `do_shrink`, also shrink what it finds."""
     index, base_seed, overrides, profile, inject, do_shrink, *rest = args
@@ -110,6 +114,9 @@ def run_example(args: tuple) -> Outcome:
     config, ops = generate(seed, overrides, profile)
     budget = PROFILES[profile]["budget"]
     t0 = time.perf_counter()
+    if spec is not None and spec.name == "qemu":
+        # Users bring a crashed QEMU image back by opening it or by `qemu-img check -r all`: judge both.
+        budget = dataclasses.replace(budget, recovery_paths=QEMU_RECOVERY_PATHS)
     runner = Runner(config, seed=seed, budget=budget, target=make_target(spec))
     try:
         findings = runner.run(ops)
