@@ -72,7 +72,10 @@ class HostileImageItem(pytest.Item):
 
 class ReproducerFile(pytest.File):
     def collect(self):
-        yield ReproducerItem.from_parent(self, name=self.path.name)
+        item = ReproducerItem.from_parent(self, name=self.path.name)
+        if self.path.parent.name.startswith("qemu-"):
+            item.add_marker(pytest.mark.qemu)  # known behaviour of a QEMU version: replayed on real QEMU
+        yield item
 
 
 class ReproducerItem(pytest.Item):
@@ -83,6 +86,9 @@ class ReproducerItem(pytest.Item):
 
         _check_schema(self.path)
         rep = load(self.path)
+        if rep.target == "qemu":
+            _known_qemu_behaviour(self.path, rep)
+            return
         previous = inject.active()
         try:
             inject.set_active([])
@@ -100,3 +106,28 @@ class ReproducerItem(pytest.Item):
 
     def reportinfo(self):
         return self.path, 0, f"reproducer {self.path.name}"
+
+
+def _known_qemu_behaviour(path, rep) -> None:
+    """A qemu-target file under corpora/qemu-X.Y/ records QEMU behaviour that breaks the contract: it must still
+    reproduce with the same verdict on that QEMU version (when QEMU fixes it, the file moves out)."""
+    from harness.runner import Runner
+    from harness.targets.qemu.binaries import QemuMissing, find_binaries
+
+    try:
+        bins = find_binaries()
+    except QemuMissing as exc:
+        pytest.skip(str(exc))
+    if not path.parent.name.endswith(bins.short_version):
+        pytest.skip(f"recorded for {path.parent.name}; this QEMU is {bins.version}")
+    from harness.targets.qemu.spec import TargetSpec
+
+    spec = TargetSpec("qemu", qemu_opts=rep.qemu.qemu_opts if rep.qemu else None).resolved()  # this machine's binaries
+    runner = Runner(rep.config, seed=rep.seed, budget=rep.budget, target=spec.make())
+    try:
+        found = runner.run(rep.ops)
+    finally:
+        runner.target.release()
+    assert found, f"{path}: QEMU {bins.version} no longer shows this behaviour; move the file out of {path.parent}"
+    assert rep.finding is None or found[0].verdict == rep.finding.verdict, (
+        f"{path}: verdict changed: {found[0].verdict} != {rep.finding.verdict}")

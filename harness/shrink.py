@@ -11,6 +11,7 @@ from harness.crashstates import Policy
 from harness.ops import GUEST_RANGE_OPS, Crash, Op, Write
 from harness.oracle import Finding
 from harness.runner import Budget, Runner
+from harness.targets.qemu.spec import TargetSpec, make, release
 
 # Policies a shrunk Crash tries in turn, simplest first.
 SIMPLER_POLICIES = (Policy.DROP_UNSYNCED, Policy.PREFIX, Policy.SUBSETS)
@@ -18,37 +19,47 @@ SIMPLER_POLICIES = (Policy.DROP_UNSYNCED, Policy.PREFIX, Policy.SUBSETS)
 CHOICELESS_POLICIES = (Policy.PREFIX, Policy.DROP_UNSYNCED)
 
 
-def reproduces(config: Config, ops: list[Op], seed: int, budget: Budget, signature: str) -> Finding | None:
+def reproduces(config: Config, ops: list[Op], seed: int, budget: Budget, signature: str,
+               target: TargetSpec | None = None) -> Finding | None:
     """The finding of `ops` if it has this signature; a candidate that fails differently does not reproduce."""
+    runner = None
     try:
-        runner = Runner(config, seed=seed, budget=budget)
+        runner = Runner(config, seed=seed, budget=budget, target=make(target))
         findings = runner.run(ops)
     except Exception:  # noqa: BLE001 - an invalid candidate (e.g. a crash id that no longer fits) does not reproduce
         return None
+    finally:
+        if runner is not None:
+            release(runner.target)
     for f in findings:
         if f.signature() == signature:
             return f
     return None
 
 
-def explicit_crash(config: Config, ops: list[Op], seed: int, budget: Budget, finding: Finding) -> list[Op] | None:
+def explicit_crash(config: Config, ops: list[Op], seed: int, budget: Budget, finding: Finding,
+                   target: TargetSpec | None = None) -> list[Op] | None:
     """Turn a sweep finding into ops[:n+1] + Crash(...) that reproduces it with the sweep off."""
     if finding.crash_id is None or finding.phase not in ("raw", "recovery", "recovery-crash"):
         return None
-    runner = Runner(config, seed=seed, budget=dataclasses.replace(budget, sweep=False))
-    prefix = ops[: finding.op_index + 1]
-    for op in prefix:
-        runner.step(op)
-    from harness.crashstates import CrashState
+    runner = Runner(config, seed=seed, budget=dataclasses.replace(budget, sweep=False), target=make(target))
+    try:
+        prefix = ops[: finding.op_index + 1]
+        for op in prefix:
+            runner.step(op)
+        from harness.crashstates import CrashState
 
-    state = CrashState.parse(finding.crash_id)
-    if state.point > runner.ff.point():
-        return None
-    return prefix + [runner.crash_op_for(state)]
+        state = CrashState.parse(finding.crash_id)
+        if state.point > runner.ff.point():
+            return None
+        return prefix + [runner.crash_op_for(state)]
+    finally:
+        release(runner.target)
 
 
 def shrink(config: Config, ops: list[Op], seed: int, budget: Budget, finding: Finding, *,
-           seconds: float = 30.0, stop: Callable[[], bool] = lambda: False) -> tuple[list[Op], Budget, Finding]:
+           seconds: float = 30.0, stop: Callable[[], bool] = lambda: False,
+           target: TargetSpec | None = None) -> tuple[list[Op], Budget, Finding]:
     """Greedy delta-debugging: the smallest sequence found that still fails with the same signature.
 
     Like Hypothesis, a candidate that slips to a different failure (another verdict, op kind,
@@ -62,10 +73,10 @@ def shrink(config: Config, ops: list[Op], seed: int, budget: Budget, finding: Fi
     def out_of_time() -> bool:
         return time.monotonic() > deadline or stop()
 
-    explicit = None if out_of_time() else explicit_crash(config, ops, seed, budget, finding)
+    explicit = None if out_of_time() else explicit_crash(config, ops, seed, budget, finding, target)
     quiet = dataclasses.replace(budget, sweep=False, recovery_every=1)
     if explicit is not None:
-        hit = reproduces(config, explicit, seed, quiet, signature)
+        hit = reproduces(config, explicit, seed, quiet, signature, target)
         if hit:
             best, best_budget, best_finding = explicit, quiet, hit
     if best_finding is finding:
@@ -75,7 +86,7 @@ def shrink(config: Config, ops: list[Op], seed: int, budget: Budget, finding: Fi
         nonlocal best, best_finding
         if out_of_time() or not candidate:
             return False
-        hit = reproduces(config, candidate, seed, best_budget, signature)
+        hit = reproduces(config, candidate, seed, best_budget, signature, target)
         if hit:
             best, best_finding = candidate, hit
             return True

@@ -11,6 +11,7 @@ from pathlib import Path
 from harness.cli import EXIT_CODES, UsageError, common_options
 from harness import profiles
 from harness.cli.options import parse_bugs, parse_duration, parse_int, parse_overrides, parse_shard
+from harness.targets.qemu import spec as target_args
 
 _RAW = argparse.RawDescriptionHelpFormatter
 
@@ -42,12 +43,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--junit", metavar="FILE", help="also write JUnit XML: one test case per finding signature "
                    "and one for the run")
     common_options(p)
+    target_args.add_arguments(p)
     p.set_defaults(func=cmd_fuzz)
 
     p = sub.add_parser("replay", help="re-run reproducer files without Hypothesis", epilog=EXIT_CODES,
                        formatter_class=_RAW)
     p.add_argument("files", nargs="+", metavar="FILE", help="reproducer files (.json)")
     common_options(p)  # --inject here replaces the bugs recorded in each file
+    target_args.add_arguments(p, default=None)
     p.set_defaults(func=cmd_replay)
 
     p = sub.add_parser("shrink", help="minimise a reproducer further; writes FILE.min.json beside it",
@@ -55,6 +58,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("file", metavar="FILE", help="a reproducer file (.json)")
     p.add_argument("--time", default="60s", help="how long to try (default 60s)")
     common_options(p)
+    target_args.add_arguments(p, default=None)
     p.set_defaults(func=cmd_shrink)
 
     p = sub.add_parser("report", help="work with run reports")
@@ -94,9 +98,10 @@ def _fuzz_options(args: argparse.Namespace):
     suffix = f"-shard{shard[0]}of{shard[1]}" if shard[1] > 1 else ""
     report_dir = Path(args.report) if args.report else Path("reports") / f"{rp.utc_stamp()}-{seed}{suffix}"
     corpus = Path(args.corpus) if args.corpus else report_dir / "findings"
+    spec = _target(args)
     opts = fz.FuzzOptions(examples=examples, seconds=seconds, seed=seed, jobs=jobs, shard=shard, profile=profile,
                           overrides=overrides, corpus=corpus, inject=sorted(inject.active()), shrink=not args.no_shrink,
-                          stop_after_findings=limit)
+                          stop_after_findings=limit, target=spec.name, target_spec=spec)
     return opts, report_dir
 
 
@@ -109,8 +114,10 @@ def cmd_fuzz(args: argparse.Namespace) -> int:
     opts, report_dir = _fuzz_options(args)
     if args.junit:
         Path(args.junit).parent.mkdir(parents=True, exist_ok=True)
-    opts.known = _known_signatures(args.known, quiet)
-    print(f"qcrash fuzz: seed {opts.seed}, shard {opts.shard[0]}/{opts.shard[1]}, profile {opts.profile}, "
+    opts.known = _known_signatures(args.known + target_args.known_dirs(opts.target_spec), quiet, args)
+    print(f"qcrash fuzz: target {opts.target}"
+          f"{f' {opts.target_spec.version}' if opts.target_spec and opts.target_spec.version else ''}, "
+          f"seed {opts.seed}, shard {opts.shard[0]}/{opts.shard[1]}, profile {opts.profile}, "
           f"jobs {opts.jobs}, {f'{opts.examples} examples' if opts.examples is not None else f'{opts.seconds:g}s'}"
           + (f", injected bugs: {','.join(opts.inject)}" if opts.inject else ""), flush=True)
 
@@ -157,7 +164,17 @@ def _file_name(rep) -> str:
     return file_name(rep)
 
 
-def _known_signatures(dirs: list[str], quiet: bool = False) -> dict[str, str]:
+def _target(args: argparse.Namespace, recorded=None):
+    """The target spec the command line names (the reproducer's when it names none); exit 2 when QEMU is missing."""
+    from harness.targets.qemu.binaries import QemuMissing
+
+    try:
+        return target_args.from_args(args, recorded)
+    except (QemuMissing, ValueError) as exc:
+        raise UsageError(str(exc)) from None
+
+
+def _known_signatures(dirs: list[str], quiet: bool = False, args: argparse.Namespace | None = None) -> dict[str, str]:
     """Replay every reproducer in the shared directories; the signatures still failing are known (-> their file)."""
     known: dict[str, str] = {}
     for d in dirs:
@@ -165,7 +182,7 @@ def _known_signatures(dirs: list[str], quiet: bool = False) -> dict[str, str]:
         if not path.is_dir():
             raise UsageError(f"--known {d}: not a directory")
         for f in sorted(path.glob("*.json")):
-            verdict, detail, sig = replay_file(str(f))
+            verdict, detail, sig = replay_file(str(f), None, args)
             if sig is not None:
                 known.setdefault(sig, str(f))
             if verdict == "error":
@@ -175,10 +192,15 @@ def _known_signatures(dirs: list[str], quiet: bool = False) -> dict[str, str]:
     return known
 
 
-def replay_file(path: str, bugs: list[str] | None = None) -> tuple[str, str, str | None]:
-    """('failing'|'fixed'|'error', detail, signature of the finding now) for one reproducer file."""
+def replay_file(path: str, bugs: list[str] | None = None,
+                args: argparse.Namespace | None = None) -> tuple[str, str, str | None]:
+    """('failing'|'fixed'|'error', detail, signature of the finding now) for one reproducer file.
+
+    It runs on the target the file names, unless `args` (--target, --qemu-img, --qemu-io) say otherwise.
+    """
     from harness.fuzz.corpus import ReproducerError, load
     from harness.runner import Runner
+    from harness.targets.qemu.spec import make, release, spec_of
     from models.qcow2 import inject
 
     try:
@@ -186,14 +208,19 @@ def replay_file(path: str, bugs: list[str] | None = None) -> tuple[str, str, str
     except ReproducerError as exc:
         return "error", str(exc), None
     previous = inject.active()
+    runner = None
     try:
+        recorded = spec_of(rep.target, rep.qemu)
+        spec = target_args.from_args(args, recorded) if args is not None else recorded.resolved()
         inject.set_active(rep.inject if bugs is None else bugs)
-        runner = Runner(rep.config, seed=rep.seed, budget=rep.budget)
+        runner = Runner(rep.config, seed=rep.seed, budget=rep.budget, target=make(spec))
         findings = runner.run(rep.ops)
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:  # noqa: BLE001 - QEMU missing included: this file cannot be replayed here
         return "error", f"{path}: replay raised {type(exc).__name__}: {exc}", None
     finally:
         inject.set_active(previous)
+        if runner is not None:
+            release(runner.target)
     if not findings:
         return "fixed", f"{path}: fixed (no finding; was {rep.signature})", None
     f = findings[0]
@@ -207,7 +234,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
     bugs = parse_bugs(args.inject, "--inject") if getattr(args, "inject", None) is not None else None
     seen = set()
     for path in args.files:
-        verdict, detail, _sig = replay_file(path, bugs)
+        verdict, detail, _sig = replay_file(path, bugs, args)
         if verdict == "error":
             print(f"qcrash: error: {detail}", file=sys.stderr, flush=True)
         else:
@@ -221,6 +248,7 @@ def cmd_shrink(args: argparse.Namespace) -> int:
     from harness.fuzz import engine as fz
     from harness.fuzz import evidence
     from harness.runner import Runner
+    from harness.targets.qemu.spec import detail_of, make, release, spec_of
     from models.qcow2 import inject
 
     seconds = parse_duration(args.time)
@@ -232,7 +260,13 @@ def cmd_shrink(args: argparse.Namespace) -> int:
     if getattr(args, "inject", None) is not None:
         rep.inject = parse_bugs(args.inject, "--inject")
     inject.set_active(rep.inject)
-    findings = Runner(rep.config, seed=rep.seed, budget=rep.budget).run(rep.ops)
+    spec = _target(args, spec_of(rep.target, rep.qemu))
+    rep.target, rep.qemu = spec.name, detail_of(spec)
+    runner = Runner(rep.config, seed=rep.seed, budget=rep.budget, target=make(spec))
+    try:
+        findings = runner.run(rep.ops)
+    finally:
+        release(runner.target)
     if not findings:
         print(f"{args.file}: does not fail any more; nothing to shrink")
         return 0

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from harness import profiles
-from harness.cli import EXIT_CODES, common_options
+from harness.cli import EXIT_CODES, UsageError, common_options
 from harness.cli.options import parse_bugs, parse_duration, parse_int
 
 
@@ -28,6 +28,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--quick", action="store_true", help="a short run (under 5 minutes)")
     p.add_argument("--out", default=None, help="report directory (default reports/bench-<UTC time>)")
     common_options(p)  # --inject: measure with these bugs switched on
+    p.add_argument("--target", choices=("python", "qemu"), default=None,
+                   help="instead: crash states judged per second (per core) on this target beside the python target")
+    p.add_argument("--seconds", type=float, default=60.0, help="with --target: seconds per target (default 60)")
+    p.add_argument("--qemu-img", default=None, metavar="PATH", help="with --target qemu: qemu-img binary or directory")
+    p.add_argument("--qemu-io", default=None, metavar="PATH", help="with --target qemu: qemu-io binary")
     p.set_defaults(func=cmd_bench)
 
 
@@ -63,6 +68,17 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     if inject.active():  # the benchmark's fuzz runs are subprocesses: they read the bugs from the environment
         os.environ["QCRASH_INJECT"] = ",".join(sorted(inject.active()))
+    if args.target:
+        from harness.targets.qemu.bench import compare_targets
+        from harness.targets.qemu.binaries import QemuMissing
+
+        try:
+            path = compare_targets(args.target, seconds=args.seconds, qemu_img=args.qemu_img, qemu_io=args.qemu_io,
+                                   out=Path(args.out) if args.out else None)
+        except QemuMissing as exc:
+            raise UsageError(str(exc)) from None
+        print(f"bench: {path}")
+        return 0
 
     out = bench.run(quick=args.quick, out=Path(args.out) if args.out else None)
     print(f"bench: {out}/bench.md")

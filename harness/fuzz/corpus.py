@@ -10,6 +10,7 @@ from pathlib import Path
 
 from harness import __version__
 from harness import serial
+from harness.targets.qemu.spec import QemuDetail
 from harness.config import Config
 from harness.errors import QcrashError
 from harness.ops import Op, OpError, validate_op
@@ -40,6 +41,7 @@ class Reproducer:
     harness_version: str = __version__
     shrunk_from: int | None = None  # operations before shrinking
     target: str = "python"  # what ran the operations: the pure-Python qcow2 model, or real QEMU
+    qemu: QemuDetail | None = None  # with target "qemu": the QEMU version and extra driver options
 
     @property
     def signature(self) -> str:

@@ -21,6 +21,10 @@ from harness.ops import Op
 from harness.oracle import Finding
 from harness.runner import Runner, Stats
 from harness.shrink import crash_atoms, guest_op_count, shrink
+from harness.targets import RecoveryPath
+from harness.targets.qemu.spec import TargetSpec, detail_of, spec_of
+from harness.targets.qemu.spec import make as make_target
+from harness.targets.qemu.spec import release as release_target
 
 @dataclasses.dataclass
 class FuzzOptions:
@@ -37,6 +41,7 @@ class FuzzOptions:
     shrink: bool = True
     stop_after_findings: int | None = None  # stop once this many distinct new findings are on file (-x: 1)
     target: str = "python"
+    target_spec: TargetSpec | None = None  # with target "qemu": binaries, version, options
 
 
 @dataclasses.dataclass
@@ -61,9 +66,13 @@ def example_seed(base: int, index: int) -> int:
     return int.from_bytes(digest, "big") >> 1
 
 
+QEMU_RECOVERY_PATHS = (RecoveryPath.OPEN, RecoveryPath.CHECK_ALL)
+
+
 def run_example(args: tuple) -> Outcome:
     """One example, in a worker process: generate and run it; with `do_shrink`, also shrink what it finds."""
-    index, base_seed, overrides, profile, inject, do_shrink = args
+    index, base_seed, overrides, profile, inject, do_shrink, *rest = args
+    spec = rest[0] if rest else None  # callers from before the target seam pass six fields
     from models.qcow2 import inject as injectmod
 
     injectmod.set_active(inject)
@@ -71,14 +80,21 @@ def run_example(args: tuple) -> Outcome:
     config, ops = generate(seed, overrides, profile)
     budget = profiles.get(profile).budget
     t0 = time.perf_counter()
-    runner = Runner(config, seed=seed, budget=budget)
-    findings = runner.run(ops)
+    if spec is not None and spec.name == "qemu":
+        # Users bring a crashed QEMU image back by opening it or by `qemu-img check -r all`: judge both.
+        budget = dataclasses.replace(budget, recovery_paths=QEMU_RECOVERY_PATHS)
+    runner = Runner(config, seed=seed, budget=budget, target=make_target(spec))
+    try:
+        findings = runner.run(ops)
+    finally:
+        release_target(runner.target)
     out = Outcome(index, seed, config, len(ops), runner.stats, time.perf_counter() - t0)
     if findings:
         out.finding = findings[0]
         out.raw_ops = list(runner.ops)
         out.reproducer = corpusmod.Reproducer(config, list(runner.ops), seed, budget, findings[0], seed, sorted(inject),
-                                              shrunk_from=len(runner.ops))
+                                              shrunk_from=len(runner.ops), target=spec.name if spec else "python",
+                                              qemu=detail_of(spec) if spec else None)
         if do_shrink:
             out.reproducer = shrink_reproducer(out.reproducer, profiles.get(profile).shrink_seconds)
     return out
@@ -88,7 +104,8 @@ def shrink_reproducer(rep: corpusmod.Reproducer, seconds: float,
                       stop: Callable[[], bool] = lambda: False) -> corpusmod.Reproducer:
     """The same finding with fewer operations (same signature), within `seconds`."""
     assert rep.finding is not None
-    ops, budget, finding = shrink(rep.config, rep.ops, rep.seed, rep.budget, rep.finding, seconds=seconds, stop=stop)
+    ops, budget, finding = shrink(rep.config, rep.ops, rep.seed, rep.budget, rep.finding, seconds=seconds, stop=stop,
+                                  target=spec_of(rep.target, rep.qemu))
     return dataclasses.replace(rep, ops=ops, budget=budget, finding=finding, shrunk_from=len(rep.ops))
 
 
@@ -194,6 +211,10 @@ class _Run:
     def finished(self, out: Outcome, rep: corpusmod.Reproducer, evidence, cut: bool, seconds: float) -> None:
         out.reproducer, out.shrink_cut, out.shrink_seconds = rep, cut, seconds
         corpusmod.save(self.files[out.finding.signature()], rep, evidence)
+        if rep.target == "qemu" and not cut:
+            from harness.targets.qemu.repro import artifacts_beside
+
+            artifacts_beside(self.files[out.finding.signature()], rep, self.opts.target_spec or spec_of("qemu"))
         self.emit(out)
 
     def finish_inline(self, out: Outcome, work: tuple) -> None:
@@ -229,7 +250,7 @@ def fuzz(opts: FuzzOptions, *, on_outcome: Callable[[Outcome], None] | None = No
         run.signal = signum
 
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-    args = ((i, opts.seed, opts.overrides, opts.profile, opts.inject, False) for i in _indices(opts))
+    args = ((i, opts.seed, opts.overrides, opts.profile, opts.inject, False, opts.target_spec) for i in _indices(opts))
     try:
         if opts.jobs <= 1:
             for a in args:

@@ -29,9 +29,17 @@ class Evidence:
 def gather(rep) -> Evidence:
     """Replay a reproducer (its injected bugs already switched on by the caller) and keep what the finding saw."""
     from harness.runner import Runner
+    from harness.targets.qemu.spec import make, release, spec_of
 
-    runner = Runner(rep.config, seed=rep.seed, budget=rep.budget)
-    findings = runner.run(rep.ops)
+    runner = Runner(rep.config, seed=rep.seed, budget=rep.budget, target=make(spec_of(rep.target, rep.qemu)))
+    try:
+        findings = runner.run(rep.ops)
+        return _evidence(runner, findings)
+    finally:
+        release(runner.target)
+
+
+def _evidence(runner, findings) -> Evidence:
     if not findings:
         return Evidence(None, "(the reproducer did not fail when its evidence was gathered)\n", None)
     finding = findings[0]
