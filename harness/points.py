@@ -8,8 +8,8 @@ import zlib
 from typing import Protocol
 
 from harness.crashstates import DEFAULT_POLICIES, CrashState, Policy, enumerate_point, enumerate_states
-from harness.faultfile import HostOpKind, WriteLog
 from harness.errors import QcrashError
+from harness.faultfile import HostOpKind, WriteLog
 from harness.ops import Crash
 from harness.targets import RecoveryPath
 from models.blockio import WriteSite

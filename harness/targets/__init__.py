@@ -77,7 +77,12 @@ class HeaderInfo:
 
 @dataclass(frozen=True, slots=True)
 class CheckSummary:
-    """What `qemu-img check` (or the live check/repair) reported."""
+    """What `qemu-img check` (or the live check/repair) reported.
+
+    The counters are qemu-img's (as models.qcow2.check.CheckCounts holds them for the python
+    checker), restated here so the seam depends on no implementation: the qemu target fills
+    them from qemu-img's JSON.
+    """
 
     corruptions: int = 0
     leaks: int = 0
