@@ -11,6 +11,8 @@ import pytest
 
 
 def pytest_collect_file(parent, file_path):
+    if file_path.suffix == ".json" and file_path.parent.name == "hostile":
+        return HostileImageFile.from_parent(parent, path=file_path)
     if file_path.suffix == ".json" and not file_path.name.endswith(".schema.json") and file_path.name != "package.json":
         return ReproducerFile.from_parent(parent, path=file_path)
     return None
@@ -33,6 +35,39 @@ def _check_schema(path) -> None:
 
         schema = make_schema()
     jsonschema.validate(json.loads(path.read_text()), schema)
+
+
+class HostileImageFile(pytest.File):
+    """corpora/hostile/: shrunk malformed images from `qcrash fuzz-images` (harness/fuzz/imagerun.py)."""
+
+    def collect(self):
+        yield HostileImageItem.from_parent(self, name=self.path.name)
+
+
+class HostileImageItem(pytest.Item):
+    """The step that once failed (unexpected exception, over memory, wrong result, ...) now works or fails by name.
+
+    Replayed without a clock (no timed assertions): an over-time finding must still end
+    with a result or a named error.
+    """
+
+    def runtest(self) -> None:
+        import json
+
+        from harness.fuzz import imagecase, imagerun
+        from harness.fuzz.images import ImageCase
+
+        obj = json.loads(self.path.read_text())
+        assert obj.get("format") == imagerun.FORMAT, f"{self.path}: not a {imagerun.FORMAT} file"
+        case = ImageCase.from_json(obj["case"])
+        step = obj["failure"]["step"]
+        got = imagecase.run_library(case.build(), name=self.path.name, time_limit=float("inf"), hard_limit=0,
+                                    steps=(step,))[0]
+        assert got.cls in ("result", "named"), (
+            f"{self.path}: {step} still fails: {got.cls}: {got.detail} (was {obj['failure']['class']})")
+
+    def reportinfo(self):
+        return self.path, 0, f"hostile image {self.path.name}"
 
 
 class ReproducerFile(pytest.File):

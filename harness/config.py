@@ -6,6 +6,7 @@ import dataclasses
 import random
 
 from harness import serial, sizes
+from harness.errors import QcrashError
 from models.blockio import CacheMode
 
 CLUSTER_SIZES = tuple(1 << b for b in range(9, 22))
@@ -13,7 +14,7 @@ REFCOUNT_BITS = (1, 2, 4, 8, 16, 32, 64)
 CACHE_MODES = tuple(m.value for m in CacheMode)
 
 
-class ConfigError(ValueError):
+class ConfigError(QcrashError):
     """A configuration value breaks a rule; the message names the key, the value and the rule."""
 
 
@@ -76,17 +77,23 @@ class Config:
 
 def parse_value(key: str, raw: str) -> object:
     if key == "lazy_refcounts":
-        if raw.lower() in ("on", "true", "1", "yes"):
-            return True
-        if raw.lower() in ("off", "false", "0", "no"):
-            return False
-        raise ConfigError(f"--config {key}={raw}: must be on or off")
+        return parse_bool(raw, f"--config {key}")
     if key == "cache_mode":
         return raw
     try:
         return sizes.parse_size(raw, f"--config {key}")
     except sizes.SizeError as exc:
         raise ConfigError(str(exc)) from None
+
+
+def parse_bool(text: str, what: str) -> bool:
+    """An on/off switch as QEMU's qapi_bool_parse reads it: on, yes, true, y or off, no, false, n."""
+    low = text.lower()
+    if low in ("on", "yes", "true", "y"):
+        return True
+    if low in ("off", "no", "false", "n"):
+        return False
+    raise ConfigError(f"{what} = '{text}': must be on or off")
 
 
 def draw_config(rng: random.Random, fixed: dict[str, object] | None = None) -> Config:

@@ -98,8 +98,8 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import NoReturn
 
-from harness.faultfile import SECTOR_SIZE, HostOp, OpKind, WriteLog, sector_count, sector_pieces
-from models.blockio import MemoryFile
+from harness.faultfile import HostOp, HostOpKind, WriteLog, sector_count, sector_pieces
+from models.blockio import SECTOR, MemoryFile
 
 __all__ = [
     "Policy",
@@ -125,6 +125,10 @@ class Policy(enum.StrEnum):
     TORN = "torn"
     TRUNCATE = "truncate"
     GARBAGE = "garbage"
+
+    def __repr__(self) -> str:
+        # Valid Python, so an operation's repr (Crash(policy=Policy.TORN)) is a runnable program.
+        return f"Policy.{self.name}"
 
 
 DEFAULT_POLICIES: tuple[Policy, ...] = (
@@ -239,7 +243,7 @@ class CrashState:
             )
         for op_index, secs in self.tears:
             op = log.ops[op_index]
-            if op.kind is not OpKind.WRITE:
+            if op.kind is not HostOpKind.WRITE:
                 out.append(f"torn op {op_index} is a {op.kind}, not a write")
                 continue
             m = sector_count(op.offset, len(op.data))
@@ -351,7 +355,7 @@ def _tearable(unsynced: Iterable[HostOp]) -> list[tuple[HostOp, int]]:
     """The unsynced writes with at least two sectors, with their sector counts."""
     out = []
     for op in unsynced:
-        if op.kind is OpKind.WRITE:
+        if op.kind is HostOpKind.WRITE:
             m = sector_count(op.offset, len(op.data))
             if m >= 2:
                 out.append((op, m))
@@ -367,7 +371,7 @@ def truncate_candidates(log: WriteLog, point: int) -> list[int]:
     for op in log.unsynced(point):
         after = op.size_after
         candidates.add(after)
-        last_boundary = (after - 1) // SECTOR_SIZE * SECTOR_SIZE
+        last_boundary = (after - 1) // SECTOR * SECTOR
         if after > before and last_boundary > before:
             candidates.add(last_boundary)
         before = after
@@ -531,10 +535,10 @@ def _garbage_bytes(seed: int, op_index: int, length: int) -> bytes:
 
 def _apply(image: bytearray, op: HostOp, sectors: tuple[int, ...] | None = None, garbage: int | None = None) -> None:
     """Apply one op to `image`; for a torn write, only `sectors` land (the rest keep old bytes, or garbage)."""
-    if op.kind is OpKind.TRUNCATE:
+    if op.kind is HostOpKind.TRUNCATE:
         _resize(image, op.offset)
         return
-    if op.kind is not OpKind.WRITE or not op.data:
+    if op.kind is not HostOpKind.WRITE or not op.data:
         return
     start, end = op.offset, op.offset + len(op.data)
     if end > len(image):

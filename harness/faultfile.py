@@ -46,15 +46,13 @@ import enum
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from models.blockio import BlockFile, WriteSite
+from models.blockio import SECTOR, BlockFile, WriteSite
 
-__all__ = ["OpKind", "HostOp", "WriteLog", "FaultInjectingFile", "SECTOR_SIZE", "sector_pieces"]
-
-SECTOR_SIZE = 512
-"""The unit of tearing (device model rule 3): the host file's absolute 512-byte sectors."""
+__all__ = ["HostOpKind", "HostOp", "WriteLog", "FaultInjectingFile", "sector_pieces"]
+# The unit of tearing (device model rule 3) is models.blockio.SECTOR: the host file's absolute 512-byte sectors.
 
 
-class OpKind(enum.StrEnum):
+class HostOpKind(enum.StrEnum):
     """What a recorded host operation did."""
 
     WRITE = "write"
@@ -73,16 +71,16 @@ class HostOp:
     """
 
     index: int
-    kind: OpKind
+    kind: HostOpKind
     offset: int
     data: bytes
     site: WriteSite
     size_after: int
 
     def __str__(self) -> str:
-        if self.kind is OpKind.WRITE:
+        if self.kind is HostOpKind.WRITE:
             return f"#{self.index} write {self.offset}+{len(self.data)} site={self.site} size={self.size_after}"
-        if self.kind is OpKind.TRUNCATE:
+        if self.kind is HostOpKind.TRUNCATE:
             return f"#{self.index} truncate {self.offset}"
         return f"#{self.index} flush"
 
@@ -97,7 +95,7 @@ def sector_pieces(offset: int, length: int) -> list[tuple[int, int]]:
     pieces = []
     lo = offset
     while lo < end:
-        hi = min(end, (lo // SECTOR_SIZE + 1) * SECTOR_SIZE)
+        hi = min(end, (lo // SECTOR + 1) * SECTOR)
         pieces.append((lo, hi))
         lo = hi
     return pieces
@@ -107,7 +105,7 @@ def sector_count(offset: int, length: int) -> int:
     """The number of pieces `sector_pieces(offset, length)` returns, without building them."""
     if length <= 0:
         return 0
-    return (offset + length - 1) // SECTOR_SIZE - offset // SECTOR_SIZE + 1
+    return (offset + length - 1) // SECTOR - offset // SECTOR + 1
 
 
 class WriteLog:
@@ -124,11 +122,11 @@ class WriteLog:
         # _flush_before[p] = index of the last FLUSH among ops[0:p], or -1; one entry per point.
         self._flush_before: list[int] = [-1]
 
-    def append(self, kind: OpKind, offset: int, data: bytes, site: WriteSite, size_after: int) -> HostOp:
+    def append(self, kind: HostOpKind, offset: int, data: bytes, site: WriteSite, size_after: int) -> HostOp:
         """Record one completed operation and return it."""
         op = HostOp(len(self.ops), kind, offset, data, site, size_after)
         self.ops.append(op)
-        self._flush_before.append(op.index if kind is OpKind.FLUSH else self._flush_before[-1])
+        self._flush_before.append(op.index if kind is HostOpKind.FLUSH else self._flush_before[-1])
         return op
 
     def __len__(self) -> int:
@@ -172,7 +170,7 @@ class WriteLog:
         """The distinct write sites of the unsynced writes at `point`, in order of first appearance."""
         sites: dict[WriteSite, None] = {}
         for op in self.unsynced(point):
-            if op.kind is OpKind.WRITE:
+            if op.kind is HostOpKind.WRITE:
                 sites.setdefault(op.site)
         return tuple(sites)
 
@@ -207,16 +205,16 @@ class FaultInjectingFile:
             raise ValueError(f"{self.name}: invalid host range offset={offset} length=0: must be non-negative")
         # An empty write is a no-op (POSIX pwrite of 0 bytes never extends a file), so it
         # is recorded but not passed on: backends disagree about extending for it.
-        self.log.append(OpKind.WRITE, offset, data, WriteSite(site), self._size)
+        self.log.append(HostOpKind.WRITE, offset, data, WriteSite(site), self._size)
 
     def flush(self) -> None:
         self.inner.flush()
-        self.log.append(OpKind.FLUSH, 0, b"", WriteSite.OTHER, self._size)
+        self.log.append(HostOpKind.FLUSH, 0, b"", WriteSite.OTHER, self._size)
 
     def truncate(self, size: int) -> None:
         self.inner.truncate(size)
         self._size = size
-        self.log.append(OpKind.TRUNCATE, size, b"", WriteSite.OTHER, size)
+        self.log.append(HostOpKind.TRUNCATE, size, b"", WriteSite.OTHER, size)
 
     def size(self) -> int:
         return self._size

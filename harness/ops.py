@@ -8,8 +8,10 @@ from typing import Union
 
 from harness import serial
 from harness.config import Config
+from harness.crashstates import Policy
+from harness.errors import QcrashError
+from models.blockio import SECTOR
 
-SECTOR = 512
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -58,9 +60,17 @@ class Crash:
     """
 
     point: int = -1  # negative counts back from the end: -1 = after the last host op
-    policy: str = "subsets"
+    policy: Policy = Policy.SUBSETS  # a policy's name is accepted too; it serialises as the name
     state: int = 0
     crash_id: str | None = None  # an exact crash-state id (as printed in findings); overrides the three above
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.policy, Policy):
+            try:
+                object.__setattr__(self, "policy", Policy(self.policy))
+            except ValueError:
+                raise OpError(f"Crash.policy = {self.policy!r}: unknown crash policy; "
+                              f"known: {', '.join(Policy)}") from None
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -75,10 +85,11 @@ class Repair:
 
 Op = Union[Write, WriteZeroes, Discard, Read, Flush, Reopen, Crash, Check, Repair]
 OP_TYPES: dict[str, type] = {cls.__name__: cls for cls in (Write, WriteZeroes, Discard, Read, Flush, Reopen, Crash, Check, Repair)}
-GUEST_OPS = (Write, WriteZeroes, Discard, Flush)
+GUEST_RANGE_OPS = (Write, WriteZeroes, Discard, Read)
+"""The operations on a guest range (offset, length)."""
 
 
-class OpError(ValueError):
+class OpError(QcrashError):
     """An operation value breaks a rule; the message names the op, the field, the value and the rule."""
 
 
@@ -95,7 +106,7 @@ def op_from_dict(data: dict, where: str = "op") -> Op:
 
 def validate_op(op: Op, config: Config, where: str = "op") -> None:
     """Guest ranges must be sector-aligned and inside the disk: crash judging is exact per 512-byte sector."""
-    if isinstance(op, (Write, WriteZeroes, Discard, Read)):
+    if isinstance(op, GUEST_RANGE_OPS):
         for field in ("offset", "length"):
             value = getattr(op, field)
             if not isinstance(value, int) or value < 0 or value % SECTOR:
@@ -103,10 +114,12 @@ def validate_op(op: Op, config: Config, where: str = "op") -> None:
         if op.length == 0 or op.offset + op.length > config.virtual_size:
             raise OpError(f"{where}: {type(op).__name__} offset={op.offset} length={op.length}: "
                           f"must be non-empty and end within the virtual size {config.virtual_size}")
-    if isinstance(op, Crash) and op.policy not in ("drop-unsynced", "prefix", "subsets", "torn", "truncate", "garbage"):
-        raise OpError(f"{where}: Crash.policy = {op.policy!r}: unknown crash policy")
     if isinstance(op, Repair) and op.mode not in ("leaks", "all"):
         raise OpError(f"{where}: Repair.mode = {op.mode!r}: must be 'leaks' or 'all'")
+
+
+# subsets twice: it is the policy with the most distinct states. Garbage (harsh mode) is never drawn.
+CRASH_POLICY_MIX = (Policy.DROP_UNSYNCED, Policy.PREFIX, Policy.SUBSETS, Policy.SUBSETS, Policy.TORN, Policy.TRUNCATE)
 
 
 def interesting_offset(rng: random.Random, config: Config) -> int:
@@ -203,7 +216,7 @@ def random_op(rng: random.Random, config: Config, *, allow_crash: bool = True,
     if r < 0.85:
         return Repair(rng.choice(("leaks", "all")))
     if allow_crash:
-        return Crash(rng.randrange(-1, 64), rng.choice(("drop-unsynced", "prefix", "subsets", "subsets", "torn", "truncate")),
+        return Crash(rng.randrange(-1, 64), rng.choice(CRASH_POLICY_MIX),
                      rng.randrange(64))
     return Flush()
 

@@ -7,11 +7,15 @@ import time
 from typing import Callable
 
 from harness.config import Config
-from harness.ops import Crash, Discard, Op, Read, Write, WriteZeroes
+from harness.crashstates import Policy
+from harness.ops import GUEST_RANGE_OPS, Crash, Op, Write
 from harness.oracle import Finding
 from harness.runner import Budget, Runner
 
-GUEST_OP_TYPES = (Write, WriteZeroes, Discard, Read)
+# Policies a shrunk Crash tries in turn, simplest first.
+SIMPLER_POLICIES = (Policy.DROP_UNSYNCED, Policy.PREFIX, Policy.SUBSETS)
+# Policies whose state is the whole point: no kept/torn/cut choice beyond it.
+CHOICELESS_POLICIES = (Policy.PREFIX, Policy.DROP_UNSYNCED)
 
 
 def reproduces(config: Config, ops: list[Op], seed: int, budget: Budget, signature: str) -> Finding | None:
@@ -101,7 +105,7 @@ def shrink(config: Config, ops: list[Op], seed: int, budget: Budget, finding: Fi
 def _simpler(op: Op, config: Config) -> list[Op]:
     out: list[Op] = []
     cs = config.cluster_size
-    if isinstance(op, GUEST_OP_TYPES):
+    if isinstance(op, GUEST_RANGE_OPS):
         for length in (512, cs):
             if length < op.length:
                 out.append(dataclasses.replace(op, length=length))
@@ -116,7 +120,7 @@ def _simpler(op: Op, config: Config) -> list[Op]:
             out.append(dataclasses.replace(op, point=-1))
         if op.state:
             out.append(dataclasses.replace(op, state=0))
-        for policy in ("drop-unsynced", "prefix", "subsets"):
+        for policy in SIMPLER_POLICIES:
             if policy != op.policy:
                 out.append(dataclasses.replace(op, policy=policy, state=0))
     return out
@@ -131,5 +135,5 @@ def crash_atoms(ops: list[Op]) -> int:
     total = 0
     for op in ops:
         if isinstance(op, Crash):
-            total += 1 + (op.state > 0) + (op.policy not in ("prefix", "drop-unsynced"))
+            total += 1 + (op.state > 0) + (op.policy not in CHOICELESS_POLICIES)
     return total

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import re
 
+from harness.errors import QcrashError
 
-class SizeError(ValueError):
+
+class SizeError(QcrashError):
     """A size string breaks a rule; the message names what it was for, the text and the rule."""
 
 

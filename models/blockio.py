@@ -10,6 +10,7 @@ by what was being written.
 from __future__ import annotations
 
 import enum
+import errno
 import os
 from typing import Protocol, runtime_checkable
 
@@ -67,8 +68,16 @@ class BlockFile(Protocol):
     def size(self) -> int: ...
 
 
+INT64_MAX = (1 << 63) - 1
+"""No host range may end beyond this (QEMU's rule for every table: INT64_MAX - length < offset is invalid)."""
+
+
 def read_exact(f: BlockFile, offset: int, length: int) -> bytes:
-    """Read `length` bytes, padding with zeros past the end of the file (qcow2 reads holes as 0)."""
+    """Read `length` bytes, padding with zeros past the end of the file (qcow2 reads holes as 0).
+
+    A range no file can hold (negative, or past 2^63) is bad metadata: a named HostRangeError.
+    """
+    _check_range(f.name, offset, length)
     data = f.pread(offset, length)
     if len(data) < length:
         data += bytes(length - len(data))
@@ -76,11 +85,23 @@ def read_exact(f: BlockFile, offset: int, length: int) -> bytes:
 
 
 class MemoryFile:
-    """An in-memory host file: the fast default for fuzzing."""
+    """An in-memory host file: the fast default for fuzzing.
 
-    def __init__(self, data: bytes | bytearray = b"", name: str = "<memory>") -> None:
+    It cannot be sparse, so growth past `max_size` fails with ENOSPC (a named HostIOError)
+    instead of allocating what a hostile table entry claims (a data cluster at 2^50).
+    """
+
+    DEFAULT_MAX_SIZE = 1 << 30
+
+    def __init__(self, data: bytes | bytearray = b"", name: str = "<memory>", *, max_size: int | None = None) -> None:
         self.buf = bytearray(data)
         self.name = name
+        self.max_size = self.DEFAULT_MAX_SIZE if max_size is None else max_size
+
+    def _check_growth(self, op: str, offset: int, end: int) -> None:
+        if end > len(self.buf) and end > self.max_size:
+            raise _io_error(self.name, op, offset, end - offset, errno.ENOSPC,
+                            f"an in-memory file grows to at most {self.max_size:#x} bytes")
 
     def pread(self, offset: int, length: int) -> bytes:
         _check_range(self.name, offset, length)
@@ -89,6 +110,7 @@ class MemoryFile:
     def pwrite(self, offset: int, data: bytes, site: WriteSite = WriteSite.OTHER) -> None:
         _check_range(self.name, offset, len(data))
         end = offset + len(data)
+        self._check_growth("write", offset, end)
         if end > len(self.buf):
             self.buf.extend(bytes(end - len(self.buf)))
         self.buf[offset:end] = data
@@ -98,6 +120,7 @@ class MemoryFile:
 
     def truncate(self, size: int) -> None:
         _check_range(self.name, size, 0)
+        self._check_growth("truncate", size, size)
         if size < len(self.buf):
             del self.buf[size:]
         else:
@@ -124,7 +147,7 @@ class OsFile:
         _check_range(self.name, offset, length)
         chunks = []
         while length > 0:
-            chunk = os.pread(self.fd, length, offset)
+            chunk = _os_call(self.name, "read", offset, length, os.pread, self.fd, min(length, 1 << 30), offset)
             if not chunk:
                 break
             chunks.append(chunk)
@@ -136,15 +159,16 @@ class OsFile:
         _check_range(self.name, offset, len(data))
         view = memoryview(data)
         while view:
-            n = os.pwrite(self.fd, view, offset)
+            n = _os_call(self.name, "write", offset, len(view), os.pwrite, self.fd, view, offset)
             view = view[n:]
             offset += n
 
     def flush(self) -> None:
-        os.fdatasync(self.fd)
+        _os_call(self.name, "flush", 0, 0, os.fdatasync, self.fd)
 
     def truncate(self, size: int) -> None:
-        os.ftruncate(self.fd, size)
+        _check_range(self.name, size, 0)
+        _os_call(self.name, "truncate", size, 0, os.ftruncate, self.fd, size)
 
     def size(self) -> int:
         return os.fstat(self.fd).st_size
@@ -192,6 +216,23 @@ class CountingFile:
 
 
 def _check_range(name: str, offset: int, length: int) -> None:
-    # A negative offset would silently index from the end of a bytearray.
-    if offset < 0 or length < 0:
-        raise ValueError(f"{name}: invalid host range offset={offset} length={length}: must be non-negative")
+    # A negative offset would silently index from the end of a bytearray; one past 2^63
+    # overflows os.pread's off_t (the OverflowError hostile table entries used to raise).
+    if offset < 0 or length < 0 or offset > INT64_MAX - length:
+        from models.qcow2.errors import HostRangeError  # lazy: models.qcow2 imports this module
+
+        raise HostRangeError(name, None, "host range", length,
+                             f"invalid host range offset={offset} length={length}: must be non-negative and end below 2^63")
+
+
+def _io_error(name: str, op: str, offset: int, length: int, err: int, detail: str = "") -> Exception:
+    from models.qcow2.errors import HostIOError  # lazy: models.qcow2 imports this module
+
+    return HostIOError(name, op, offset, length, err, detail)
+
+
+def _os_call(name: str, op: str, offset: int, length: int, fn, *args):
+    try:
+        return fn(*args)
+    except OSError as exc:
+        raise _io_error(name, op, offset, length, exc.errno or errno.EIO) from exc

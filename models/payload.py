@@ -20,13 +20,14 @@ import hashlib
 import struct
 from typing import NamedTuple
 
-SECTOR_SIZE = 512
+from models.blockio import SECTOR
+
 MAGIC = b"QCRASHPL"
 HEADER = struct.Struct(">8sQQQ")  # magic, op_index, sector, seed
 HEADER_SIZE = HEADER.size
-FILL_SIZE = SECTOR_SIZE - HEADER_SIZE
+FILL_SIZE = SECTOR - HEADER_SIZE
 _U64_MAX = (1 << 64) - 1
-_ZERO_SECTOR = bytes(SECTOR_SIZE)
+_ZERO_SECTOR = bytes(SECTOR)
 
 assert HEADER_SIZE == 32
 
@@ -70,8 +71,8 @@ def make_payload(op_index: int, offset: int, length: int, seed: int) -> bytes:
         raise PayloadError(f"make_payload: length {length} is negative; lengths must be >= 0")
     if length == 0:
         return b""
-    first = offset // SECTOR_SIZE
-    last = (offset + length - 1) // SECTOR_SIZE
+    first = offset // SECTOR
+    last = (offset + length - 1) // SECTOR
     _check_u64("make_payload", "last sector", last)
     pack = HEADER.pack
     blake2b = hashlib.blake2b
@@ -80,7 +81,7 @@ def make_payload(op_index: int, offset: int, length: int, seed: int) -> bytes:
         header = pack(MAGIC, op_index, sector, seed)
         parts.append(header)
         parts.append((blake2b(header, digest_size=64).digest() * 8)[:FILL_SIZE])
-    start = offset - first * SECTOR_SIZE
+    start = offset - first * SECTOR
     whole = b"".join(parts)
     if start == 0 and length == len(whole):
         return whole
@@ -89,8 +90,8 @@ def make_payload(op_index: int, offset: int, length: int, seed: int) -> bytes:
 
 def identify_sector(data: bytes | bytearray | memoryview) -> SectorOrigin | None:
     """Who wrote these 512 bytes, or None if they are not an intact payload sector."""
-    if len(data) != SECTOR_SIZE:
-        raise PayloadError(f"identify_sector: got {len(data)} bytes; a sector is exactly {SECTOR_SIZE} bytes")
+    if len(data) != SECTOR:
+        raise PayloadError(f"identify_sector: got {len(data)} bytes; a sector is exactly {SECTOR} bytes")
     if bytes(data[: len(MAGIC)]) != MAGIC:
         return None
     _, op_index, sector, seed = HEADER.unpack_from(data)

@@ -77,11 +77,10 @@ from typing import NamedTuple
 
 import crcmod.predefined
 
-from models.blockio import CacheMode
+from models.blockio import SECTOR, CacheMode
 from models.payload import HEADER, MAGIC, SectorOrigin, describe, identify_sector, payload_sector
 
-SECTOR_SIZE = 512
-_ZERO_SECTOR = bytes(SECTOR_SIZE)
+_ZERO_SECTOR = bytes(SECTOR)
 _MAX_READ_SECTORS = 2048  # judge() and collapse() read at most 1 MiB per read_fn call
 
 crc32c: Callable[[bytes | bytearray | memoryview], int] = crcmod.predefined.mkCrcFun("crc-32c")
@@ -93,7 +92,7 @@ ReadFn = Callable[[int, int], bytes]
 """read_fn(offset, length) -> bytes: reads `length` guest bytes of the recovered image."""
 
 
-class OpKind(enum.StrEnum):
+class GuestOpKind(enum.StrEnum):
     WRITE = "write"
     WRITE_ZEROES = "write_zeroes"
     DISCARD = "discard"
@@ -236,7 +235,7 @@ class _Op:
     """A live operation: in flight, or completed and not yet durable. Flushes keep what they cover."""
 
     index: int
-    kind: OpKind
+    kind: GuestOpKind
     first: int  # sectors [first, stop) may hold its values
     stop: int
     completed: bool = False
@@ -251,10 +250,10 @@ class ReferenceDisk:
     one-shot write / write_zeroes / discard / flush do both.
     """
 
-    def __init__(self, size: int, cache_mode: str = "writeback", discard_granularity: int = SECTOR_SIZE) -> None:
-        if not isinstance(size, int) or size <= 0 or size % SECTOR_SIZE:
+    def __init__(self, size: int, cache_mode: str = "writeback", discard_granularity: int = SECTOR) -> None:
+        if not isinstance(size, int) or size <= 0 or size % SECTOR:
             raise InvalidRequest(
-                f"ReferenceDisk: size {size!r} is not a positive multiple of {SECTOR_SIZE}; "
+                f"ReferenceDisk: size {size!r} is not a positive multiple of {SECTOR}; "
                 "a virtual disk is a whole number of sectors"
             )
         try:
@@ -263,10 +262,10 @@ class ReferenceDisk:
             raise InvalidRequest(
                 f"ReferenceDisk: cache_mode {cache_mode!r} is not one of " + ", ".join(m.value for m in CacheMode)
             ) from None
-        if not isinstance(discard_granularity, int) or discard_granularity <= 0 or discard_granularity % SECTOR_SIZE:
+        if not isinstance(discard_granularity, int) or discard_granularity <= 0 or discard_granularity % SECTOR:
             raise InvalidRequest(
                 f"ReferenceDisk: discard_granularity {discard_granularity!r} is not a positive multiple of "
-                f"{SECTOR_SIZE}; discard works on whole sectors (in qcow2, whole clusters)"
+                f"{SECTOR}; discard works on whole sectors (in qcow2, whole clusters)"
             )
         self.size = size
         self.cache_mode = mode
@@ -277,7 +276,7 @@ class ReferenceDisk:
         self._pending: dict[int, tuple[_Val, ...]] = {}  # values after the durable point, in begin order
         self._past: dict[int, tuple[int | _Maker, ...]] = {}  # fp, maker, fp, maker...: values lost for good
         self._ops: dict[int, _Op] = {}  # live operations
-        self._used: dict[int, OpKind] = {}  # every operation index ever begun
+        self._used: dict[int, GuestOpKind] = {}  # every operation index ever begun
 
     # ----------------------------------------------------------------- guest operations
 
@@ -285,15 +284,15 @@ class ReferenceDisk:
         """Operation `op_index` starts writing `data` at guest byte `offset`."""
         view = memoryview(data).cast("B")
         length = len(view)
-        self._begin(OpKind.WRITE, op_index, offset, length)
+        self._begin(GuestOpKind.WRITE, op_index, offset, length)
         values = _Values(op_index, f"write #{op_index}", f"write #{op_index}")
         end = offset + length
-        for sector in range(offset // SECTOR_SIZE, -(-end // SECTOR_SIZE)):
-            base = sector * SECTOR_SIZE
+        for sector in range(offset // SECTOR, -(-end // SECTOR)):
+            base = sector * SECTOR
             lo = max(offset, base) - base
-            hi = min(end, base + SECTOR_SIZE) - base
-            if lo == 0 and hi == SECTOR_SIZE:
-                chunk: bytes | bytearray | memoryview = view[base - offset : base - offset + SECTOR_SIZE]
+            hi = min(end, base + SECTOR) - base
+            if lo == 0 and hi == SECTOR:
+                chunk: bytes | bytearray | memoryview = view[base - offset : base - offset + SECTOR]
             else:
                 patched = bytearray(self._current(sector).data(sector))
                 patched[lo:hi] = view[base + lo - offset : base + hi - offset]
@@ -302,15 +301,15 @@ class ReferenceDisk:
 
     def begin_write_zeroes(self, op_index: int, offset: int, length: int) -> None:
         """Operation `op_index` starts zeroing guest bytes [offset, offset+length)."""
-        self._begin(OpKind.WRITE_ZEROES, op_index, offset, length)
+        self._begin(GuestOpKind.WRITE_ZEROES, op_index, offset, length)
         values = _Values(op_index, f"write_zeroes #{op_index}", f"write_zeroes #{op_index} (zeros)")
         end = offset + length
         # Untouched sectors read zero already and stay untouched.
-        for sector in sorted(self._keys_in(self._dur, offset // SECTOR_SIZE, -(-end // SECTOR_SIZE))):
-            base = sector * SECTOR_SIZE
+        for sector in sorted(self._keys_in(self._dur, offset // SECTOR, -(-end // SECTOR))):
+            base = sector * SECTOR
             lo = max(offset, base) - base
-            hi = min(end, base + SECTOR_SIZE) - base
-            if lo == 0 and hi == SECTOR_SIZE:
+            hi = min(end, base + SECTOR) - base
+            if lo == 0 and hi == SECTOR:
                 self._push(sector, values.zeros)
             else:
                 patched = bytearray(self._current(sector).data(sector))
@@ -319,7 +318,7 @@ class ReferenceDisk:
 
     def begin_discard(self, op_index: int, offset: int, length: int) -> None:
         """Operation `op_index` starts discarding [offset, offset+length): whole granules inside it read zero."""
-        self._begin(OpKind.DISCARD, op_index, offset, length)
+        self._begin(GuestOpKind.DISCARD, op_index, offset, length)
         first, stop = self.discarded_sectors(offset, length)
         zeros = _Val(ZERO_FINGERPRINT, _Maker(op_index, f"discard #{op_index} (zeros)"), None)
         for sector in sorted(self._keys_in(self._dur, first, stop)):
@@ -327,10 +326,10 @@ class ReferenceDisk:
 
     def begin_flush(self, op_index: int) -> None:
         """Flush `op_index` is issued: it covers every operation completed by now."""
-        self._check_new_index(OpKind.FLUSH, op_index)
-        covers = frozenset(i for i, op in self._ops.items() if op.completed and op.kind is not OpKind.FLUSH)
-        self._used[op_index] = OpKind.FLUSH
-        self._ops[op_index] = _Op(op_index, OpKind.FLUSH, 0, 0, covers=covers)
+        self._check_new_index(GuestOpKind.FLUSH, op_index)
+        covers = frozenset(i for i, op in self._ops.items() if op.completed and op.kind is not GuestOpKind.FLUSH)
+        self._used[op_index] = GuestOpKind.FLUSH
+        self._ops[op_index] = _Op(op_index, GuestOpKind.FLUSH, 0, 0, covers=covers)
 
     def complete(self, op_index: int) -> None:
         """Operation `op_index` has returned: apply the durability rule of its kind and the cache mode."""
@@ -343,12 +342,12 @@ class ReferenceDisk:
             raise InvalidRequest(
                 f"complete #{op_index}: operation #{op_index} {why}; only an operation in flight can complete"
             )
-        if op.kind is OpKind.FLUSH:
+        if op.kind is GuestOpKind.FLUSH:
             del self._ops[op_index]
             self._make_durable(op.covers & self._ops.keys(), None, None)
             return
         self._ops[op_index] = replace(op, completed=True)
-        if self.cache_mode is not CacheMode.WRITEBACK and op.kind is not OpKind.DISCARD:
+        if self.cache_mode is not CacheMode.WRITEBACK and op.kind is not GuestOpKind.DISCARD:
             self._make_durable({op_index}, op.first, op.stop)
 
     def write(self, offset: int, data: bytes | bytearray | memoryview, *, op_index: int | None = None) -> int:
@@ -392,17 +391,17 @@ class ReferenceDisk:
         zeros = memoryview(bytes(length))  # calloc'ed: free until touched
         parts: list[bytes | memoryview] = []
         pos = offset
-        for sector in sorted(self._keys_in(self._dur, offset // SECTOR_SIZE, -(-end // SECTOR_SIZE))):
+        for sector in sorted(self._keys_in(self._dur, offset // SECTOR, -(-end // SECTOR))):
             value = self._current(sector)
             if value.src is None:
                 continue
-            base = sector * SECTOR_SIZE
+            base = sector * SECTOR
             lo = max(offset, base)
-            hi = min(end, base + SECTOR_SIZE)
+            hi = min(end, base + SECTOR)
             if lo > pos:
                 parts.append(zeros[: lo - pos])
             data = value.data(sector)
-            parts.append(data if hi - lo == SECTOR_SIZE else data[lo - base : hi - base])
+            parts.append(data if hi - lo == SECTOR else data[lo - base : hi - base])
             pos = hi
         if not parts:
             return zeros.obj  # type: ignore[return-value]
@@ -421,7 +420,7 @@ class ReferenceDisk:
             hi = self.size  # the partial last granule, discarded whole (qcow2_co_pdiscard)
         if hi <= lo:
             return (0, 0)
-        return (lo // SECTOR_SIZE, hi // SECTOR_SIZE)
+        return (lo // SECTOR, hi // SECTOR)
 
     def touched_sectors(self) -> frozenset[int]:
         """Every sector with any history; all others have always read zero."""
@@ -445,8 +444,8 @@ class ReferenceDisk:
     def judge_sector(self, sector: int, data: bytes | bytearray | memoryview) -> SectorVerdict | None:
         """None when a crash may leave `data` in `sector`; otherwise the verdict saying why not."""
         self._check_sector("judge_sector", sector)
-        if len(data) != SECTOR_SIZE:
-            raise InvalidRequest(f"judge_sector: data is {len(data)} bytes; a sector is exactly {SECTOR_SIZE} bytes")
+        if len(data) != SECTOR:
+            raise InvalidRequest(f"judge_sector: data is {len(data)} bytes; a sector is exactly {SECTOR} bytes")
         fingerprint = crc32c(data)
         if self._find(sector, fingerprint) is not None:
             return None
@@ -468,17 +467,17 @@ class ReferenceDisk:
         find = self._find
         durable = self._dur
         for start, view in self._read_runs(read_fn, wanted, "judge"):
-            count = len(view) // SECTOR_SIZE
+            count = len(view) // SECTOR
             if view == _ZERO_SECTOR * count:
                 # All zeros (the common case for untouched space): only touched sectors can object.
                 sectors = self._keys_in(durable, start, start + count)
                 for sector in sectors:
                     if find(sector, ZERO_FINGERPRINT) is None:
-                        k = (sector - start) * SECTOR_SIZE
-                        verdicts.append(self._classify(sector, ZERO_FINGERPRINT, view[k : k + SECTOR_SIZE]))
+                        k = (sector - start) * SECTOR
+                        verdicts.append(self._classify(sector, ZERO_FINGERPRINT, view[k : k + SECTOR]))
                 continue
             for k in range(count):
-                chunk = view[k * SECTOR_SIZE : (k + 1) * SECTOR_SIZE]
+                chunk = view[k * SECTOR : (k + 1) * SECTOR]
                 if start + k not in durable and chunk == _ZERO_SECTOR:
                     continue  # untouched and zero
                 fingerprint = crc32c(chunk)
@@ -498,9 +497,9 @@ class ReferenceDisk:
         chosen: dict[int, _Val] = {}
         bad: list[SectorVerdict] = []
         for start, view in self._read_runs(read_fn, sorted(self._pending), "collapse"):
-            for k in range(len(view) // SECTOR_SIZE):
+            for k in range(len(view) // SECTOR):
                 sector = start + k
-                chunk = view[k * SECTOR_SIZE : (k + 1) * SECTOR_SIZE]
+                chunk = view[k * SECTOR : (k + 1) * SECTOR]
                 fingerprint = crc32c(chunk)
                 value = self._find(sector, fingerprint)
                 if value is None:
@@ -562,7 +561,7 @@ class ReferenceDisk:
     def _index_or_next(self, op_index: int | None) -> int:
         return self.next_op_index() if op_index is None else op_index
 
-    def _check_new_index(self, kind: OpKind, op_index: int) -> None:
+    def _check_new_index(self, kind: GuestOpKind, op_index: int) -> None:
         if not isinstance(op_index, int) or op_index < 0:
             raise InvalidRequest(f"{kind} #{op_index}: op_index {op_index!r} is not a non-negative integer")
         used = self._used.get(op_index)
@@ -584,19 +583,19 @@ class ReferenceDisk:
             )
 
     def _check_sector(self, what: str, sector: int) -> None:
-        if not 0 <= sector < self.size // SECTOR_SIZE:
+        if not 0 <= sector < self.size // SECTOR:
             raise InvalidRequest(
-                f"{what}: sector {sector} is outside the disk; sectors run from 0 to {self.size // SECTOR_SIZE - 1}"
+                f"{what}: sector {sector} is outside the disk; sectors run from 0 to {self.size // SECTOR - 1}"
             )
 
-    def _begin(self, kind: OpKind, op_index: int, offset: int, length: int) -> None:
+    def _begin(self, kind: GuestOpKind, op_index: int, offset: int, length: int) -> None:
         self._check_new_index(kind, op_index)
         self._check_range(f"{kind} #{op_index}", offset, length)
         self._used[op_index] = kind
-        if kind is OpKind.DISCARD:
+        if kind is GuestOpKind.DISCARD:
             first, stop = self.discarded_sectors(offset, length)
         else:
-            first, stop = offset // SECTOR_SIZE, -(-(offset + length) // SECTOR_SIZE)
+            first, stop = offset // SECTOR, -(-(offset + length) // SECTOR)
         self._ops[op_index] = _Op(op_index, kind, first, stop)
 
     def _current(self, sector: int) -> _Val:
@@ -718,10 +717,10 @@ class ReferenceDisk:
             while j < n and sectors[j] == start + (j - i) and j - i < _MAX_READ_SECTORS:
                 j += 1
             count = j - i
-            data = read_fn(start * SECTOR_SIZE, count * SECTOR_SIZE)
-            if len(data) != count * SECTOR_SIZE:
+            data = read_fn(start * SECTOR, count * SECTOR)
+            if len(data) != count * SECTOR:
                 raise RefDiskError(
-                    f"{what}: read_fn({start * SECTOR_SIZE}, {count * SECTOR_SIZE}) returned {len(data)} bytes; "
+                    f"{what}: read_fn({start * SECTOR}, {count * SECTOR}) returned {len(data)} bytes; "
                     "it must return exactly the bytes asked for"
                 )
             yield start, memoryview(data)

@@ -7,6 +7,8 @@ import importlib
 import os
 import sys
 
+from harness.errors import QcrashError
+
 # subcommand -> module that provides `register(subparsers)`; imported lazily so that
 # `qcrash img ...` does not pay for Hypothesis and the runner.
 _FAMILIES = {
@@ -18,6 +20,7 @@ _FAMILIES = {
     "report": "harness.cli.fuzz",
     "zoo": "harness.cli.zoo",
     "bench": "harness.cli.zoo",
+    "fuzz-images": "harness.cli.hostile",
 }
 
 EXIT_CODES = """\
@@ -30,7 +33,7 @@ exit status:
   143  fuzz stopped by SIGTERM, after writing the partial report"""
 
 
-class UsageError(Exception):
+class UsageError(QcrashError):
     """Bad command-line usage: exit status 2 with the message."""
 
 

@@ -31,7 +31,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Callable
 
-from harness import sizes
+from harness import config, sizes
 from harness.cli import UsageError
 
 EXIT_ABORT = 134  # 128 + SIGABRT
@@ -51,12 +51,11 @@ def parse_size(text: str, what: str = "size") -> int:
 
 
 def parse_bool(text: str, what: str) -> bool:
-    low = text.lower()
-    if low in ("on", "yes", "true", "y"):
-        return True
-    if low in ("off", "no", "false", "n"):
-        return False
-    raise UsageError(f"{what} = '{text}': must be on or off")
+    """harness.config's on/off parser (QEMU's rules), failing as a usage error."""
+    try:
+        return config.parse_bool(text, what)
+    except config.ConfigError as exc:
+        raise UsageError(str(exc)) from None
 
 
 def parse_opts(text: str, what: str) -> list[tuple[str, str]]:

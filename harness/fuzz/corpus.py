@@ -11,6 +11,7 @@ from pathlib import Path
 from harness import __version__
 from harness import serial
 from harness.config import Config
+from harness.errors import QcrashError
 from harness.ops import Op, OpError, validate_op
 from harness.oracle import Finding
 from harness.runner import Budget
@@ -22,7 +23,7 @@ FORMAT_VERSION = 1
 DERIVED = ("format", "format_version", "signature", "crash_state", "python")
 
 
-class ReproducerError(ValueError):
+class ReproducerError(QcrashError):
     """A reproducer file is malformed; the message names the file, the field, the value and the rule."""
 
 

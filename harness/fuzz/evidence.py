@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 from harness.crashstates import CrashState
-from harness.faultfile import HostOp, OpKind, WriteLog, sector_count
+from harness.faultfile import HostOp, HostOpKind, WriteLog, sector_count
 
 # Readable names of the write sites (models.blockio.WriteSite values).
 SITE_WORDS = {
@@ -38,15 +38,15 @@ def gather(rep) -> Evidence:
     log = runner.ff.log
     if finding.crash_id is None:
         words = f"no crash: {finding.phase} of operation #{finding.op_index} ({finding.op_kind})"
-        return Evidence(runner.inner.getvalue(), format_log(log, None), words)
+        return Evidence(runner.target.contents(), format_log(log, None), words)
     state = CrashState.parse(finding.crash_id)
-    return Evidence(bytes(runner.builder.build(state)), format_log(log, state), describe(state, log))
+    return Evidence(bytes(runner.executor.builder.build(state)), format_log(log, state), describe(state, log))
 
 
 def _op_words(op: HostOp) -> str:
-    if op.kind is OpKind.WRITE:
+    if op.kind is HostOpKind.WRITE:
         return f"{SITE_WORDS.get(str(op.site), str(op.site))} at {op.offset:#x}"
-    if op.kind is OpKind.TRUNCATE:
+    if op.kind is HostOpKind.TRUNCATE:
         return f"truncate to {op.offset:#x}"
     return "flush"
 
@@ -73,7 +73,7 @@ def fates(state: CrashState, log: WriteLog) -> dict[int, str]:
     for op in log.ops:
         if op.index >= state.point:
             out[op.index] = "not reached"
-        elif op.index <= flushed or op.kind is OpKind.FLUSH:
+        elif op.index <= flushed or op.kind is HostOpKind.FLUSH:
             out[op.index] = "kept (before the last flush)"
         elif op.index in tears:
             n = sector_count(op.offset, len(op.data))
@@ -116,7 +116,7 @@ def format_log(log: WriteLog, state: CrashState | None) -> str:
     lines = [f"# host operations of the image{' and their fate in crash state ' + state.id if state else ''}",
              f"{'index':>6}  {'kind':<8}  {'write site':<16}  {'offset':>12}  {'length':>9}  in this crash state"]
     for op in log.ops:
-        site = str(op.site) if op.kind is OpKind.WRITE else "-"
+        site = str(op.site) if op.kind is HostOpKind.WRITE else "-"
         lines.append(f"{op.index:>6}  {op.kind!s:<8}  {site:<16}  {op.offset:>#12x}  {len(op.data):>9}  "
                      f"{fate.get(op.index, '-')}")
     return "\n".join(lines) + "\n"

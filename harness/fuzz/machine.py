@@ -7,11 +7,12 @@ import os
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, rule
 
+from harness.crashstates import DEFAULT_POLICIES
 from harness.config import CACHE_MODES, REFCOUNT_BITS, Config
 from harness.ops import Check, Crash, Discard, Flush, Read, Reopen, Repair, Write, WriteZeroes
 from harness.runner import Budget, Runner
+from models.blockio import SECTOR
 
-SECTOR = 512
 
 
 @st.composite
@@ -118,7 +119,7 @@ class CrashMachine(RuleBasedStateMachine):
             lazy = None
         self._do(Reopen(lazy, cache))
 
-    @rule(point=st.integers(-4, 40), policy=st.sampled_from(("prefix", "drop-unsynced", "subsets", "torn", "truncate")),
+    @rule(point=st.integers(-4, 40), policy=st.sampled_from(DEFAULT_POLICIES),
           state=st.integers(0, 15))
     def crash(self, point, policy, state) -> None:
         self._do(Crash(point, policy, state))

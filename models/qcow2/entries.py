@@ -12,7 +12,6 @@ QEMU's cluster-type table for a standard (non-extended) L2 entry:
 from __future__ import annotations
 
 import enum
-import struct
 
 from models.qcow2 import spec
 
@@ -33,26 +32,6 @@ def l2_cluster_type(entry: int, version: int) -> ClusterType:
     if version >= 3 and entry & spec.QCOW_OFLAG_ZERO:
         return ClusterType.ZERO_ALLOC if offset else ClusterType.ZERO_PLAIN
     return ClusterType.NORMAL if offset else ClusterType.UNALLOCATED
-
-
-def l2_offset(entry: int) -> int:
-    return entry & spec.L2E_OFFSET_MASK
-
-
-def l1_offset(entry: int) -> int:
-    return entry & spec.L1E_OFFSET_MASK
-
-
-def reft_offset(entry: int) -> int:
-    return entry & spec.REFT_OFFSET_MASK
-
-
-def unpack_table(raw: bytes) -> list[int]:
-    return list(struct.unpack(f">{len(raw) // 8}Q", raw[: len(raw) // 8 * 8]))
-
-
-def pack_table(entries: list[int]) -> bytes:
-    return struct.pack(f">{len(entries)}Q", *entries)
 
 
 def get_entry(table: bytes | bytearray, index: int) -> int:

@@ -41,3 +41,33 @@ class InvalidRequest(Qcow2Error):
 
 class RepairFailed(Qcow2Error):
     """A dirty image could not be repaired on open ("Could not repair dirty image")."""
+
+
+class HostRangeError(InvalidImage, ValueError):
+    """A host byte range that no file can hold: negative, or ending at or beyond 2^63 (QEMU's INT64_MAX rule).
+
+    It is an InvalidImage because such offsets only ever come from bad metadata; it is
+    also a ValueError for callers that treated the old bare range check as one.
+    """
+
+
+class HostIOError(Qcow2Error, OSError):
+    """The host file failed an operation (EIO, ENOSPC, EFBIG, ...): names the file, the operation and the range."""
+
+    def __init__(self, path: str, op: str, offset: int, length: int, errno_: int, detail: str = "") -> None:
+        import os
+
+        self.path, self.op, self.offset, self.length = path, op, offset, length
+        text = f"{path}: host {op} at offset {offset:#x} length {length:#x} failed: {os.strerror(errno_)}"
+        OSError.__init__(self, errno_, text + (f" ({detail})" if detail else ""))
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+
+class MetadataOverlap(CorruptImage):
+    """A write would land on active metadata: refused, and the image is marked corrupt (qcow2_check_metadata_overlap)."""
+
+
+class ImageDead(ImageNotWritable):
+    """The image signalled a fatal corruption event; like QEMU's bs->drv = NULL, every further request fails."""

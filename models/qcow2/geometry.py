@@ -1,14 +1,8 @@
-"""Typed offsets and the cluster geometry helpers, named as in qcow2.h; no bare shifts outside this module."""
+"""The cluster geometry helpers, named as in qcow2.h; no bare shifts outside this module."""
 
 from __future__ import annotations
 
 import dataclasses
-from typing import NewType
-
-GuestOffset = NewType("GuestOffset", int)
-HostOffset = NewType("HostOffset", int)
-GuestCluster = NewType("GuestCluster", int)
-HostCluster = NewType("HostCluster", int)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -45,16 +39,16 @@ class Geometry:
     def size_to_clusters(self, size: int) -> int:
         return (size + self.cluster_size - 1) >> self.cluster_bits
 
-    def offset_to_cluster(self, offset: int) -> HostCluster:
-        return HostCluster(offset >> self.cluster_bits)
+    def offset_to_cluster(self, offset: int) -> int:
+        return offset >> self.cluster_bits
 
-    def cluster_to_offset(self, cluster: int) -> HostOffset:
-        return HostOffset(cluster << self.cluster_bits)
+    def cluster_to_offset(self, cluster: int) -> int:
+        return cluster << self.cluster_bits
 
-    def offset_to_l1_index(self, offset: GuestOffset) -> int:
+    def offset_to_l1_index(self, offset: int) -> int:
         return offset >> (self.cluster_bits + self.cluster_bits - 3)
 
-    def offset_to_l2_index(self, offset: GuestOffset) -> int:
+    def offset_to_l2_index(self, offset: int) -> int:
         return (offset >> self.cluster_bits) & (self.l2_entries - 1)
 
     def size_to_l1(self, size: int) -> int:
@@ -70,6 +64,18 @@ class Geometry:
 
     def is_aligned(self, offset: int) -> bool:
         return self.offset_into_cluster(offset) == 0
+
+    @property
+    def csize_shift(self) -> int:
+        """Where a compressed L2 entry's sector count starts (62 - (cluster_bits - 8), QEMU's s->csize_shift)."""
+        return 62 - (self.cluster_bits - 8)
+
+    def parse_compressed_l2_entry(self, entry: int) -> tuple[int, int]:
+        """(host offset, size in bytes) of a compressed cluster, as QEMU's qcow2_parse_compressed_l2_entry."""
+        shift = self.csize_shift
+        coffset = entry & ((1 << shift) - 1)
+        nb_csectors = ((entry >> shift) & ((1 << (self.cluster_bits - 8)) - 1)) + 1
+        return coffset, nb_csectors * 512 - (coffset & 511)
 
 
 def get_refcount(block: bytes | bytearray, index: int, order: int) -> int:

@@ -25,8 +25,21 @@ class ParsedHeader:
         return Geometry(self.header.cluster_bits, self.header.refcount_order)
 
 
+_SNAPSHOT_HEADER_SIZE = 40  # sizeof(QCowSnapshotHeader)
+_MAX_BACKING_NAME = 1023
+_BACKING_FORMAT_MAX = 16  # sizeof(bs->backing_format)
+_CRYPTO_EXT_SIZE = 16
+_INT_MAX = (1 << 31) - 1
+_QEMU_INCOMPAT_MASK = int(spec.INCOMPAT_MASK)
+
+
 def read_header(file: BlockFile, *, writable: bool, check_mode: bool = False) -> ParsedHeader:
-    """Read and validate cluster 0 in QEMU's order; raise a named error for the first rule broken."""
+    """Read and validate cluster 0 in the order of QEMU 7.2's qcow2_do_open, with its messages.
+
+    Every rule QEMU applies is applied here first, so an image QEMU refuses is refused
+    with QEMU's words; only then does qcrash refuse the features it does not implement
+    (encryption, backing files, snapshots, external data, extended L2, zstd).
+    """
     path = file.name
     size = file.size()
     if size < spec.V2_HEADER_LENGTH:
@@ -47,48 +60,93 @@ def read_header(file: BlockFile, *, writable: bool, check_mode: bool = False) ->
     if hdr.version >= 3:
         if hdr.header_length < spec.V3_MIN_HEADER_LENGTH:
             raise bad("header_length", "qcow2 header too short (v3 needs at least 104 bytes)")
-        if hdr.header_length % 8:
-            raise bad("header_length", "must be a multiple of 8")
+        # QEMU does not require a multiple of 8 (the spec asks for it): neither does qcrash.
         if hdr.header_length > cs:
             raise bad("header_length", f"qcow2 header exceeds cluster size ({cs:#x})")
     if hdr.backing_file_offset > cs:
         raise bad("backing_file_offset", f"Invalid backing file offset (must be <= cluster size {cs:#x})")
-    exts, names = _read_extensions(file, hdr)
-    _check_features(path, hdr, names, writable=writable, check_mode=check_mode)
+    _check_compression_type(path, hdr)
+    _check_features(path, file, hdr, writable=writable, check_mode=check_mode)
     if hdr.version >= 3 and hdr.refcount_order > spec.MAX_REFCOUNT_ORDER:
         raise bad("refcount_order", "must be at most 6 (64-bit refcounts)")
     if hdr.refcount_table_clusters == 0 and not check_mode:
         raise bad("refcount_table_clusters", "Image does not contain a reference count table")
     _validate_table(path, "refcount_table_offset", "Reference count table", hdr.refcount_table_offset,
                     hdr.refcount_table_clusters * cs // 8, 8, spec.QCOW_MAX_REFTABLE_SIZE, cs)
+    if not check_mode:
+        _validate_table(path, "snapshots_offset", "Snapshot table", hdr.snapshots_offset, hdr.nb_snapshots,
+                        _SNAPSHOT_HEADER_SIZE, _SNAPSHOT_HEADER_SIZE * spec.QCOW_MAX_SNAPSHOTS, cs)
     _validate_table(path, "l1_table_offset", "Active L1 table", hdr.l1_table_offset, hdr.l1_size, 8,
                     spec.QCOW_MAX_L1_SIZE, cs)
     geo = Geometry(hdr.cluster_bits, hdr.refcount_order)
-    if hdr.l1_size < geo.size_to_l1(hdr.size):
-        raise bad("l1_size", f"L1 table is too small (the virtual size {hdr.size:#x} needs {geo.size_to_l1(hdr.size)} entries)")
+    need = geo.size_to_l1(hdr.size)
+    if need > _INT_MAX:
+        raise bad("size", f"Image is too big (the virtual size needs {need} L1 entries, more than INT_MAX)")
+    if hdr.l1_size < need:
+        raise bad("l1_size", f"L1 table is too small (the virtual size {hdr.size:#x} needs {need} entries)")
+    exts, names = _read_extensions(file, hdr)
+    if hdr.backing_file_offset:
+        limit = min(_MAX_BACKING_NAME, cs - hdr.backing_file_offset)
+        if hdr.backing_file_size > limit:
+            raise bad("backing_file_size", f"Backing file name too long (at most {limit} bytes here)")
+    _refuse_unimplemented(path, hdr, exts)
+    return ParsedHeader(hdr, exts, names)
+
+
+def _check_compression_type(path: str, hdr: Header) -> None:
+    """QEMU's validate_compression_type: 0 zlib or 1 zstd, and incompatible bit 3 set exactly when it is not zlib."""
+    ctype = hdr.compression_type if hdr.version >= 3 and hdr.header_length > 104 else 0
+    bit = hdr.incompatible_features & spec.IncompatFeature.COMPRESSION_TYPE
+    if ctype not in (0, 1):
+        raise InvalidImage(path, 104, "compression_type", ctype, f"qcow2: unknown compression type: {ctype}")
+    if ctype == 0 and bit:
+        raise InvalidImage(path, FIELD_OFFSET["incompatible_features"], "incompatible_features", hdr.incompatible_features,
+                           "qcow2: Compression type incompatible feature bit must not be set")
+    if ctype != 0 and not bit:
+        raise InvalidImage(path, FIELD_OFFSET["incompatible_features"], "incompatible_features", hdr.incompatible_features,
+                           "qcow2: Compression type incompatible feature bit must be set")
+
+
+def _check_features(path: str, file: BlockFile, hdr: Header, *, writable: bool, check_mode: bool) -> None:
+    incompat = hdr.incompatible_features
+    unknown = incompat & ~_QEMU_INCOMPAT_MASK
+    if unknown:
+        names = _feature_names(file, hdr)
+        listed = [names.get((0, bit), f"unknown incompatible feature bit {bit}") for bit in range(64) if unknown >> bit & 1]
+        raise UnsupportedFeature(path, FIELD_OFFSET["incompatible_features"], "incompatible_features", listed)
+    if incompat & spec.IncompatFeature.CORRUPT and writable and not check_mode:
+        raise InvalidImage(path, FIELD_OFFSET["incompatible_features"], "incompatible_features", incompat,
+                           "qcow2: Image is corrupt; cannot be opened read/write (repair it with `check -r all`)")
+    if incompat & spec.IncompatFeature.EXTENDED_L2 and hdr.cluster_bits - 5 < spec.MIN_CLUSTER_BITS:
+        sub = 1 << (hdr.cluster_bits - 5)
+        raise InvalidImage(path, FIELD_OFFSET["cluster_bits"], "cluster_bits", hdr.cluster_bits,
+                           f"Unsupported subcluster size: {sub}")
+
+
+def _feature_names(file: BlockFile, hdr: Header) -> dict[tuple[int, int], str]:
+    """The feature-name table, read leniently (as QEMU does only to word its "Unsupported feature" error)."""
+    try:
+        return _read_extensions(file, hdr)[1]
+    except InvalidImage:
+        return {}
+
+
+def _refuse_unimplemented(path: str, hdr: Header, exts: list[HeaderExtension]) -> None:
+    """Images QEMU opens but qcrash does not implement: refused by name, after every QEMU rule has passed."""
+    unsupported = hdr.incompatible_features & ~int(spec.INCOMPAT_SUPPORTED) & _QEMU_INCOMPAT_MASK
+    if unsupported:
+        names = [name for kind, bit, name in spec.FEATURE_NAMES if kind == 0 and unsupported >> bit & 1]
+        raise UnsupportedFeature(path, FIELD_OFFSET["incompatible_features"], "incompatible_features", names)
     if hdr.crypt_method:
         raise UnsupportedFeature(path, FIELD_OFFSET["crypt_method"], "crypt_method", ["encryption"])
     if hdr.backing_file_offset:
         raise UnsupportedFeature(path, FIELD_OFFSET["backing_file_offset"], "backing_file_offset", ["backing file"])
     if hdr.nb_snapshots:
         raise UnsupportedFeature(path, FIELD_OFFSET["nb_snapshots"], "nb_snapshots", ["internal snapshots"])
-    return ParsedHeader(hdr, exts, names)
-
-
-def _check_features(path: str, hdr: Header, names: dict[tuple[int, int], str], *, writable: bool, check_mode: bool) -> None:
-    incompat = hdr.incompatible_features
-    unknown = incompat & ~int(spec.INCOMPAT_SUPPORTED)
-    if unknown:
-        listed = [names.get((0, bit), f"unknown incompatible feature bit {bit}") for bit in range(64) if unknown >> bit & 1]
-        raise UnsupportedFeature(path, FIELD_OFFSET["incompatible_features"], "incompatible_features", listed)
-    if incompat & spec.IncompatFeature.CORRUPT and writable and not check_mode:
-        raise InvalidImage(path, FIELD_OFFSET["incompatible_features"], "incompatible_features", incompat,
-                           "Image is corrupt (bit 1 set); cannot be opened read/write (repair it with `check -r all`)")
-    if hdr.version >= 3 and hdr.compression_type != 0:
-        raise UnsupportedFeature(path, 104, "compression_type", [f"compression type {hdr.compression_type}"])
 
 
 def _validate_table(path: str, field: str, name: str, offset: int, entries: int, entry_len: int, max_bytes: int, cs: int) -> None:
+    """QEMU's qcow2_validate_table: "<name> too large" (EFBIG), "<name> offset invalid" (EINVAL)."""
     if entries > max_bytes // entry_len:
         raise InvalidImage(path, FIELD_OFFSET[field], field, offset, f"{name} too large ({entries} entries, at most {max_bytes // entry_len})")
     if (1 << 63) - 1 - entries * entry_len < offset or offset % cs:
@@ -96,6 +154,7 @@ def _validate_table(path: str, field: str, name: str, offset: int, entries: int,
 
 
 def _read_extensions(file: BlockFile, hdr: Header) -> tuple[list[HeaderExtension], dict[tuple[int, int], str]]:
+    """QEMU's qcow2_read_extensions: from header_length up to the backing file name (or the end of cluster 0)."""
     path = file.name
     cs = 1 << hdr.cluster_bits
     end = hdr.backing_file_offset or cs
@@ -103,25 +162,39 @@ def _read_extensions(file: BlockFile, hdr: Header) -> tuple[list[HeaderExtension
     pos = hdr.header_length
     exts: list[HeaderExtension] = []
     names: dict[tuple[int, int], str] = {}
-    while pos + 8 <= end:
+    while pos < end:
+        if pos + 8 > end:
+            raise InvalidImage(path, pos, "header extension", pos,
+                               f"Header extension too large (its 8-byte type and length run past {end:#x})")
         ext_type, length = struct.unpack_from(">II", blob, pos)
-        if ext_type == spec.EXT_END:
-            break
         data_end = pos + 8 + length
         if data_end > end:
             raise InvalidImage(path, pos, "header extension length", length,
                                f"Header extension too large (extension {ext_type:#x} runs past {end:#x})")
+        if ext_type == spec.EXT_END:
+            break
         data = bytes(blob[pos + 8 : data_end])
+        _check_extension(path, hdr, pos, ext_type, data)
         if ext_type == spec.EXT_FEATURE_TABLE:
             names = parse_feature_table(data)
-        elif ext_type in (spec.EXT_DATA_FILE,):
-            raise UnsupportedFeature(path, pos, "header extension", ["external data file"])
-        elif ext_type in (spec.EXT_CRYPTO,):
-            raise UnsupportedFeature(path, pos, "header extension", ["encryption"])
         else:
             exts.append(HeaderExtension(ext_type, data, pos))
         pos = data_end + (-length % 8)
     return exts, names
+
+
+def _check_extension(path: str, hdr: Header, pos: int, ext_type: int, data: bytes) -> None:
+    """The per-extension rules of qcow2_read_extensions that qcrash can meet."""
+    if ext_type == spec.EXT_BACKING_FORMAT and len(data) >= _BACKING_FORMAT_MAX:
+        raise InvalidImage(path, pos, "backing format extension length", len(data),
+                           f"ERROR: ext_backing_format: len={len(data)} too large (>={_BACKING_FORMAT_MAX})")
+    if ext_type == spec.EXT_CRYPTO:
+        if len(data) != _CRYPTO_EXT_SIZE:
+            raise InvalidImage(path, pos, "crypto header extension length", len(data),
+                               f"CRYPTO header extension size {len(data)}, but expected size {_CRYPTO_EXT_SIZE}")
+        if hdr.crypt_method != 2:
+            raise InvalidImage(path, pos, "crypto header extension", hdr.crypt_method,
+                               "CRYPTO header extension only expected with LUKS encryption method")
 
 
 def cluster0_bytes(hdr: Header, extensions: list[HeaderExtension]) -> bytes:
@@ -135,5 +208,11 @@ def cluster0_bytes(hdr: Header, extensions: list[HeaderExtension]) -> bytes:
     if hdr.version >= 3 and cs > 4096:
         out += feature_table_extension().pack()
     out += bytes(8)  # end marker
+    if len(out) > cs:
+        # qcow2_update_header fails with ENOSPC: the header (with its unknown fields) and
+        # the extensions no longer fit in cluster 0 (e.g. header_length 0xfff8).
+        raise InvalidImage("<header>", FIELD_OFFSET["header_length"], "header_length", hdr.header_length,
+                           f"header and extensions ({len(out)} bytes) do not fit in cluster 0 ({cs:#x} bytes): "
+                           "qcow2_update_header fails with ENOSPC")
     out += bytes(cs - len(out))
     return bytes(out)

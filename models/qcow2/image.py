@@ -27,9 +27,11 @@ from models.blockio import BlockFile, CacheMode, WriteSite, read_exact
 from models.qcow2 import inject, spec
 from models.qcow2.cache import TableCache
 from models.qcow2.entries import ClusterType, get_entry, l2_cluster_type, set_entry
-from models.qcow2.errors import CorruptImage, ImageNotWritable, InvalidRequest, RepairFailed, UnsupportedFeature
+from models.qcow2.errors import (CorruptImage, ImageDead, ImageNotWritable, InvalidImage, InvalidRequest, MetadataOverlap,
+                                 RepairFailed, UnsupportedFeature)
 from models.qcow2.geometry import Geometry
 from models.qcow2.header import ParsedHeader, cluster0_bytes, read_header
+from models.qcow2.overlap import OL_NAMES, OverlapGuard
 from models.qcow2.refcount import RefcountMixin
 from models.qcow2.structs import FIELD_OFFSET, Header
 
@@ -54,6 +56,7 @@ class Qcow2Image(RefcountMixin):
         self.cache_mode = CacheMode(cache_mode)
         self.log = log or (lambda _msg: None)
         self.closed = False
+        self.dead = False  # QEMU's bs->drv = NULL after a fatal corruption event
         self._unflushed = False
         self.free_cluster_index = 0
         self._recently_freed: set[int] = set()
@@ -66,6 +69,7 @@ class Qcow2Image(RefcountMixin):
         self.l2cache = TableCache("l2", self._read_table, self._pwrite, cs, WriteSite.L2, self._file_flush)
         self.refcache = TableCache("refcount", self._read_table, self._pwrite, cs, WriteSite.REFBLOCK, self._file_flush)
         self._load_tables()
+        self.overlap = OverlapGuard(self)
 
     # ---- open / create ------------------------------------------------------------------
     @classmethod
@@ -144,8 +148,30 @@ class Qcow2Image(RefcountMixin):
     def _pwrite(self, offset: int, data: bytes, site: WriteSite) -> None:
         if self.readonly:
             raise ImageNotWritable(f"{self.path}: write at offset {offset:#x} ({site}) on an image opened read-only")
+        if self.dead:
+            raise ImageDead(f"{self.path}: write at offset {offset:#x} ({site}): No medium found (the image was marked corrupt)")
+        hit = self.overlap.check(offset, len(data), site)
+        if hit is not None:
+            self._signal_corruption(offset, site, hit)
         self.file.pwrite(offset, data, site)
         self._unflushed = True
+        self.overlap.after_write(site)
+
+    def _signal_corruption(self, offset: int, site: WriteSite, hit: str) -> None:
+        """qcow2_signal_corruption(fatal): log, set the corrupt bit on disk, stop the image, fail the request (EIO)."""
+        rule = f"Preventing invalid write on metadata (overlaps with {OL_NAMES[hit]})"
+        self.log(f"qcow2: Marking image as corrupt: {rule}; further corruption events will be suppressed")
+        self.hdr.incompatible_features |= int(spec.IncompatFeature.CORRUPT)
+        try:
+            cluster0 = cluster0_bytes(self.hdr, self.extensions)
+        except InvalidImage:  # the header no longer fits cluster 0: QEMU's rewrite fails too
+            cluster0 = None
+        if cluster0 is not None:
+            # qcow2_mark_corrupt rewrites the header (a v2 header cannot hold the bit).
+            self.file.pwrite(0, cluster0, WriteSite.HEADER)
+            self.file.flush()
+        self.dead = True
+        raise MetadataOverlap(self.path, offset, f"{site} write", offset, rule)
 
     def _file_flush(self) -> None:
         # Like the block layer's flushed_gen: no host flush when nothing was written since the last.
@@ -167,6 +193,7 @@ class Qcow2Image(RefcountMixin):
         self._pwrite(start, raw, WriteSite.REFTABLE_SWITCH)
         self._file_flush()
         self.reftable_offset = offset
+        self.overlap.invalidate()
 
     # ---- dirty bit ---------------------------------------------------------------------------
     def _need_accurate_refcounts(self) -> bool:
@@ -205,6 +232,8 @@ class Qcow2Image(RefcountMixin):
     def _check_request(self, offset: int, length: int, what: str) -> None:
         if self.closed:
             raise InvalidRequest(f"{self.path}: {what} on a closed image")
+        if self.dead:
+            raise ImageDead(f"{self.path}: {what}: No medium found (the image was marked corrupt)")
         if offset < 0 or length < 0 or offset + length > self.hdr.size:
             raise InvalidRequest(
                 f"{self.path}: {what} offset={offset} length={length}: must lie within the virtual size {self.hdr.size}")
@@ -401,14 +430,14 @@ class Qcow2Image(RefcountMixin):
             self.refcache.write()
 
     def flush(self) -> None:
-        if self.readonly or self.closed:
+        if self.readonly or self.closed or self.dead:
             return
         self._write_caches()
         self._file_flush()
 
     def write_all_metadata(self) -> None:
         """Write every cached table, refcount blocks included even while dirty, and flush (as before a check)."""
-        if self.readonly or self.closed:
+        if self.readonly or self.closed or self.dead:
             return
         self._write_caches(force_refcounts=True)
         self._file_flush()
@@ -424,7 +453,7 @@ class Qcow2Image(RefcountMixin):
     def close(self) -> None:
         if self.closed:
             return
-        if not self.readonly:
+        if not self.readonly and not self.dead:
             if self.dirty:
                 self._mark_clean()
             else:

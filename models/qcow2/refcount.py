@@ -21,6 +21,49 @@ from models.qcow2.errors import CorruptImage
 from models.qcow2.geometry import Geometry, get_refcount, set_refcount
 
 
+_MAX_REFTABLE_ENTRIES = spec.QCOW_MAX_REFTABLE_SIZE // 8
+
+
+def _first_zero(block: bytes | bytearray, start: int, order: int, entries: int) -> int | None:
+    """Index of the first refcount-0 entry at or after `start` in a refcount block, or None."""
+    if order >= 3:
+        width = 1 << (order - 3)
+        zero = bytes(width)
+        pos = start * width
+        end = entries * width
+        while pos < end:
+            found = block.find(zero, pos, end)
+            if found < 0:
+                return None
+            if found % width == 0:
+                return found // width
+            pos = found + (width - found % width)  # realign: a zero run straddling two entries
+        return None
+    # Sub-byte widths: test the (partial) first byte entry by entry, then skip whole bytes
+    # whose entries are all non-zero with a table lookup per byte.
+    per_byte = 8 >> order
+    idx = start
+    while idx < entries and idx % per_byte:
+        if get_refcount(block, idx, order) == 0:
+            return idx
+        idx += 1
+    first_zero = _SUB_BYTE_FIRST_ZERO[order]
+    for pos in range(idx // per_byte, entries // per_byte):
+        k = first_zero[block[pos]]
+        if k >= 0:
+            return pos * per_byte + k
+    return None
+
+
+def _sub_byte_table(order: int) -> tuple[int, ...]:
+    bits = 1 << order
+    mask = (1 << bits) - 1
+    return tuple(next((k for k in range(8 // bits) if not (b >> (k * bits)) & mask), -1) for b in range(256))
+
+
+_SUB_BYTE_FIRST_ZERO = {order: _sub_byte_table(order) for order in range(3)}
+
+
 class RefcountMixin:
     geo: Geometry
     refcache: TableCache
@@ -59,14 +102,25 @@ class RefcountMixin:
         return ri < len(self.reftable) and bool(self.reftable[ri] & spec.REFT_OFFSET_MASK)
 
     def _find_free(self, n: int) -> int:
-        """First run of `n` clusters with refcount 0 that were not freed since the last flush."""
+        """First run of `n` clusters with refcount 0 that were not freed since the last flush.
+
+        Bounded: between runs, `_skip_used` jumps over whole refcount blocks at byte-search
+        speed (and over a block already seen full in O(1): a hostile reftable may point all
+        its entries at one block of maximal counts), and a search that would need a
+        refcount table beyond QEMU's 8 MiB limit fails with a named error (EFBIG).
+        """
         c = self.free_cluster_index
         run_start, run_len = c, 0
         lo, hi = self._reserved
+        full: set[int] = set()
         while run_len < n:
             if lo <= c < hi:
                 c, run_len = hi, 0
                 continue
+            if run_len == 0:
+                c = self._skip_used(c, full)
+                if lo <= c < hi:
+                    continue
             if self.refcount(c) == 0 and c not in self._recently_freed:
                 if run_len == 0:
                     run_start = c
@@ -75,6 +129,29 @@ class RefcountMixin:
                 run_len = 0
             c += 1
         return run_start
+
+    def _skip_used(self, c: int, full: set[int]) -> int:
+        """The first cluster >= c whose refcount is 0 (clusters skipped are in use, so the result is the same)."""
+        geo = self.geo
+        rbe = geo.refblock_entries
+        while True:
+            ri = c // rbe
+            if ri >= _MAX_REFTABLE_ENTRIES:
+                raise CorruptImage(self.path, None, "free cluster search", c,
+                                   "no free cluster within the largest refcount table QEMU allows (8 MiB): "
+                                   "refcount blocks full of used clusters (EFBIG)")
+            if ri >= len(self.reftable):
+                return c
+            block_off = self.reftable[ri] & spec.REFT_OFFSET_MASK
+            if not block_off:
+                return c
+            if block_off not in full:
+                idx = _first_zero(self.refcache.get(block_off), c - ri * rbe, geo.refcount_order, rbe)
+                if idx is not None:
+                    return ri * rbe + idx
+                if c == ri * rbe:
+                    full.add(block_off)
+            c = (ri + 1) * rbe
 
     # -- allocation -------------------------------------------------------------------------
     def alloc_clusters(self, n: int = 1) -> int:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import enum
 
 QCOW_MAGIC = 0x514649FB  # "QFI\xfb"
-SECTOR_SIZE = 512
 
 MIN_CLUSTER_BITS = 9  # 512 B
 MAX_CLUSTER_BITS = 21  # 2 MiB

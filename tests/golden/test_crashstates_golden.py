@@ -33,7 +33,8 @@ from pathlib import Path
 import pytest
 
 from harness.crashstates import CrashImageBuilder, CrashState, count_states, enumerate_states, space_report
-from harness.faultfile import SECTOR_SIZE, FaultInjectingFile
+from harness.faultfile import FaultInjectingFile
+from models.blockio import SECTOR
 from models.blockio import MemoryFile, WriteSite
 
 GOLDEN_DIR = Path(__file__).parent / "crashstates"
@@ -42,8 +43,8 @@ _LETTERS = frozenset(string.ascii_letters.encode())
 
 def summarize(image: bytes | bytearray) -> str:
     chars = []
-    for i, lo in enumerate(range(0, len(image), SECTOR_SIZE)):
-        chunk = bytes(image[lo : lo + SECTOR_SIZE])
+    for i, lo in enumerate(range(0, len(image), SECTOR)):
+        chunk = bytes(image[lo : lo + SECTOR])
         values = set(chunk)
         if values == {0}:
             c = "."

@@ -60,6 +60,17 @@ def test_correct_image_survives_a_scripted_sequence(lazy: bool, cache: str) -> N
     assert run(config, ops, Budget.exhaustive()) == []
 
 
+def test_every_recovery_path_recovers_an_eager_refcounts_image() -> None:
+    """Eager refcounts leave leaks at worst, which `check -r leaks` fixes too; each state names its path."""
+    config = Config(lazy_refcounts=False, cache_mode="writeback", **SMALL)
+    ops = [Write(0, 4096, 1), Flush(), Discard(0, 2048), Write(8192, 512, 2), Crash(-2, "subsets", 1),
+           Write(512, 512, 3), Reopen()]
+    budget = Budget(recovery_paths=("open", "check-all", "check-leaks"), recovery_every=1)
+    runner = Runner(config, seed=3, budget=budget)
+    assert runner.run(ops) == []
+    assert runner.stats.coverage["recovered by check-all"] > 0 and runner.stats.coverage["recovered by check-leaks"] > 0
+
+
 def test_ops_out_of_range_are_refused_with_the_rule() -> None:
     config = Config(**SMALL)
     with pytest.raises(OpError, match=r"op #0: Write.offset = 100: must be a non-negative multiple of 512"):
@@ -104,8 +115,8 @@ def test_chosen_crash_then_continue_keeps_model_and_image_in_step() -> None:
         assert runner.step(op) == []
     # After dropping everything unsynced the durable writes survive and the later ones are gone.
     assert runner.step(Read(0, 4096)) == []
-    assert runner.image.read(0, 512) == runner.model.read(0, 512)
-    assert runner.image.read(2048, 512) == bytes(512)
+    assert runner.target.read(0, 512) == runner.model.read(0, 512)
+    assert runner.target.read(2048, 512) == bytes(512)
     assert runner.finish() == []
 
 
@@ -126,7 +137,7 @@ def test_qemu_disagreement_is_reported() -> None:
     """The comparison can fail: a refcount made wrong only for qcrash's checker is a disagreement."""
     import shutil
 
-    from harness.runner import qemu_disagreement
+    from harness.qemu_check import qemu_disagreement
     from models.blockio import MemoryFile
     from models.qcow2 import Qcow2Image, check
 
@@ -150,3 +161,18 @@ def dataclasses_replace(obj, **changes):
     import dataclasses
 
     return dataclasses.replace(obj, **changes)
+
+
+def test_runner_takes_a_target_instance_and_exposes_its_log_and_images() -> None:
+    """What the shrinker and the finding files read: the log (`ff`), crash images (`builder`), the live file (`inner`)."""
+    from harness.crashstates import CrashState, Policy
+    from harness.targets.python import PythonTarget
+
+    target = PythonTarget()
+    runner = Runner(Config(**SMALL), seed=1, budget=Budget(sweep=False), target=target)
+    assert runner.target is target
+    assert runner.step(Write(0, 512, 1)) == []
+    assert runner.ff.point() == len(target.log) > 0
+    assert runner.inner.getvalue() == target.contents()
+    durable = runner.builder.build(CrashState(0, Policy.PREFIX))
+    assert bytes(durable) == target.log.base

@@ -8,10 +8,10 @@ from dataclasses import dataclass, field
 from hypothesis import assume, given, note
 from hypothesis import strategies as st
 
+from models.blockio import SECTOR
 from models.payload import SectorOrigin, make_payload, payload_sector
 from models.refdisk import ZERO_FINGERPRINT, Mismatch, ReferenceDisk
 
-SECTOR = 512
 SEED = 11
 MODES = ["writeback", "writethrough", "directsync"]
 

@@ -471,7 +471,7 @@ def test_io_corrupt_image_refused_read_write_but_readable(capsys, img):
     struct.pack_into(">Q", data, 72, 2)
     img.write_bytes(bytes(data))
     rc, _, err = run(capsys, "io", "-c", "write 0 512", img)
-    assert rc == 1 and "Image is corrupt (bit 1 set); cannot be opened read/write" in err
+    assert rc == 1 and "qcow2: Image is corrupt; cannot be opened read/write" in err
     assert run(capsys, "io", "-r", "-c", "read -P 0 0 512", img)[0] == 0
 
 

@@ -19,7 +19,7 @@ from harness.crashstates import (
     space_report,
     truncate_candidates,
 )
-from harness.faultfile import FaultInjectingFile, OpKind, WriteLog
+from harness.faultfile import FaultInjectingFile, HostOpKind, WriteLog
 from models.blockio import MemoryFile, WriteSite
 
 # --------------------------------------------------------------------------- logs and a naive model
@@ -50,10 +50,10 @@ def logs(draw, max_ops: int = 14, max_write: int = 1600) -> tuple[FaultInjecting
 def naive_apply(image: list[int], op, sectors=None) -> set[int]:
     """Apply one op byte by byte; return the positions a torn write did not land on."""
     dropped = set()
-    if op.kind is OpKind.TRUNCATE:
+    if op.kind is HostOpKind.TRUNCATE:
         del image[op.offset :]
         image.extend([0] * (op.offset - len(image)))
-    elif op.kind is OpKind.WRITE and op.data:
+    elif op.kind is HostOpKind.WRITE and op.data:
         end = op.offset + len(op.data)
         image.extend([0] * (end - len(image)))
         for b in range(op.offset, end):
@@ -65,7 +65,7 @@ def naive_apply(image: list[int], op, sectors=None) -> set[int]:
 
 
 def naive_durable(log: WriteLog, point: int) -> list[int]:
-    flush = max((op.index for op in log.ops[:point] if op.kind is OpKind.FLUSH), default=-1)
+    flush = max((op.index for op in log.ops[:point] if op.kind is HostOpKind.FLUSH), default=-1)
     image = list(log.base)
     for op in log.ops[: flush + 1]:
         naive_apply(image, op)
@@ -86,7 +86,7 @@ def naive_image(log: WriteLog, state: CrashState) -> tuple[bytes, set[int]]:
 
 
 def covered(op, sectors) -> set[int]:
-    if op.kind is not OpKind.WRITE:
+    if op.kind is not HostOpKind.WRITE:
         return set()
     return {b for b in range(op.offset, op.offset + len(op.data)) if sectors is None or b // 512 - op.offset // 512 in sectors}
 
@@ -102,7 +102,7 @@ def random_state(draw, log: WriteLog, point: int) -> CrashState:
     tears = []
     for i in kept:
         op = log.ops[i]
-        if op.kind is OpKind.WRITE and op.data and draw(st.booleans()):
+        if op.kind is HostOpKind.WRITE and op.data and draw(st.booleans()):
             m = (op.offset + len(op.data) - 1) // 512 - op.offset // 512 + 1
             secs = draw(st.lists(st.integers(0, m - 1), min_size=1, unique=True))
             tears.append((i, tuple(sorted(secs))))
@@ -130,7 +130,7 @@ def test_durable_state_is_contained_in_every_crash_state(fl, data):
     shrunk_to = None
     for index in state.kept:
         op = log.ops[index]
-        if op.kind is OpKind.TRUNCATE:
+        if op.kind is HostOpKind.TRUNCATE:
             shrunk_to = op.offset if shrunk_to is None else min(shrunk_to, op.offset)
         elif state.garbage is not None and index in tears:
             may_change |= covered(op, None)
@@ -156,9 +156,9 @@ def test_prefix_and_drop_unsynced_at_every_point_match_the_file_as_it_was(fl):
     replay = MemoryFile(log.base)
     contents = [replay.getvalue()]
     for op in log:
-        if op.kind is OpKind.WRITE and op.data:
+        if op.kind is HostOpKind.WRITE and op.data:
             replay.pwrite(op.offset, op.data)
-        elif op.kind is OpKind.TRUNCATE:
+        elif op.kind is HostOpKind.TRUNCATE:
             replay.truncate(op.offset)
         contents.append(replay.getvalue())
     builder = CrashImageBuilder(log)

@@ -6,7 +6,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from harness.faultfile import SECTOR_SIZE, FaultInjectingFile, HostOp, OpKind, WriteLog, sector_count, sector_pieces
+from models.blockio import SECTOR
+from harness.faultfile import FaultInjectingFile, HostOp, HostOpKind, WriteLog, sector_count, sector_pieces
 from models.blockio import BlockFile, MemoryFile, OsFile, WriteSite
 
 
@@ -40,11 +41,11 @@ def test_is_a_block_file_and_passes_everything_through():
 def test_records_every_op_with_its_size_after():
     f = scripted()
     log = f.log
-    assert [op.kind for op in log] == [OpKind.WRITE, OpKind.WRITE, OpKind.FLUSH, OpKind.WRITE, OpKind.TRUNCATE, OpKind.FLUSH, OpKind.WRITE]
+    assert [op.kind for op in log] == [HostOpKind.WRITE, HostOpKind.WRITE, HostOpKind.FLUSH, HostOpKind.WRITE, HostOpKind.TRUNCATE, HostOpKind.FLUSH, HostOpKind.WRITE]
     assert [op.index for op in log] == list(range(7))
     assert [op.size_after for op in log] == [1024, 1024, 1024, 2048, 1536, 1536, 1536]
-    assert log[3] == HostOp(3, OpKind.WRITE, 1024, b"c" * 1024, WriteSite.L2_ALLOC, 2048)
-    assert log[4] == HostOp(4, OpKind.TRUNCATE, 1536, b"", WriteSite.OTHER, 1536)
+    assert log[3] == HostOp(3, HostOpKind.WRITE, 1024, b"c" * 1024, WriteSite.L2_ALLOC, 2048)
+    assert log[4] == HostOp(4, HostOpKind.TRUNCATE, 1536, b"", WriteSite.OTHER, 1536)
     assert log.base == b"o" * 1024 and log.base_size == 1024
     assert f.point() == len(log) == 7
 
@@ -168,8 +169,8 @@ def test_sector_pieces_cover_the_range_one_absolute_sector_each(offset, length):
     covered = [b for lo, hi in pieces for b in range(lo, hi)]
     assert covered == list(range(offset, offset + length))
     for j, (lo, hi) in enumerate(pieces):
-        assert lo < hi and lo // SECTOR_SIZE == (hi - 1) // SECTOR_SIZE
-        assert lo // SECTOR_SIZE - offset // SECTOR_SIZE == j
+        assert lo < hi and lo // SECTOR == (hi - 1) // SECTOR
+        assert lo // SECTOR - offset // SECTOR == j
 
 
 host_ops = st.lists(
@@ -206,6 +207,6 @@ def test_behaves_like_the_inner_file_and_logs_sizes(base, ops):
 
 def test_write_log_can_be_built_by_hand():
     log = WriteLog(b"abc")
-    op = log.append(OpKind.WRITE, 1, b"ZZ", WriteSite.DATA, 3)
-    log.append(OpKind.FLUSH, 0, b"", WriteSite.OTHER, 3)
+    op = log.append(HostOpKind.WRITE, 1, b"ZZ", WriteSite.DATA, 3)
+    log.append(HostOpKind.FLUSH, 0, b"", WriteSite.OTHER, 3)
     assert op.index == 0 and log.last_flush_before(2) == 1 and log.unsynced(1) == [op]

@@ -1,0 +1,262 @@
+"""The recovery judge: one crash image against the crash contract, through the target's pure judging functions.
+
+A crash state goes through (CRASH-CONTRACT.md):
+
+1. the raw image: dirty bit clear on disk => `check` finds no corruption; a read-only
+   open reads only allowed values and writes nothing;
+2. recovery by the state's path (`Budget.recovery_paths`; by default a read-write open,
+   repairing when dirty, then `check -r leaks` when only leaks remain); afterwards check
+   is clean, the dirty and corrupt bits clear, guest data allowed and equal to what the
+   read-only open saw;
+3. crashes of the recovery itself at sampled points of its own log: recovering again
+   gives the same guest data and a clean check.
+
+The first broken rule is the state's one finding; its verdict is decided where it is
+created (the phase says which verdict a failure of that phase is).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+import traceback
+
+from harness.crashstates import CrashImageBuilder, CrashState, Policy, enumerate_states
+from harness.faultfile import HostOpKind, WriteLog
+from harness.oracle import RULES, Finding, Verdict
+from harness.points import Budget, recovery_path
+from harness.qemu_check import qemu_disagreement
+from harness.stats import Stats
+from harness.targets import HeaderInfo, ReadOnlyView, Recovery, RecoveryPath, Target, TargetError
+from models.blockio import SECTOR, WriteSite
+from models.refdisk import Mismatch, ReferenceDisk, SectorVerdict
+
+_METADATA_SITES = frozenset(WriteSite) - {WriteSite.DATA}
+_GROWTH_SITES = frozenset({WriteSite.REFTABLE_GROW, WriteSite.REFTABLE_SWITCH})
+_DATA_VERDICTS = {Mismatch.FOREIGN: Verdict.FOREIGN_DATA, Mismatch.STALE_OR_LOST: Verdict.DATA_LOST,
+                  Mismatch.GARBAGE: Verdict.GARBAGE}
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Where:
+    """Where a finding appeared: the operation, its kind, and the crash state if any."""
+
+    op_index: int
+    op_kind: str
+    state: CrashState | None = None
+
+    def finding(self, verdict: Verdict, evidence: str, phase: str, sector: int | None = None) -> Finding:
+        state = self.state
+        return Finding(verdict, RULES[verdict], evidence, self.op_index, phase, state.id if state else None,
+                       str(state.policy) if state else None, sector, self.op_kind)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Judged:
+    """One judged crash state: its finding, or the recovered image and the guest data read before recovery."""
+
+    finding: Finding | None
+    recovered: bytes | None = None
+    view: dict[int, bytes] | None = None
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Phase:
+    """A recovery phase and the verdicts its failures carry."""
+
+    name: str
+    not_clean: Verdict  # check not clean, a flag left set, or refcounts past EOF
+    changed: Verdict  # guest data differs from the read-only view before recovery
+    failed: Verdict  # the recovery itself failed
+    suffix: str = ""  # appended to the evidence
+
+
+def _recovery(path: RecoveryPath) -> _Phase:
+    how = "" if path is RecoveryPath.OPEN else f" (recovered by {path})"
+    return _Phase("recovery", Verdict.NOT_CLEAN_AFTER_REPAIR, Verdict.REPAIR_CHANGED_DATA, Verdict.REPAIR_FAILED, how)
+
+
+def _recovery_crash(sub: CrashState, path: RecoveryPath) -> _Phase:
+    # Recovering a crashed recovery must end where the first recovery would have: any
+    # difference, dirty or changed, is non-idempotent repair.
+    how = "" if path is RecoveryPath.OPEN else f", recovered by {path}"
+    v = Verdict.REPAIR_NOT_IDEMPOTENT
+    return _Phase("recovery-crash", v, v, v, f" (recovery crashed at [{sub.id}]{how})")
+
+
+class Judge:
+    """Judges crash images of one run; counts what it saw in `stats` and draws from the run's rng."""
+
+    def __init__(self, target: Target, budget: Budget, seed: int, rng: random.Random, stats: Stats) -> None:
+        self.target = target
+        self.budget = budget
+        self.seed = seed
+        self.rng = rng
+        self.stats = stats
+
+    def judge(self, where: Where, image: bytearray, model: ReferenceDisk, log: WriteLog, *, deep: bool) -> Judged:
+        """Judge one crash image built from `log` at `where.state`; `deep` also crashes its recovery."""
+        assert where.state is not None
+        self.stats.crash_states += 1
+        self.stats.by_policy[str(where.state.policy)] += 1
+        self._count_sites(where.state, log)
+        try:
+            return self._judge(where, bytes(image), model, deep=deep)
+        except Exception as exc:  # noqa: BLE001 - any crash of the implementation is a finding
+            return Judged(where.finding(Verdict.UNEXPECTED_EXCEPTION, exc_text(exc), "raw"))
+
+    def _count_sites(self, state: CrashState, log: WriteLog) -> None:
+        ops = log.ops
+        if state.point:
+            last = ops[state.point - 1]
+            self.stats.by_site["flush" if last.kind is HostOpKind.FLUSH else str(last.site)] += 1
+        for index, _sectors in state.tears:
+            if ops[index].site in _METADATA_SITES:
+                self.stats.coverage["torn metadata write"] += 1
+        sites = {op.site for op in log.unsynced(state.point)}
+        if sites & _GROWTH_SITES:
+            self.stats.coverage["refcount-table growth crashed"] += 1
+        if WriteSite.DIRTY_BIT in sites:
+            self.stats.coverage["dirty-bit write unsynced"] += 1
+
+    def _judge(self, where: Where, raw: bytes, model: ReferenceDisk, *, deep: bool) -> Judged:
+        assert where.state is not None
+        bad, pre = self._judge_raw(where, raw, model)
+        if bad:
+            return Judged(bad)
+        path = recovery_path(self.budget, where.state)
+        if path is not RecoveryPath.OPEN:  # (counting the default would change every behaviour digest)
+            self.stats.coverage[f"recovered by {path}"] += 1
+        rec = self._recover(raw, path, record=True)
+        bad = self._judge_recovery(where, rec, pre, model, _recovery(path))
+        if bad:
+            return Judged(bad)
+        assert rec.image is not None
+        if deep and rec.log is not None and len(rec.log):
+            bad = self._crash_recovery(where, rec.log, pre, model, path)
+            if bad:
+                return Judged(bad)
+        return Judged(None, rec.image, pre)
+
+    def _judge_raw(self, where: Where, raw: bytes, model: ReferenceDisk) -> tuple[Finding | None, dict[int, bytes]]:
+        """Step 1; with no finding, the guest data the read-only open read."""
+        hdr = self.target.inspect(raw)
+        if hdr.error is not None:
+            return where.finding(Verdict.UNOPENABLE, hdr.error, "raw"), {}
+        self.stats.coverage["dirty at open" if hdr.dirty else "clean at open"] += 1
+        # The order of the rng calls is part of every seed's behaviour digest.
+        if self.budget.qemu_every and self.rng.randrange(self.budget.qemu_every) == 0:
+            disagreement = qemu_disagreement(raw)
+            if disagreement:
+                return where.finding(Verdict.QEMU_DISAGREES, disagreement, "raw"), {}
+            self.stats.coverage["qemu-img check agreed"] += 1
+        if not hdr.dirty:
+            result = self.target.check(raw)
+            if result.corruptions or result.check_errors:
+                return where.finding(Verdict.CORRUPTION_WITHOUT_DIRTY, result.text(), "raw"), {}
+            if result.leaks:
+                self.stats.coverage["leaks after crash"] += 1
+        view = self.target.read_only(raw, model.touched_sectors())
+        if view.changed is not None:
+            return where.finding(Verdict.READONLY_OPEN_CHANGED, view.changed, "raw"), {}
+        if view.error is not None:
+            return where.finding(Verdict.UNOPENABLE, f"read-only open: {view.error}", "raw"), {}
+        verdicts = model.judge(lambda off, length: read_view(view.sectors, off, length), sorted(view.sectors))
+        if verdicts:
+            return data_finding(where, verdicts, "raw"), {}
+        return None, view.sectors
+
+    def _recover(self, raw: bytes, path: RecoveryPath, *, record: bool) -> Recovery:
+        rec = self.target.recover(raw, path, self.target.options, record=record)
+        self.stats.coverage.update(rec.events)
+        return rec
+
+    def _judge_recovery(self, where: Where, rec: Recovery, pre: dict[int, bytes], model: ReferenceDisk,
+                        phase: _Phase) -> Finding | None:
+        """Step 2 on one recovery: it succeeded, the image is clean and reads as `pre` did."""
+        if rec.image is None:
+            return where.finding(phase.failed, f"{rec.error}{phase.suffix}", phase.name)
+        result = self.target.check(rec.image, past_eof=True)
+        hdr = _require_header(self.target.inspect(rec.image), "recovered image")
+        past_eof = list(result.refcounts_past_eof)
+        if result.problems or hdr.dirty or hdr.corrupt or past_eof:
+            return where.finding(phase.not_clean, f"{result.text()}, incompatible_features="
+                                 f"{hdr.incompatible_features:#x}, refcounts past EOF: {past_eof[:8]}{phase.suffix}",
+                                 phase.name)
+        post = _require_view(self.target.read_only(rec.image, set(pre) | model.touched_sectors()), "recovered image")
+        for s in sorted(post.sectors):
+            if post.sectors[s] != pre.get(s, bytes(SECTOR)):
+                return where.finding(phase.changed, f"sector {s} reads differently after {phase.name} than the "
+                                     f"read-only view before it{phase.suffix}", phase.name, sector=s)
+        return None
+
+    def _crash_recovery(self, where: Where, log: WriteLog, pre: dict[int, bytes], model: ReferenceDisk,
+                        path: RecoveryPath) -> Finding | None:
+        """Step 3: crash the recovery at sampled points of its log, recover again, judge again."""
+        self.stats.coverage["recovery crashed"] += 1
+        builder = CrashImageBuilder(log)
+        points = list(range(1, len(log) + 1))
+        picks = self.rng.sample(points, min(len(points), self.budget.recovery_points))
+        for point in sorted(picks):
+            for sub in enumerate_states(log, point, Policy.SUBSETS, k=4, seed=self.seed, samples=2):
+                rec = self._recover(bytes(builder.build(sub)), path, record=False)
+                bad = self._judge_recovery(where, rec, pre, model, _recovery_crash(sub, path))
+                if bad:
+                    return bad
+        return None
+
+
+def judge_clean_image(target: Target, where: Where, raw: bytes) -> Finding | None:
+    """After a clean close: check is clean and the dirty bit is clear."""
+    result = target.check(raw)
+    hdr = _require_header(target.inspect(raw), "after a clean close")
+    if result.problems or hdr.dirty:
+        return where.finding(Verdict.CHECK_FAILED, f"after a clean close: {result.text()}, "
+                             f"incompatible_features={hdr.incompatible_features:#x}", "finish")
+    return None
+
+
+def judge_closed_reads(target: Target, where: Where, raw: bytes, model: ReferenceDisk) -> Finding | None:
+    """After a clean close: every sector the model knows reads as the model says (no crash, so no choice)."""
+    view = _require_view(target.read_only(raw, model.touched_sectors(), allocated=False), "after a clean close")
+    for s in sorted(view.sectors):
+        if view.sectors[s] != model.read(s * SECTOR, SECTOR):
+            return where.finding(Verdict.READ_MISMATCH, f"sector {s} differs from the model after a clean close",
+                                 "finish", sector=s)
+    return None
+
+
+def _require_header(hdr: HeaderInfo, what: str) -> HeaderInfo:
+    # An image the implementation itself just wrote (recovered, or closed cleanly) that it
+    # cannot inspect is a failure of the implementation: reported as an unexpected exception.
+    if hdr.error is not None:
+        raise TargetError(f"{what}: {hdr.error}")
+    return hdr
+
+
+def _require_view(view: ReadOnlyView, what: str) -> ReadOnlyView:
+    if view.changed is not None or view.error is not None:
+        raise TargetError(f"{what}: read-only open: {view.changed or view.error}")
+    return view
+
+
+def data_finding(where: Where, verdicts: list[SectorVerdict], phase: str) -> Finding:
+    """The finding for the first sector the model refuses; the evidence counts the others."""
+    first = verdicts[0]
+    more = f" (+{len(verdicts) - 1} more sectors)" if len(verdicts) > 1 else ""
+    return where.finding(_DATA_VERDICTS[first.kind], first.message + more, phase, sector=first.sector)
+
+
+def read_view(view: dict[int, bytes], offset: int, length: int) -> bytes:
+    """Guest bytes [offset, offset+length) from a sector view; sectors it lacks read zero."""
+    out = bytearray()
+    for s in range(offset // SECTOR, (offset + length) // SECTOR):
+        out += view.get(s, bytes(SECTOR))
+    return bytes(out)
+
+
+def exc_text(exc: BaseException) -> str:
+    """An exception as evidence: type, message and the innermost frame."""
+    tb = traceback.extract_tb(exc.__traceback__)
+    where = f" at {tb[-1].filename.rsplit('/', 1)[-1]}:{tb[-1].lineno}" if tb else ""
+    return f"{type(exc).__name__}: {exc}{where}"

@@ -1,0 +1,29 @@
+"""What a run explored: operations, crash states by policy and write site, recovery situations reached, time per phase."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import Counter
+
+
+@dataclasses.dataclass
+class Stats:
+    """Counters of one run (or, merged, of many); the behaviour digest covers all but the timings."""
+
+    ops: int = 0
+    crash_states: int = 0
+    by_policy: Counter = dataclasses.field(default_factory=Counter)
+    by_site: Counter = dataclasses.field(default_factory=Counter)
+    coverage: Counter = dataclasses.field(default_factory=Counter)
+    phase_seconds: Counter = dataclasses.field(default_factory=Counter)
+
+    def merge(self, other: "Stats") -> None:
+        self.ops += other.ops
+        self.crash_states += other.crash_states
+        for name in ("by_policy", "by_site", "coverage", "phase_seconds"):
+            getattr(self, name).update(getattr(other, name))
+
+    def to_dict(self) -> dict:
+        return {"ops": self.ops, "crash_states": self.crash_states, "by_policy": dict(self.by_policy),
+                "by_site": dict(self.by_site), "coverage": dict(self.coverage),
+                "phase_seconds": {k: round(v, 3) for k, v in self.phase_seconds.items()}}

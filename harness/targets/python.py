@@ -1,0 +1,243 @@
+"""The python target: qcrash's own qcow2 (`models/qcow2`) over the fault-injecting file layer."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from harness.config import Config
+from harness.faultfile import FaultInjectingFile, WriteLog
+from harness.targets import CheckSummary, HeaderInfo, OpenOptions, ReadOnlyView, Recovery, RecoveryPath, Target
+from models.blockio import SECTOR, BlockFile, CacheMode, MemoryFile, WriteSite
+from models.qcow2 import check as checkmod
+from models.qcow2.errors import Qcow2Error, RepairFailed
+from models.qcow2.header import read_header
+from models.qcow2.image import Qcow2Image
+
+IMAGE_NAME = "qcrash.qcow2"
+
+
+class ReadOnlyFile(MemoryFile):
+    """A crash image for read-only judging: any write is a finding, not a silent change."""
+
+    def pwrite(self, offset: int, data: bytes, site: WriteSite = WriteSite.OTHER) -> None:
+        raise ReadOnlyWrite(f"read-only open wrote {len(data)} bytes at {offset:#x} ({site})")
+
+    def truncate(self, size: int) -> None:
+        raise ReadOnlyWrite(f"read-only open truncated the image to {size}")
+
+
+class ReadOnlyWrite(Exception):
+    """A read-only open tried to change its file."""
+
+
+class PythonTarget(Target):
+    """Today's models/qcow2: the live image over a FaultInjectingFile; judging on in-memory copies."""
+
+    name = "python"
+
+    def __init__(self) -> None:
+        self._options = OpenOptions()
+        self._ff: FaultInjectingFile | None = None
+        self._inner: MemoryFile | None = None
+        self.image: Qcow2Image | None = None
+
+    def describe(self) -> str:
+        return "qcrash models/qcow2 (pure Python)"
+
+    # ---- the live image ------------------------------------------------------------------
+    def create(self, config: Config) -> None:
+        base = MemoryFile(name=IMAGE_NAME)
+        Qcow2Image.create(base, config.virtual_size, version=config.version, cluster_size=config.cluster_size,
+                          refcount_bits=config.refcount_bits, lazy_refcounts=config.lazy_refcounts)
+        self._options = OpenOptions(CacheMode(config.cache_mode), None)
+        self._attach(base)
+
+    def _attach(self, inner: MemoryFile) -> None:
+        self._inner = inner
+        self._ff = FaultInjectingFile(inner)
+        self.image = self._open_live()
+
+    def _open_live(self) -> Qcow2Image:
+        return Qcow2Image.open(self.ff, cache_mode=self._options.cache_mode,
+                               lazy_refcounts=self._options.lazy_refcounts)
+
+    @property
+    def ff(self) -> FaultInjectingFile:
+        if self._ff is None:
+            raise RuntimeError("PythonTarget: create() first")
+        return self._ff
+
+    @property
+    def live(self) -> Qcow2Image:
+        if self.image is None:
+            raise RuntimeError("PythonTarget: create() first")
+        return self.image
+
+    @property
+    def options(self) -> OpenOptions:
+        return self._options
+
+    @property
+    def log(self) -> WriteLog:
+        return self.ff.log
+
+    def point(self) -> int:
+        return self.ff.point()
+
+    def write(self, offset: int, data: bytes) -> None:
+        self.live.write(offset, data)
+
+    def write_zeroes(self, offset: int, length: int) -> None:
+        self.live.write_zeroes(offset, length)
+
+    def discard(self, offset: int, length: int) -> None:
+        self.live.discard(offset, length)
+
+    def flush(self) -> None:
+        self.live.flush()
+
+    def read(self, offset: int, length: int) -> bytes:
+        return self.live.read(offset, length)
+
+    def reopen(self, cache_mode: str | None, lazy_refcounts: bool | None) -> None:
+        self.live.close()
+        self._options = OpenOptions(
+            CacheMode(cache_mode) if cache_mode is not None else self._options.cache_mode,
+            lazy_refcounts if lazy_refcounts is not None else self._options.lazy_refcounts)
+        self.image = self._open_live()
+
+    def live_check(self) -> CheckSummary:
+        # Like qemu-img check on an open image: write every cached table first.
+        self.live.write_all_metadata()
+        return summary(checkmod.check(self.ff))
+
+    def live_repair(self, mode: str) -> CheckSummary:
+        self.live.close()
+        fix = checkmod.Fix.ALL if mode == "all" else checkmod.Fix.LEAKS
+        result = checkmod.repair(self.ff, fix)
+        self.image = self._open_live()
+        return summary(result)
+
+    def close(self) -> None:
+        self.live.close()
+
+    def contents(self) -> bytes:
+        assert self._inner is not None
+        return self._inner.getvalue()
+
+    def abort(self) -> None:
+        self.live.abort()
+
+    def restart(self, image: bytes) -> None:
+        self._attach(MemoryFile(image, name=IMAGE_NAME))
+
+    # ---- judging -----------------------------------------------------------------------------
+    def inspect(self, raw: bytes) -> HeaderInfo:
+        try:
+            hdr = read_header(MemoryFile(raw), writable=False, check_mode=True).header
+        except Qcow2Error as exc:
+            return HeaderInfo(error=str(exc))
+        return HeaderInfo(hdr.incompatible_features)
+
+    def check(self, raw: bytes, *, past_eof: bool = False) -> CheckSummary:
+        file = MemoryFile(raw)
+        result = checkmod.check(file)
+        return summary(result, tuple(checkmod.refcounts_past_eof(file)) if past_eof else ())
+
+    def read_only(self, raw: bytes, sectors: Iterable[int], *, allocated: bool = True,
+                  name: str = IMAGE_NAME) -> ReadOnlyView:
+        try:
+            img = Qcow2Image.open(ReadOnlyFile(raw, name=name), readonly=True)
+            wanted = set(sectors)
+            clusters: tuple[int, ...] = ()
+            if allocated:
+                clusters = tuple(img.allocated_guest_clusters())
+                wanted |= allocated_sectors(clusters, img.geo.cluster_size, img.size)
+            return ReadOnlyView(read_sectors(img, sorted(wanted)), clusters)
+        except ReadOnlyWrite as exc:
+            return ReadOnlyView(changed=str(exc))
+        except Qcow2Error as exc:
+            return ReadOnlyView(error=str(exc))
+
+    def recover(self, raw: bytes, path: RecoveryPath, options: OpenOptions, *, record: bool = True,
+                name: str = IMAGE_NAME) -> Recovery:
+        inner = MemoryFile(raw, name=name)
+        file: BlockFile = FaultInjectingFile(inner) if record else inner
+        messages: list[str] = []
+        events: list[str] = []
+        try:
+            _RECOVER[path](file, options, messages, events)
+        except (RepairFailed, Qcow2Error) as exc:
+            return Recovery(None, None, tuple(messages), tuple(events), f"{type(exc).__name__}: {exc}")
+        log = file.log if isinstance(file, FaultInjectingFile) else None
+        return Recovery(inner.getvalue(), log, tuple(messages), tuple(events))
+
+
+def _recover_open(file: BlockFile, options: OpenOptions, messages: list[str], events: list[str]) -> None:
+    img = Qcow2Image.open(file, cache_mode=options.cache_mode, lazy_refcounts=options.lazy_refcounts,
+                          log=messages.append)
+    img.close()
+    result = checkmod.check(file)
+    if result.leaks and not result.corruptions and not result.check_errors:
+        checkmod.check(file, checkmod.Fix.LEAKS)
+        events.append("leaks repaired")
+    _drop_past_eof(file, events)
+    if any("Rebuilding refcount structure" in m for m in messages):
+        events.append("refcount rebuild")
+    if messages:
+        events.append("repaired on open")
+
+
+def _recover_check(fix: checkmod.Fix):
+    def run(file: BlockFile, options: OpenOptions, messages: list[str], events: list[str]) -> None:
+        result = checkmod.repair(file, fix)
+        messages.extend(result.messages)
+        if result.error is not None:
+            raise RepairFailed(f"{file.name}: check -r failed: {result.error}")
+        _drop_past_eof(file, events)
+    return run
+
+
+def _drop_past_eof(file: BlockFile, events: list[str]) -> None:
+    # qcrash's deviation (CRASH-CONTRACT.md): refcounts past EOF are invisible to qemu-img
+    # check but break the contract, so every recovery path drops them.
+    if checkmod.drop_refcounts_past_eof(file):
+        events.append("refcounts past EOF dropped")
+
+
+_RECOVER = {
+    RecoveryPath.OPEN: _recover_open,
+    RecoveryPath.CHECK_ALL: _recover_check(checkmod.Fix.ALL),
+    RecoveryPath.CHECK_LEAKS: _recover_check(checkmod.Fix.LEAKS),
+}
+
+
+def summary(result: checkmod.CheckResult, past_eof: tuple[int, ...] = ()) -> CheckSummary:
+    return CheckSummary(result.corruptions, result.leaks, result.check_errors, result.corruptions_fixed,
+                        result.leaks_fixed, tuple(result.messages), past_eof)
+
+
+def allocated_sectors(clusters: Iterable[int], cluster_size: int, size: int) -> set[int]:
+    """Every sector of the given guest clusters, clipped to the virtual size."""
+    per_cluster = cluster_size // SECTOR
+    out: set[int] = set()
+    for guest in clusters:
+        first = guest // SECTOR
+        out.update(range(first, min(first + per_cluster, size // SECTOR)))
+    return out
+
+
+def read_sectors(img: Qcow2Image, sectors: list[int]) -> dict[int, bytes]:
+    """Read sorted sectors, one image read per contiguous run."""
+    out: dict[int, bytes] = {}
+    i = 0
+    while i < len(sectors):
+        j = i
+        while j + 1 < len(sectors) and sectors[j + 1] == sectors[j] + 1 and j - i < 4095:
+            j += 1
+        data = img.read(sectors[i] * SECTOR, (j - i + 1) * SECTOR)
+        for k in range(i, j + 1):
+            off = (k - i) * SECTOR
+            out[sectors[k]] = data[off:off + SECTOR]
+        i = j + 1
+    return out

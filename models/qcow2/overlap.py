@@ -1,0 +1,98 @@
+"""QEMU's metadata overlap protection for the image's writes (qcow2_check_metadata_overlap, the "cached" template).
+
+Before a host write lands, its range (rounded out to whole clusters) is compared with the
+active metadata: the header (cluster 0), the L1 table, the refcount table, every L2 table
+the L1 points at and every refcount block the refcount table points at. A hit is a fatal
+corruption event: the image is marked corrupt and the write refused (see
+`Qcow2Image._signal_corruption`). Each write site skips its own kind, as QEMU's callers
+pass an `ign` mask: an L2 write-back may land on an active L2 table, never on a refcount
+block. Header updates (dirty bit, header rewrite, refcount-table switch) and refcount-table
+hookups are not checked, as in QEMU.
+
+The L2 and refcount-block cluster sets are cached and rebuilt only after a write that can
+change them (L1 entry, refcount-table entry, table growth or switch): a guest data write
+costs a few comparisons and two set lookups.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from models.blockio import WriteSite
+from models.qcow2 import spec
+
+if TYPE_CHECKING:
+    from models.qcow2.image import Qcow2Image
+
+# QEMU's names, as in its message "Preventing invalid write on metadata (overlaps with %s)".
+OL_NAMES = {
+    "header": "qcow2_header",
+    "l1": "active L1 table",
+    "l2": "active L2 table",
+    "reftable": "refcount table",
+    "refblock": "refcount block",
+}
+
+_ALL: frozenset[str] = frozenset()
+# site -> the kinds of metadata it may overwrite (its ign mask); None = not checked.
+_IGNORE: dict[WriteSite, frozenset[str] | None] = {
+    WriteSite.DATA: _ALL,
+    WriteSite.L2: frozenset({"l2"}),
+    WriteSite.L2_ALLOC: frozenset({"l2"}),
+    WriteSite.REFBLOCK: frozenset({"refblock"}),
+    WriteSite.REFBLOCK_ALLOC: frozenset({"refblock"}),
+    WriteSite.L1: frozenset({"l1"}),
+    WriteSite.REFTABLE_GROW: _ALL,
+}
+# Writes after which the L2 / refcount-block sets may have changed.
+_CHANGES_TABLES = frozenset({WriteSite.L1, WriteSite.REFTABLE, WriteSite.REFTABLE_GROW, WriteSite.REFTABLE_SWITCH})
+
+
+class OverlapGuard:
+    """The overlap check of one open image; reads the image's live L1, refcount table and header."""
+
+    def __init__(self, image: "Qcow2Image") -> None:
+        self.image = image
+        self._tables: tuple[frozenset[int], frozenset[int]] | None = None
+
+    def invalidate(self) -> None:
+        self._tables = None
+
+    def after_write(self, site: WriteSite) -> None:
+        if site in _CHANGES_TABLES:
+            self._tables = None
+
+    def _sets(self) -> tuple[frozenset[int], frozenset[int]]:
+        if self._tables is None:
+            bits = self.image.geo.cluster_bits
+            l2 = frozenset((e & spec.L1E_OFFSET_MASK) >> bits for e in self.image.l1 if e & spec.L1E_OFFSET_MASK)
+            rb = frozenset((e & spec.REFT_OFFSET_MASK) >> bits for e in self.image.reftable if e & spec.REFT_OFFSET_MASK)
+            self._tables = (l2, rb)
+        return self._tables
+
+    def check(self, offset: int, size: int, site: WriteSite) -> str | None:
+        """The kind of active metadata the write [offset, offset+size) would land on, or None."""
+        ignore = _IGNORE.get(site)
+        if ignore is None or size <= 0:
+            return None
+        img = self.image
+        bits = img.geo.cluster_bits
+        first, last = offset >> bits, (offset + size - 1) >> bits
+        if first == 0 and "header" not in ignore:
+            return "header"
+        hdr = img.hdr
+        if "l1" not in ignore and hdr.l1_size and _hits(first, last, hdr.l1_table_offset, hdr.l1_size * 8, bits):
+            return "l1"
+        if "reftable" not in ignore and img.reftable and _hits(first, last, img.reftable_offset, len(img.reftable) * 8, bits):
+            return "reftable"
+        l2, rb = self._sets()
+        clusters = range(first, last + 1)
+        if "l2" not in ignore and l2 and any(c in l2 for c in clusters):
+            return "l2"
+        if "refblock" not in ignore and rb and any(c in rb for c in clusters):
+            return "refblock"
+        return None
+
+
+def _hits(first: int, last: int, start: int, length: int, bits: int) -> bool:
+    return first <= (start + length - 1) >> bits and start >> bits <= last
