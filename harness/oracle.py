@@ -11,7 +11,7 @@ from harness import serial
 
 
 class Verdict(enum.StrEnum):
-    """Every way the contract (docs/CRASH-CONTRACT.md, shipped with the repository) can break; one per rule."""
+    """Every way the contract (harness/CRASH-CONTRACT.md, shipped with the repository) can break; one per rule."""
 
     DATA_LOST = "data-lost"  # a sector lost a durable value (reads an older value or zeros)
     FOREIGN_DATA = "foreign-data"  # a sector shows another sector's or another op's data

@@ -432,10 +432,10 @@ def test_img_and_io_usage_errors_exit_as_qemu_does(tmp_path: Path, args: list[st
 
 # ---------------------------------------------------------------------------------------- contract
 def test_the_contract_ships_with_the_repository() -> None:
-    contract = ROOT / "docs" / "CRASH-CONTRACT.md"
+    contract = ROOT / "harness" / "CRASH-CONTRACT.md"
     assert contract.read_text().startswith("# The crash contract")
-    assert "(docs/CRASH-CONTRACT.md)" in (ROOT / "README.md").read_text()
-    assert "docs/CRASH-CONTRACT.md" in (ROOT / "harness" / "oracle.py").read_text()
+    assert "(harness/CRASH-CONTRACT.md)" in (ROOT / "README.md").read_text()
+    assert "harness/CRASH-CONTRACT.md" in (ROOT / "harness" / "oracle.py").read_text()
     assert "../shared/" not in (ROOT / "README.md").read_text() + (ROOT / "harness" / "oracle.py").read_text()
 
 
