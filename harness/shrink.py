@@ -30,7 +30,7 @@ def reproduces(config: Config, ops: list[Op], seed: int, budget: Budget, signatu
         return None
     finally:
         if runner is not None:
-            release(runner.target)
+            release(getattr(runner, "target", None))
     for f in findings:
         if f.signature() == signature:
             return f
@@ -54,7 +54,7 @@ def explicit_crash(config: Config, ops: list[Op], seed: int, budget: Budget, fin
             return None
         return prefix + [runner.crash_op_for(state)]
     finally:
-        release(runner.target)
+        release(getattr(runner, "target", None))
 
 
 def shrink(config: Config, ops: list[Op], seed: int, budget: Budget, finding: Finding, *,

@@ -220,7 +220,7 @@ def replay_file(path: str, bugs: list[str] | None = None,
     finally:
         inject.set_active(previous)
         if runner is not None:
-            release(runner.target)
+            release(getattr(runner, "target", None))
     if not findings:
         return "fixed", f"{path}: fixed (no finding; was {rep.signature})", None
     f = findings[0]
@@ -266,7 +266,7 @@ def cmd_shrink(args: argparse.Namespace) -> int:
     try:
         findings = runner.run(rep.ops)
     finally:
-        release(runner.target)
+        release(getattr(runner, "target", None))
     if not findings:
         print(f"{args.file}: does not fail any more; nothing to shrink")
         return 0

@@ -87,7 +87,7 @@ def run_example(args: tuple) -> Outcome:
     try:
         findings = runner.run(ops)
     finally:
-        release_target(runner.target)
+        release_target(getattr(runner, "target", None))
     out = Outcome(index, seed, config, len(ops), runner.stats, time.perf_counter() - t0)
     if findings:
         out.finding = findings[0]

@@ -36,7 +36,7 @@ def gather(rep) -> Evidence:
         findings = runner.run(rep.ops)
         return _evidence(runner, findings)
     finally:
-        release(runner.target)
+        release(getattr(runner, "target", None))
 
 
 def _evidence(runner, findings) -> Evidence:
