@@ -20,6 +20,7 @@ shows another sector's old data there.
 
 from __future__ import annotations
 
+import itertools
 import struct
 from typing import Callable
 
@@ -243,15 +244,53 @@ class Qcow2Image(RefcountMixin):
             pos += n
 
     def read(self, offset: int, length: int) -> bytes:
+        """Guest bytes: each L2 table's slice is decoded once, and host-contiguous clusters are read in one pread."""
         self._check_request(offset, length, "read")
-        out = bytearray()
-        for pos, in_off, n in self._chunks(offset, length):
-            _entry, ctype, host = self._lookup(pos)
-            if ctype is ClusterType.NORMAL or (ctype is ClusterType.ZERO_ALLOC and inject.on("stale-l2-entry-read")):
-                out += read_exact(self.file, host + in_off, n)
-            else:
-                out += bytes(n)
+        geo = self.geo
+        cs, per_l2 = geo.cluster_size, geo.l2_entries
+        out = bytearray(length)
+        run = [0, 0, 0]  # host offset, position in out, length: the pending pread
+
+        def flush_run() -> None:
+            if run[2]:
+                out[run[1] : run[1] + run[2]] = read_exact(self.file, run[0], run[2])
+
+        pos, end = offset, offset + length
+        while pos < end:
+            idx = geo.offset_to_l2_index(pos)
+            span_end = min(end, geo.start_of_cluster(pos) + (per_l2 - idx) * cs)  # the rest of this L2 table's range
+            l2_off = self._l2_table_offset(geo.offset_to_l1_index(pos))
+            if not l2_off:
+                pos = span_end  # unallocated L2 table: zeros
+                continue
+            n = geo.size_to_clusters(span_end - geo.start_of_cluster(pos))
+            for k, entry in enumerate(struct.unpack_from(f">{n}Q", self.l2cache.get(l2_off), idx * 8)):
+                in_off = geo.offset_into_cluster(pos)
+                chunk = min(cs - in_off, span_end - pos)
+                host = self._read_host(entry, l2_off, idx + k)
+                if host:
+                    if run[2] and run[0] + run[2] == host + in_off and run[1] + run[2] == pos - offset:
+                        run[2] += chunk
+                    else:
+                        flush_run()
+                        run[:] = host + in_off, pos - offset, chunk
+                pos += chunk
+        flush_run()
         return bytes(out)
+
+    def _read_host(self, entry: int, l2_off: int, idx: int) -> int:
+        """The host cluster a read of this L2 entry returns data from, or 0 for zeros (as _lookup decides)."""
+        if entry & spec.QCOW_OFLAG_COMPRESSED:
+            raise UnsupportedFeature(self.path, l2_off + 8 * idx, f"L2 entry {idx}", ["compressed clusters"])
+        host = entry & spec.L2E_OFFSET_MASK
+        if not host:
+            return 0
+        if not self.geo.is_aligned(host):
+            raise CorruptImage(self.path, l2_off + 8 * idx, f"L2 entry {idx}", entry,
+                               f"data cluster offset {host:#x} not aligned to cluster size {self.geo.cluster_size:#x}")
+        if self.hdr.version >= 3 and entry & spec.QCOW_OFLAG_ZERO and not inject.on("stale-l2-entry-read"):
+            return 0  # ZERO_ALLOC reads as zeros
+        return host
 
     def is_allocated(self, guest: int) -> bool:
         """Whether the guest cluster holding `guest` maps to a data cluster (for judging foreign data)."""
@@ -266,8 +305,8 @@ class Qcow2Image(RefcountMixin):
             if not l2_off:
                 continue
             entries = struct.unpack(f">{per_l2}Q", self.l2cache.get(l2_off))
-            for j, entry in enumerate(entries):
-                if entry and l2_cluster_type(entry, self.hdr.version) is ClusterType.NORMAL:
+            for j in itertools.compress(range(per_l2), entries):
+                if l2_cluster_type(entries[j], self.hdr.version) is ClusterType.NORMAL:
                     guest = (i * per_l2 + j) * cs
                     if guest < self.hdr.size:
                         out.append(guest)
