@@ -31,7 +31,7 @@ from models.qcow2.entries import ClusterType, get_entry, l2_cluster_type, set_en
 from models.qcow2.errors import CorruptImage, ImageNotWritable, InvalidRequest, RepairFailed, UnsupportedFeature
 from models.qcow2.geometry import Geometry
 from models.qcow2.header import ParsedHeader, cluster0_bytes, read_header
-from models.qcow2.refcount import RefcountMixin
+from models.qcow2.refcount import Refcounts
 from models.qcow2.structs import FIELD_OFFSET, Header
 
 
@@ -41,7 +41,7 @@ def _pow2_log(value: int, field: str, lo: int, hi: int) -> int:
     return value.bit_length() - 1
 
 
-class Qcow2Image(RefcountMixin):
+class Qcow2Image:
     """An open qcow2 image over a BlockFile."""
 
     def __init__(self, file: BlockFile, parsed: ParsedHeader, *, readonly: bool, cache_mode: CacheMode,
@@ -56,8 +56,6 @@ class Qcow2Image(RefcountMixin):
         self.log = log or (lambda _msg: None)
         self.closed = False
         self._unflushed = False
-        self.free_cluster_index = 0
-        self._recently_freed: set[int] = set()
         self.dirty = bool(self.hdr.incompatible_features & spec.IncompatFeature.DIRTY)
         header_lazy = bool(self.hdr.compatible_features & spec.CompatFeature.LAZY_REFCOUNTS)
         self.lazy = header_lazy if lazy_refcounts is None else lazy_refcounts
@@ -67,6 +65,17 @@ class Qcow2Image(RefcountMixin):
         self.l2cache = TableCache("l2", self._read_table, self._pwrite, cs, WriteSite.L2, self._file_flush)
         self.refcache = TableCache("refcount", self._read_table, self._pwrite, cs, WriteSite.REFBLOCK, self._file_flush)
         self._load_tables()
+        self.refcounts = Refcounts(self)
+
+    # ---- cluster allocation (refcount.py) ------------------------------------------------
+    def alloc_clusters(self, n: int = 1) -> int:
+        return self.refcounts.alloc_clusters(n)
+
+    def free_cluster(self, host_offset: int) -> None:
+        self.refcounts.free_cluster(host_offset)
+
+    def refcount(self, cluster: int) -> int:
+        return self.refcounts.refcount(cluster)
 
     # ---- open / create ------------------------------------------------------------------
     @classmethod
@@ -154,7 +163,7 @@ class Qcow2Image(RefcountMixin):
             self.file.flush()
             self._unflushed = False
         if not self.l2cache.dirty:
-            self._release_recently_freed()
+            self.refcounts.release_recently_freed()
 
     def _host_size(self) -> int:
         return self.file.size()
