@@ -143,3 +143,17 @@ def test_fast_path_agrees_with_full_path(cfg: tuple) -> None:
             assert got == want, f"config {cfg}, fix {fix!r}: fast path differs from the full path"
             compared += 1
     assert compared >= 3 * len(images) // 2, "too few images got past the header to compare anything"
+
+
+@pytest.mark.parametrize("order", range(7))
+def test_vectorised_refblock_decoding_agrees_with_get_refcount(order: int) -> None:
+    from models.qcow2.check.imrt import decode_refblock, nonzero_refcounts
+    from models.qcow2.geometry import get_refcount
+
+    rng = random.Random(order)
+    block = bytes(rng.choice((0, 0, 0, rng.randrange(256))) for _ in range(512))
+    entries = 512 * 8 >> order
+    want = [get_refcount(block, i, order) for i in range(entries)]
+    assert list(decode_refblock(block, order)) == want
+    limit = entries - 3
+    assert nonzero_refcounts(block, order, limit) == [i for i in range(limit) if want[i]]
