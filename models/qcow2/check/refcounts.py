@@ -68,7 +68,13 @@ def qcow2_inc_refcounts_imrt(s: CheckState, imrt: Imrt, offset: int, size: int) 
         return
     counts = imrt.counts
     refcount_max = s.refcount_max
-    for k in range(geo.offset_to_cluster(offset), geo.offset_to_cluster(offset + size - 1) + 1):
+    first = geo.offset_to_cluster(offset)
+    if size == s.cs and first < imrt.size and not geo.offset_into_cluster(offset):
+        refcount = counts.get(first, 0)  # the common case: one aligned cluster inside the file
+        if refcount < refcount_max:
+            imrt.set(first, refcount + 1)
+            return
+    for k in range(first, geo.offset_to_cluster(offset + size - 1) + 1):
         if k >= imrt.size:
             imrt.grow(k + 1)
         refcount = counts.get(k, 0)
