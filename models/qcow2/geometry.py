@@ -9,26 +9,20 @@ import dataclasses
 class Geometry:
     cluster_bits: int
     refcount_order: int
+    # Derived once (these are read millions of times per crash sweep in the check's loops).
+    cluster_size: int = dataclasses.field(init=False, repr=False, compare=False)
+    l2_entries: int = dataclasses.field(init=False, repr=False, compare=False)
+    refcount_bits: int = dataclasses.field(init=False, repr=False, compare=False)
+    refcount_max: int = dataclasses.field(init=False, repr=False, compare=False)
+    refblock_entries: int = dataclasses.field(init=False, repr=False, compare=False)
 
-    @property
-    def cluster_size(self) -> int:
-        return 1 << self.cluster_bits
-
-    @property
-    def l2_entries(self) -> int:
-        return self.cluster_size // 8
-
-    @property
-    def refcount_bits(self) -> int:
-        return 1 << self.refcount_order
-
-    @property
-    def refcount_max(self) -> int:
-        return (1 << self.refcount_bits) - 1
-
-    @property
-    def refblock_entries(self) -> int:
-        return self.cluster_size * 8 // self.refcount_bits
+    def __post_init__(self) -> None:
+        derived = {"cluster_size": 1 << self.cluster_bits, "refcount_bits": 1 << self.refcount_order}
+        derived["l2_entries"] = derived["cluster_size"] // 8
+        derived["refcount_max"] = (1 << derived["refcount_bits"]) - 1
+        derived["refblock_entries"] = derived["cluster_size"] * 8 // derived["refcount_bits"]
+        for name, value in derived.items():
+            object.__setattr__(self, name, value)
 
     def offset_into_cluster(self, offset: int) -> int:
         return offset & (self.cluster_size - 1)

@@ -20,6 +20,7 @@ shows another sector's old data there.
 
 from __future__ import annotations
 
+import itertools
 import struct
 from typing import Callable
 
@@ -32,7 +33,7 @@ from models.qcow2.errors import (CorruptImage, HostIOError, ImageDead, ImageNotW
 from models.qcow2.geometry import Geometry
 from models.qcow2.header import ParsedHeader, cluster0_bytes, read_header
 from models.qcow2.overlap import OL_NAMES, OverlapGuard, c_hex, corruption_event, forget_failed_writeback, swallowed
-from models.qcow2.refcount import RefcountMixin
+from models.qcow2.refcount import Refcounts
 from models.qcow2.structs import FIELD_OFFSET, Header
 
 
@@ -42,7 +43,7 @@ def _pow2_log(value: int, field: str, lo: int, hi: int) -> int:
     return value.bit_length() - 1
 
 
-class Qcow2Image(RefcountMixin):
+class Qcow2Image:
     """An open qcow2 image over a BlockFile."""
 
     def __init__(self, file: BlockFile, parsed: ParsedHeader, *, readonly: bool, cache_mode: CacheMode,
@@ -59,8 +60,6 @@ class Qcow2Image(RefcountMixin):
         self.dead = False  # QEMU's bs->drv = NULL after a fatal corruption event
         self._corruption_logged = False
         self._unflushed = False
-        self.free_cluster_index = 0
-        self._recently_freed: set[int] = set()
         self.dirty = bool(self.hdr.incompatible_features & spec.IncompatFeature.DIRTY)
         header_lazy = bool(self.hdr.compatible_features & spec.CompatFeature.LAZY_REFCOUNTS)
         self.lazy = header_lazy if lazy_refcounts is None else lazy_refcounts
@@ -70,7 +69,18 @@ class Qcow2Image(RefcountMixin):
         self.l2cache = TableCache("l2", self._read_table, self._pwrite, cs, WriteSite.L2, self._file_flush)
         self.refcache = TableCache("refcount", self._read_table, self._pwrite, cs, WriteSite.REFBLOCK, self._file_flush)
         self._load_tables()
+        self.refcounts = Refcounts(self)
         self.overlap = OverlapGuard(self)
+
+    # ---- cluster allocation (refcount.py) ------------------------------------------------
+    def alloc_clusters(self, n: int = 1) -> int:
+        return self.refcounts.alloc_clusters(n)
+
+    def free_cluster(self, host_offset: int) -> None:
+        self.refcounts.free_cluster(host_offset)
+
+    def refcount(self, cluster: int) -> int:
+        return self.refcounts.refcount(cluster)
 
     # ---- open / create ------------------------------------------------------------------
     @classmethod
@@ -174,7 +184,7 @@ class Qcow2Image(RefcountMixin):
             self.file.flush()
             self._unflushed = False
         if not self.l2cache.dirty:
-            self._release_recently_freed()
+            self.refcounts.release_recently_freed()
 
     def _host_size(self) -> int:
         return self.file.size()
@@ -272,15 +282,53 @@ class Qcow2Image(RefcountMixin):
             pos += n
 
     def read(self, offset: int, length: int) -> bytes:
+        """Guest bytes: each L2 table's slice is decoded once, and host-contiguous clusters are read in one pread."""
         self._check_request(offset, length, "read")
-        out = bytearray()
-        for pos, in_off, n in self._chunks(offset, length):
-            _entry, ctype, host = self._lookup(pos)
-            if ctype is ClusterType.NORMAL or (ctype is ClusterType.ZERO_ALLOC and inject.on("stale-l2-entry-read")):
-                out += read_exact(self.file, host + in_off, n)
-            else:
-                out += bytes(n)
+        geo = self.geo
+        cs, per_l2 = geo.cluster_size, geo.l2_entries
+        out = bytearray(length)
+        run = [0, 0, 0]  # host offset, position in out, length: the pending pread
+
+        def flush_run() -> None:
+            if run[2]:
+                out[run[1] : run[1] + run[2]] = read_exact(self.file, run[0], run[2])
+
+        pos, end = offset, offset + length
+        while pos < end:
+            idx = geo.offset_to_l2_index(pos)
+            span_end = min(end, geo.start_of_cluster(pos) + (per_l2 - idx) * cs)  # the rest of this L2 table's range
+            l2_off = self._l2_table_offset(geo.offset_to_l1_index(pos))
+            if not l2_off:
+                pos = span_end  # unallocated L2 table: zeros
+                continue
+            n = geo.size_to_clusters(span_end - geo.start_of_cluster(pos))
+            for k, entry in enumerate(struct.unpack_from(f">{n}Q", self.l2cache.get(l2_off), idx * 8)):
+                in_off = geo.offset_into_cluster(pos)
+                chunk = min(cs - in_off, span_end - pos)
+                host = self._read_host(entry, l2_off, idx + k)
+                if host:
+                    if run[2] and run[0] + run[2] == host + in_off and run[1] + run[2] == pos - offset:
+                        run[2] += chunk
+                    else:
+                        flush_run()
+                        run[:] = host + in_off, pos - offset, chunk
+                pos += chunk
+        flush_run()
         return bytes(out)
+
+    def _read_host(self, entry: int, l2_off: int, idx: int) -> int:
+        """The host cluster a read of this L2 entry returns data from, or 0 for zeros (as _lookup decides)."""
+        if entry & spec.QCOW_OFLAG_COMPRESSED:
+            raise UnsupportedFeature(self.path, l2_off + 8 * idx, f"L2 entry {idx}", ["compressed clusters"])
+        host = entry & spec.L2E_OFFSET_MASK
+        if not host:
+            return 0
+        if not self.geo.is_aligned(host):
+            raise CorruptImage(self.path, l2_off + 8 * idx, f"L2 entry {idx}", entry,
+                               f"data cluster offset {host:#x} not aligned to cluster size {self.geo.cluster_size:#x}")
+        if self.hdr.version >= 3 and entry & spec.QCOW_OFLAG_ZERO and not inject.on("stale-l2-entry-read"):
+            return 0  # ZERO_ALLOC reads as zeros
+        return host
 
     def is_allocated(self, guest: int) -> bool:
         """Whether the guest cluster holding `guest` maps to a data cluster (for judging foreign data)."""
@@ -295,8 +343,8 @@ class Qcow2Image(RefcountMixin):
             if not l2_off:
                 continue
             entries = struct.unpack(f">{per_l2}Q", self.l2cache.get(l2_off))
-            for j, entry in enumerate(entries):
-                if entry and l2_cluster_type(entry, self.hdr.version) is ClusterType.NORMAL:
+            for j in itertools.compress(range(per_l2), entries):
+                if l2_cluster_type(entries[j], self.hdr.version) is ClusterType.NORMAL:
                     guest = (i * per_l2 + j) * cs
                     if guest < self.hdr.size:
                         out.append(guest)

@@ -14,6 +14,8 @@ Hazards this module guards against, each ordered before the write that would exp
 
 from __future__ import annotations
 
+from typing import Protocol
+
 from models.blockio import WriteSite
 from models.qcow2 import inject, spec
 from models.qcow2.cache import TableCache
@@ -64,29 +66,44 @@ def _sub_byte_table(order: int) -> tuple[int, ...]:
 _SUB_BYTE_FIRST_ZERO = {order: _sub_byte_table(order) for order in range(3)}
 
 
-class RefcountMixin:
+class RefcountHost(Protocol):
+    """What the refcount code needs from the image it serves: its tables and its one write choke point."""
+
     geo: Geometry
+    path: str
     refcache: TableCache
     l2cache: TableCache
     reftable: list[int]
     reftable_offset: int
-    path: str
-    free_cluster_index: int
-    _recently_freed: set[int]
-    _reserved: tuple[int, int] = (0, 0)  # [start, end) of the range alloc_clusters is placing
 
-    # -- provided by the image ------------------------------------------------------------
-    def _pwrite(self, offset: int, data: bytes, site: WriteSite) -> None:  # pragma: no cover - interface
-        raise NotImplementedError
+    def _pwrite(self, offset: int, data: bytes, site: WriteSite) -> None: ...
 
-    def _file_flush(self) -> None:  # pragma: no cover - interface
-        raise NotImplementedError
+    def _file_flush(self) -> None: ...
 
-    def _host_size(self) -> int:  # pragma: no cover - interface
-        raise NotImplementedError
+    def _host_size(self) -> int: ...
 
-    def _switch_reftable(self, offset: int, clusters: int) -> None:  # pragma: no cover - interface
-        raise NotImplementedError
+    def _switch_reftable(self, offset: int, clusters: int) -> None: ...
+
+
+class Refcounts:
+    """Cluster allocation and freeing for one image; owns the allocation cursor and the recently freed clusters."""
+
+    def __init__(self, host: RefcountHost) -> None:
+        self.host = host
+        self.geo = host.geo
+        self.refcache = host.refcache
+        self.l2cache = host.l2cache
+        self.free_cluster_index = 0
+        self._recently_freed: set[int] = set()
+        self._reserved: tuple[int, int] = (0, 0)  # [start, end) of the range alloc_clusters is placing
+
+    @property
+    def reftable(self) -> list[int]:
+        return self.host.reftable
+
+    @reftable.setter
+    def reftable(self, table: list[int]) -> None:
+        self.host.reftable = table
 
     # -- lookups ----------------------------------------------------------------------------
     def refcount(self, cluster: int) -> int:
@@ -137,7 +154,7 @@ class RefcountMixin:
         while True:
             ri = c // rbe
             if ri >= _MAX_REFTABLE_ENTRIES:
-                raise CorruptImage(self.path, None, "free cluster search", c,
+                raise CorruptImage(self.host.path, None, "free cluster search", c,
                                    "no free cluster within the largest refcount table QEMU allows (8 MiB): "
                                    "refcount blocks full of used clusters (EFBIG)")
             if ri >= len(self.reftable):
@@ -195,19 +212,19 @@ class RefcountMixin:
             block = self.refcache.get_empty(block_off)
             if not inject.on("refblock-not-self-described"):
                 set_refcount(block, self.geo.refblock_index(c), self.geo.refcount_order, 1)
-            self._pwrite(block_off, bytes(block), WriteSite.REFBLOCK_ALLOC)
-            self._file_flush()
+            self.host._pwrite(block_off, bytes(block), WriteSite.REFBLOCK_ALLOC)
+            self.host._file_flush()
         else:
             if not self._has_refblock(home):
                 self._alloc_refblock(home, avoid_end)
                 return  # the caller searches again: free space changed
             self._update_refcount(c, +1)
             block = self.refcache.get_empty(block_off)
-            self._pwrite(block_off, bytes(block), WriteSite.REFBLOCK_ALLOC)
+            self.host._pwrite(block_off, bytes(block), WriteSite.REFBLOCK_ALLOC)
             self.refcache.flush()  # the block's own count is durable before the hookup
         self.reftable[ri] = block_off
-        self._pwrite(self.reftable_offset + ri * 8, block_off.to_bytes(8, "big"), WriteSite.REFTABLE)
-        self._file_flush()
+        self.host._pwrite(self.host.reftable_offset + ri * 8, block_off.to_bytes(8, "big"), WriteSite.REFTABLE)
+        self.host._file_flush()
 
     def _grow_reftable(self, min_index: int, avoid_end: int = 0) -> None:
         """Place a larger refcount table and the blocks that count it past everything in use, then switch.
@@ -218,7 +235,7 @@ class RefcountMixin:
         geo = self.geo
         cs, rbe = geo.cluster_size, geo.refblock_entries
         old_entries = len(self.reftable)
-        start = max(old_entries * rbe, geo.size_to_clusters(self._host_size()), avoid_end)
+        start = max(old_entries * rbe, geo.size_to_clusters(self.host._host_size()), avoid_end)
         new_entries = max(min_index + 1, old_entries * 2)
         while True:
             table_clusters = geo.size_to_clusters(new_entries * 8)
@@ -243,14 +260,14 @@ class RefcountMixin:
             block = self.refcache.get_empty(block_off)
             for c in range(max(start, ri * rbe), min(end, (ri + 1) * rbe)):
                 set_refcount(block, geo.refblock_index(c), geo.refcount_order, 1)
-            self._pwrite(block_off, bytes(block), WriteSite.REFBLOCK_ALLOC)
+            self.host._pwrite(block_off, bytes(block), WriteSite.REFBLOCK_ALLOC)
             new_table[ri] = block_off
         raw = b"".join(e.to_bytes(8, "big") for e in new_table)
-        self._pwrite(table_off, raw, WriteSite.REFTABLE_GROW)
-        self._file_flush()
-        old_off, old_clusters = self.reftable_offset, geo.size_to_clusters(old_entries * 8)
+        self.host._pwrite(table_off, raw, WriteSite.REFTABLE_GROW)
+        self.host._file_flush()
+        old_off, old_clusters = self.host.reftable_offset, geo.size_to_clusters(old_entries * 8)
         self.reftable = new_table
-        self._switch_reftable(table_off, table_clusters)
+        self.host._switch_reftable(table_off, table_clusters)
         for c in range(geo.offset_to_cluster(old_off), geo.offset_to_cluster(old_off) + old_clusters):
             self._update_refcount(c, -1)
 
@@ -260,13 +277,13 @@ class RefcountMixin:
         ri = geo.reftable_index(target)
         block_off = self.reftable[ri] & spec.REFT_OFFSET_MASK if ri < len(self.reftable) else 0
         if not block_off:
-            raise CorruptImage(self.path, None, f"refcount table entry {ri}", 0,
+            raise CorruptImage(self.host.path, None, f"refcount table entry {ri}", 0,
                                f"no refcount block covers cluster {target} while updating its refcount")
         block = self.refcache.get(block_off)
         idx = geo.refblock_index(target)
         value = get_refcount(block, idx, geo.refcount_order) + delta
         if not 0 <= value <= geo.refcount_max:
-            raise CorruptImage(self.path, block_off, f"refcount of cluster {target}", value - delta,
+            raise CorruptImage(self.host.path, block_off, f"refcount of cluster {target}", value - delta,
                                f"Invalid refcount: {value - delta}{delta:+d} leaves 0..{geo.refcount_max}")
         set_refcount(block, idx, geo.refcount_order, value)
         self.refcache.mark_dirty(block_off)
@@ -284,7 +301,7 @@ class RefcountMixin:
         if inject.on("refcount-free-early"):
             self.refcache.write()
 
-    def _release_recently_freed(self) -> None:
+    def release_recently_freed(self) -> None:
         """Called once the L2 updates that freed clusters are durable: they may be reused now."""
         if self._recently_freed:
             self.free_cluster_index = min(self.free_cluster_index, min(self._recently_freed))

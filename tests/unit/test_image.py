@@ -321,7 +321,7 @@ def test_refcount_overflow_is_refused_with_one_bit_refcounts():
     mem = fresh(MiB, cluster_size=512, refcount_bits=1)
     img = Qcow2Image.open(mem)
     with pytest.raises(CorruptImage, match=r"Invalid refcount: 1\+1 leaves 0\.\.1"):
-        img._update_refcount(0, +1)
+        img.refcounts._update_refcount(0, +1)
 
 
 # --------------------------------------------------------------------------- lazy refcounts and the dirty bit

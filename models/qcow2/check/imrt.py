@@ -112,8 +112,7 @@ def decode_refblock(block: bytes | bytearray, order: int) -> MutableSequence[int
     if order > 3:
         code = _ARRAY_CODE[order]
         out = array.array(code)
-        if out.itemsize != 1 << (order - 3):  # pragma: no cover - no platform we run on
-            out = array.array("Q" if order == 6 else "L")
+        assert out.itemsize * 8 == 1 << order, f"array code {code!r} is not {1 << order} bits wide here"
         out.frombytes(bytes(block))
         if sys.byteorder == "little":
             out.byteswap()

@@ -133,7 +133,7 @@ class CheckState:
     def _read(self, offset: int, length: int) -> bytes:
         return read_exact(self.file, offset, length)
 
-    def _decoded_block(self, offset: int):
+    def decoded_refblock(self, offset: int):
         view = self._decoded.get(offset)
         if view is None:
             view = self._decoded[offset] = decode_refblock(self.refblocks.get(offset), self.order)
@@ -154,7 +154,7 @@ class CheckState:
         offset = self.refblock_offset(self.geo.reftable_index(cluster))
         if not offset:
             return 0
-        return self._decoded_block(offset)[self.geo.refblock_index(cluster)]
+        return self.decoded_refblock(offset)[self.geo.refblock_index(cluster)]
 
     def refcount_reader(self) -> Callable[[int], int]:
         """get_refcount() for a loop over ascending clusters: the current block's decoded view is kept between calls.
@@ -169,7 +169,7 @@ class CheckState:
             index = cluster // rbe
             if index != current[0] or current[2] != self.generation:
                 offset = self.refblock_offset(index)  # raises for an unaligned block, every time, as QEMU
-                current[:] = index, (self._decoded_block(offset) if offset else None), self.generation
+                current[:] = index, (self.decoded_refblock(offset) if offset else None), self.generation
             view = current[1]
             return view[cluster - index * rbe] if view is not None else 0
 
@@ -177,15 +177,15 @@ class CheckState:
 
     def set_refcount(self, cluster: int, value: int) -> None:
         """update_refcount() for one cluster whose refblock exists (the only case a fix needs)."""
-        offset = self.reftable[self.geo.reftable_index(cluster)] & spec.REFT_OFFSET_MASK
-        index = self.geo.refblock_index(cluster)
-        view = self._decoded_block(offset)
-        set_refcount(self.refblocks.get(offset), index, self.order, value)
-        view[index] = value
+        index, entry = divmod(cluster, self.rb_entries)
+        offset = self.reftable[index] & spec.REFT_OFFSET_MASK
+        view = self.decoded_refblock(offset)
+        set_refcount(self.refblocks.get(offset), entry, self.order, value)
+        view[entry] = value
         self.refblocks.mark_dirty(offset)
         if value == 0:
             freed = self.geo.cluster_to_offset(cluster)
-            if freed != offset:
+            if freed != offset and freed in self.refblocks.tables:
                 # A freed cluster that is itself a cached refblock is dropped from the cache unwritten.
                 self.refblocks.drop(freed)
                 self._decoded.pop(freed, None)
@@ -203,9 +203,9 @@ class CheckState:
         write per cluster, as QEMU's discard requests: the repair's write log (and so the
         crash points sampled inside a repair) depends on it.
         """
-        end = min(offset + self.cs, self.file.size())
-        if end > offset:
-            self.file.pwrite(offset, self._zero_cluster[: end - offset], WriteSite.REPAIR)
+        length = min(self.cs, self.file.size() - offset)
+        if length > 0:
+            self.file.pwrite(offset, self._zero_cluster if length == self.cs else self._zero_cluster[:length], WriteSite.REPAIR)
 
     def _write_refblock(self, offset: int, data: bytes, site: WriteSite) -> None:
         from models.qcow2.check.overlap import pre_write_overlap_check
