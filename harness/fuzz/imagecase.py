@@ -37,6 +37,7 @@ class Step:
     cls: str
     detail: str = ""
     seconds: float = 0.0
+    ended: str = ""  # for an over-time step that finished: the class it ended with
 
 
 class _OverTime(BaseException):
@@ -105,7 +106,7 @@ def run_step(name: str, fn, *, time_limit: float, hard_limit: float) -> Step:
         cls, detail = "unexpected", _where(exc)
     seconds = time.perf_counter() - start
     if cls != "over-time" and seconds > time_limit:
-        cls, detail = "over-time", f"{seconds:.2f}s ({detail[:100]})"
+        return Step(name, "over-time", f"{seconds:.2f}s ({detail[:100]})", seconds, ended=cls)
     return Step(name, cls, detail, seconds)
 
 
