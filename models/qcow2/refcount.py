@@ -119,7 +119,8 @@ class RefcountMixin:
             if not inject.on("refblock-not-self-described"):
                 set_refcount(block, self.geo.refblock_index(c), self.geo.refcount_order, 1)
             self._pwrite(block_off, bytes(block), WriteSite.REFBLOCK_ALLOC)
-            self._file_flush()
+            if not inject.on("refblock-alloc-no-flush"):
+                self._file_flush()
         else:
             if not self._has_refblock(home):
                 self._alloc_refblock(home, avoid_end)
