@@ -21,8 +21,10 @@ from typing import Protocol, Sequence, TypeVar
 from harness import profiles
 from harness.config import Config, draw_config
 from harness.crashstates import Policy
+from harness import ranges
+from harness.ranges import Shape, Written, near_written, never_written, structured_range
 from harness.ops import Check, Crash, Discard, Flush, Op, Read, Reopen, Repair, Write, WriteZeroes
-from models.blockio import SECTOR, CacheMode
+from models.blockio import CacheMode
 
 T = TypeVar("T")
 
@@ -87,8 +89,9 @@ assert sum(w for _, w in OP_MIX) == 100
 # Thresholds as n/100: the correctly rounded double of each percentage, equal to the literal 0.48 etc.
 _THRESHOLDS = tuple(c / 100 for c in itertools.accumulate(w for _, w in OP_MIX))
 
-# How often a range op goes back over data written earlier in the sequence.
-REUSE = {"write": 0.3, "write_zeroes": 0.6, "discard": 0.7, "read": 0.6}
+# Where a range op aims: (share over data written earlier, share over never-written clusters);
+# the rest are structure-aware ranges (harness.ranges.RANGE_MIX).
+AIM = {"write": (0.3, 0.0), "write_zeroes": (0.5, 0.15), "discard": (0.6, 0.15), "read": (0.5, 0.2)}
 
 # subsets twice: it is the policy with the most distinct states. Garbage (harsh mode) is never drawn.
 CRASH_POLICY_MIX = (Policy.DROP_UNSYNCED, Policy.PREFIX, Policy.SUBSETS, Policy.SUBSETS, Policy.TORN, Policy.TRUNCATE)
@@ -100,85 +103,26 @@ def op_kind(src: Source) -> str:
     return next((kind for (kind, _), t in zip(OP_MIX, _THRESHOLDS) if r < t), OP_MIX[-1][0])
 
 
-# --------------------------------------------------------------------------- ranges
-
-
-def interesting_offset(src: Source, config: Config) -> int:
-    """Offsets weighted toward cluster, L2-table and refcount-block boundaries, where metadata changes."""
-    cs = config.cluster_size
-    size = config.virtual_size
-    l2_span = cs * (cs // 8)
-    pick = src.random()
-    if pick < 0.35:
-        base = src.randrange(0, size, cs)
-    elif pick < 0.5 and l2_span < size:
-        base = src.randrange(0, size, l2_span)
-        base = max(0, base + src.choice((-cs, 0, 0, cs)))
-    elif pick < 0.65:
-        base = src.randrange(0, min(size, 16 * cs), cs)  # a hot region, so overwrites and reuse happen
-    else:
-        base = src.randrange(0, size, SECTOR)
-    return min(base, size - SECTOR)
-
-
-def random_range(src: Source, config: Config) -> tuple[int, int]:
-    offset = interesting_offset(src, config)
-    cs = config.cluster_size
-    choice = src.random()
-    if choice < 0.4:
-        length = cs
-    elif choice < 0.6:
-        length = SECTOR * src.randint(1, 8)
-    elif choice < 0.8:
-        length = cs * src.randint(1, 3)
-    elif choice < 0.97:
-        length = SECTOR * src.randint(1, max(1, 4 * cs // SECTOR))
-    else:
-        # Rarely a big write, so small clusters reach new refcount blocks and refcount-table growth.
-        length = SECTOR * src.randint(256, 4096)
-    length = min(length, config.virtual_size - offset)
-    return offset, max(SECTOR, length // SECTOR * SECTOR)
-
-
-def near(src: Source, config: Config, recent: list[tuple[int, int]]) -> tuple[int, int]:
-    """A range over data written earlier, widened to whole clusters (so discards and zero writes bite)."""
-    cs = config.cluster_size
-    off, n = src.choice(recent)
-    start = off - off % cs
-    end = min(config.virtual_size, -(-(off + n) // cs) * cs)
-    if src.random() < 0.3:
-        return off, n
-    return start, max(SECTOR, end - start)
-
-
-def fill_length(src: Source, config: Config) -> int | None:
-    """A write long enough to need new refcount blocks, or to grow the refcount table, when the disk allows."""
-    cs = config.cluster_size
-    rbe = cs * 8 // config.refcount_bits
-    block_span = rbe * cs  # host bytes one refcount block covers
-    table_span = (cs // 8) * block_span  # host bytes a one-cluster refcount table covers
-    limit = min(config.virtual_size, 4 << 20)
-    choices = [n for n in (block_span + block_span // 2, table_span + 4 * cs, table_span + 4 * cs) if n <= limit]
-    if not choices:
-        return None
-    return src.choice(choices) // SECTOR * SECTOR
-
-
-def guest_range(src: Source, config: Config, recent: list[tuple[int, int]], reuse: float) -> tuple[int, int]:
-    if recent and src.random() < reuse:
-        return near(src, config, recent)
-    return random_range(src, config)
-
-
 # --------------------------------------------------------------------------- operations
 
 
-def draw_op(kind: str, src: Source, config: Config, recent: list[tuple[int, int]]) -> Op:
-    """One operation of `kind` (a row of OP_MIX); a drawn write is appended to `recent`."""
-    if kind in REUSE:
-        off, n = guest_range(src, config, recent, REUSE[kind])
+def guest_range(src: Source, kind: str, shape: Shape, written: Written) -> tuple[int, int]:
+    near, never = AIM[kind]
+    r = src.random()
+    if written.ranges and r < near:
+        return near_written(src, shape, written)
+    if r >= 1 - never:
+        return never_written(src, shape, written)
+    return structured_range(src, shape, written)
+
+
+def draw_op(kind: str, src: Source, config: Config, written: Written) -> Op:
+    """One operation of `kind` (a row of OP_MIX); a drawn write is added to `written`."""
+    if kind in AIM:
+        shape = Shape.of(config)
+        off, n = guest_range(src, kind, shape, written)
         if kind == "write":
-            recent.append((off, n))
+            written.add(shape, off, n)
             return Write(off, n, src.randrange(1 << 16))
         return {"write_zeroes": WriteZeroes, "discard": Discard, "read": Read}[kind](off, n)
     if kind == "flush":
@@ -195,22 +139,21 @@ def draw_op(kind: str, src: Source, config: Config, recent: list[tuple[int, int]
     raise ValueError(f"draw_op: kind {kind!r} is not a row of OP_MIX")
 
 
-def random_op(src: Source, config: Config, *, allow_crash: bool = True,
-              recent: list[tuple[int, int]] | None = None) -> Op:
+def random_op(src: Source, config: Config, *, allow_crash: bool = True, written: Written | None = None) -> Op:
     kind = op_kind(src)
     if kind == "crash" and not allow_crash:
         return Flush()
-    return draw_op(kind, src, config, recent if recent is not None else [])
+    return draw_op(kind, src, config, written if written is not None else Written())
 
 
 def random_ops(src: Source, config: Config, n: int) -> list[Op]:
-    recent: list[tuple[int, int]] = []
-    ops = [random_op(src, config, recent=recent) for _ in range(n)]
-    if src.random() < 0.35:
-        # Sometimes one long write, so allocation reaches new refcount blocks and table growth.
-        length = fill_length(src, config)
-        if length:
-            ops.insert(src.randrange(len(ops) + 1), Write(0, length, src.randrange(1 << 16)))
+    written = Written()
+    ops = [random_op(src, config, written=written) for _ in range(n)]
+    if src.random() < 0.3:
+        # Sometimes one long write from the disk's start, so allocation reaches a new refcount block
+        # or refcount-table growth wherever in the sequence it lands.
+        off, length = ranges.fill(src, Shape.of(config), Written())
+        ops.insert(src.randrange(len(ops) + 1), Write(off, length, src.randrange(1 << 16)))
     return ops
 
 

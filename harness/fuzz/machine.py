@@ -16,6 +16,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, rule
 from harness import profiles
 from harness.config import Config, draw_config
 from harness.generate import DRAW_MAX, Choices, draw_op
+from harness.ranges import Written
 from harness.runner import Budget, Runner
 
 # Enough integers for the longest draw (a configuration, or a range reusing an earlier one);
@@ -39,7 +40,7 @@ class CrashMachine(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
         self.runner: Runner | None = None
-        self.recent: list[tuple[int, int]] = []  # ranges written so far, for reuse
+        self.written = Written()  # what the sequence wrote, so later ranges can aim at it
 
     @initialize(draws=DRAWS)
     def setup(self, draws) -> None:
@@ -50,7 +51,7 @@ class CrashMachine(RuleBasedStateMachine):
         type(self).last_ops = self.runner.ops
 
     def _step(self, kind: str, draws: list[int]) -> None:
-        op = draw_op(kind, Choices(draws), self.runner.config, self.recent)
+        op = draw_op(kind, Choices(draws), self.runner.config, self.written)
         findings = self.runner.step(op)
         if findings:
             raise AssertionError(self._report(findings[0]))

@@ -397,7 +397,11 @@ class Qcow2Image:
         self._require_writable("write")
         view = memoryview(data)
         done = 0
+        first_l1 = self.geo.offset_to_l1_index(offset)
         for pos, in_off, n in self._chunks(offset, len(data)):
+            if inject.on("l2-crossing-write-one-table") and self.geo.offset_to_l1_index(pos) != first_l1:
+                # Injected: no per-L2-table clamp; the first table's wrapped-around index maps the cluster.
+                pos -= (self.geo.offset_to_l1_index(pos) - first_l1) * self.geo.l2_entries * self.geo.cluster_size
             self._write_cluster(pos, in_off, view[done : done + n])
             done += n
         self._after_write()
@@ -452,7 +456,8 @@ class Qcow2Image:
         cs = self.geo.cluster_size
         for pos, in_off, n in self._chunks(offset, length):
             # A partial last cluster of the disk counts as whole when the request reaches the end (as QEMU).
-            if n != cs and not (in_off == 0 and pos + n == self.hdr.size):
+            whole_tail = in_off == 0 or inject.on("discard-tail-whole-cluster")
+            if n != cs and not (whole_tail and pos + n == self.hdr.size):
                 continue
             l2_off = self._l2_table_offset(self.geo.offset_to_l1_index(pos))
             if not l2_off:

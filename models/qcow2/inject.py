@@ -30,7 +30,16 @@ BUGS: dict[str, str] = {
     "repair-forgets-table": "refcount rebuild forgets to count the L1 table",
     "l2-alloc-no-flush": "a new L2 table is linked into the L1 before the table itself is durable",
     "stale-l2-entry-read": "reads trust the stale host offset of an L2 entry whose zero flag is set",
+    # Bugs that show only at a structure edge (harness.ranges aims at these edges):
+    "l2-crossing-write-one-table": "a write crossing an L2-table boundary maps its later clusters through the "
+                                   "first table (no per-table clamp; the index wraps around)",
+    "refblock-alloc-no-flush": "a new self-describing refcount block is hooked into the refcount table before "
+                               "the block itself is durable",
+    "discard-tail-whole-cluster": "a discard reaching the end of the disk drops its last cluster whole, even when "
+                                  "the discard starts inside that cluster",
 }
+EDGE_BUGS = ("l2-crossing-write-one-table", "refblock-alloc-no-flush", "discard-tail-whole-cluster")
+"""The bugs above that only an operation at a structure edge (L2 table, refcount block, disk end) can show."""
 
 # Bugs of error handling: only host I/O errors reveal them, so the crash runner cannot;
 # harness/errorsweep.py sweeps error points and finds them (kept apart from BUGS until the

@@ -213,7 +213,8 @@ class Refcounts:
             if not inject.on("refblock-not-self-described"):
                 set_refcount(block, self.geo.refblock_index(c), self.geo.refcount_order, 1)
             self.host._pwrite(block_off, bytes(block), WriteSite.REFBLOCK_ALLOC)
-            self.host._file_flush()
+            if not inject.on("refblock-alloc-no-flush"):
+                self.host._file_flush()
         else:
             if not self._has_refblock(home):
                 self._alloc_refblock(home, avoid_end)
