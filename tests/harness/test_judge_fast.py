@@ -64,7 +64,8 @@ def test_fast_and_full_path_agree_on_every_state(cluster_size: int) -> None:
     assert states > 0
 
 
-@pytest.mark.parametrize("bug", ["dirty-no-flush", "repair-forgets-table", "copied-flag-wrong", "writethrough-no-flush"])
+@pytest.mark.parametrize("bug", ["refcount-index-off-by-one", "repair-forgets-table",
+                                 "copied-flag-wrong", "writethrough-no-flush"])
 def test_fast_and_full_path_agree_on_findings(bug: str) -> None:
     # Injected bugs make states fail in each phase (raw data and check, recovery, crashed
     # recovery): the verdicts and their evidence must be the same on both paths.
