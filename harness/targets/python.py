@@ -192,27 +192,44 @@ class PythonTarget(Target):
 
     def recover(self, raw: bytes, path: RecoveryPath, options: OpenOptions, *, record: bool = True,
                 name: str = IMAGE_NAME) -> Recovery:
+        return self.recover_checked(raw, path, options, record=record, name=name)[0]
+
+    def recover_checked(self, raw: bytes, path: RecoveryPath, options: OpenOptions, *, record: bool = True,
+                        name: str = IMAGE_NAME) -> tuple[Recovery, CheckSummary | None]:
+        """`recover`, plus `check(recovered, past_eof=True)` when the recovery already computed it (else None).
+
+        The open path checks the image after closing it; when nothing is written after
+        that check (no leak repair, no refcount past EOF dropped) its result is the
+        recovered image's check, and the judge's memo need not check the same bytes again.
+        """
         inner = CopyOnWriteFile(bytes(raw), name=name)
         file: BlockFile = FaultInjectingFile(inner) if record else inner
         messages: list[str] = []
         events: list[str] = []
+        known: list[CheckSummary] = []
         try:
-            _RECOVER[path](file, options, messages, events)
+            _RECOVER[path](file, options, messages, events, known)
         except (RepairFailed, Qcow2Error) as exc:
-            return Recovery(None, None, tuple(messages), tuple(events), f"{type(exc).__name__}: {exc}")
+            return Recovery(None, None, tuple(messages), tuple(events), f"{type(exc).__name__}: {exc}"), None
         log = file.log if isinstance(file, FaultInjectingFile) else None
-        return Recovery(inner.getvalue(), log, tuple(messages), tuple(events))
+        return Recovery(inner.getvalue(), log, tuple(messages), tuple(events)), (known[0] if known else None)
 
 
-def _recover_open(file: BlockFile, options: OpenOptions, messages: list[str], events: list[str]) -> None:
+def _recover_open(file: BlockFile, options: OpenOptions, messages: list[str], events: list[str],
+                  known: list[CheckSummary]) -> None:
     img = Qcow2Image.open(file, cache_mode=options.cache_mode, lazy_refcounts=options.lazy_refcounts,
                           log=messages.append)
     img.close()
     result = checkmod.check(file)
+    final = True
     if result.leaks and not result.corruptions and not result.check_errors:
         checkmod.check(file, checkmod.Fix.LEAKS)
         events.append("leaks repaired")
-    _drop_past_eof(file, events)
+        final = False
+    if _drop_past_eof(file, events):
+        final = False
+    if final:  # the file is unchanged since the check, and nothing lies past EOF
+        known.append(summary(result))
     if any("Rebuilding refcount structure" in m for m in messages):
         events.append("refcount rebuild")
     if messages:
@@ -220,7 +237,8 @@ def _recover_open(file: BlockFile, options: OpenOptions, messages: list[str], ev
 
 
 def _recover_check(fix: checkmod.Fix):
-    def run(file: BlockFile, options: OpenOptions, messages: list[str], events: list[str]) -> None:
+    def run(file: BlockFile, options: OpenOptions, messages: list[str], events: list[str],
+            _known: list[CheckSummary]) -> None:
         result = checkmod.repair(file, fix)
         messages.extend(result.messages)
         if result.error is not None:
@@ -229,11 +247,13 @@ def _recover_check(fix: checkmod.Fix):
     return run
 
 
-def _drop_past_eof(file: BlockFile, events: list[str]) -> None:
+def _drop_past_eof(file: BlockFile, events: list[str]) -> bool:
     # qcrash's deviation (CRASH-CONTRACT.md): refcounts past EOF are invisible to qemu-img
     # check but break the contract, so every recovery path drops them.
     if checkmod.drop_refcounts_past_eof(file):
         events.append("refcounts past EOF dropped")
+        return True
+    return False
 
 
 _RECOVER = {
