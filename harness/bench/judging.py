@@ -158,7 +158,13 @@ def _ratio(new: dict, old: dict) -> dict:
     def div(key: str) -> float | None:
         a, b = new.get(key), old.get(key)
         return round(a / b, 2) if a and b else None
-    return {"states_per_second_per_core": div("states_per_second_per_core"),
+    # Only examples both checkouts finished are compared: a slow example one side did not
+    # finish would otherwise drop out of that side's rate and flatter it.
+    both = {r["index"] for r in new["rows"]} & {r["index"] for r in old["rows"]}
+    rate = [sum(r["states"] for r in rows if r["index"] in both) / max(1e-9, sum(r["cpu"] for r in rows if r["index"] in both))
+            for rows in (new["rows"], old["rows"])]
+    return {"states_per_second_per_core": round(rate[0] / rate[1], 2) if both and rate[1] else None,
+            "common_examples": len(both),
             "median_example_seconds": div("median_example_seconds"),
             "peak_worker_rss_mib": div("peak_worker_rss_mib")}
 
