@@ -23,6 +23,7 @@ import traceback
 
 from harness.crashstates import CrashImageBuilder, CrashState, Policy, enumerate_states
 from harness.faultfile import HostOpKind, WriteLog
+from harness.imagememo import Facts, Memo
 from harness.oracle import RULES, Finding, Verdict
 from harness.points import Budget, recovery_path
 from harness.qemu_check import qemu_disagreement
@@ -87,21 +88,28 @@ def _recovery_crash(sub: CrashState, path: RecoveryPath) -> _Phase:
 class Judge:
     """Judges crash images of one run; counts what it saw in `stats` and draws from the run's rng."""
 
-    def __init__(self, target: Target, budget: Budget, seed: int, rng: random.Random, stats: Stats) -> None:
+    def __init__(self, target: Target, budget: Budget, seed: int, rng: random.Random, stats: Stats, *,
+                 fast: bool = True) -> None:
         self.target = target
         self.budget = budget
         self.seed = seed
         self.rng = rng
         self.stats = stats
+        # fast=False is the full path: every judging call goes to the target (the differential test's reference).
+        self.memo = Memo(target, enabled=fast)
 
-    def judge(self, where: Where, image: bytearray, model: ReferenceDisk, log: WriteLog, *, deep: bool) -> Judged:
-        """Judge one crash image built from `log` at `where.state`; `deep` also crashes its recovery."""
+    def judge(self, where: Where, image: bytes | bytearray, model: ReferenceDisk, log: WriteLog, *, deep: bool,
+              key: bytes | None = None) -> Judged:
+        """Judge one crash image built from `log` at `where.state`; `deep` also crashes its recovery.
+
+        `key` is the image's digest when the caller computed it already (`harness.imagememo.digest`).
+        """
         assert where.state is not None
         self.stats.crash_states += 1
         self.stats.by_policy[str(where.state.policy)] += 1
         self._count_sites(where.state, log)
         try:
-            return self._judge(where, bytes(image), model, deep=deep)
+            return self._judge(where, self.memo.facts(bytes(image), key), model, deep=deep)
         except Exception as exc:  # noqa: BLE001 - any crash of the implementation is a finding
             return Judged(where.finding(Verdict.UNEXPECTED_EXCEPTION, exc_text(exc), "raw"))
 
@@ -119,44 +127,48 @@ class Judge:
         if WriteSite.DIRTY_BIT in sites:
             self.stats.coverage["dirty-bit write unsynced"] += 1
 
-    def _judge(self, where: Where, raw: bytes, model: ReferenceDisk, *, deep: bool) -> Judged:
+    def _judge(self, where: Where, raw: Facts, model: ReferenceDisk, *, deep: bool) -> Judged:
         assert where.state is not None
-        bad, pre = self._judge_raw(where, raw, model)
+        touched = model.touched_sectors()  # one read set for every image of this state
+        bad, pre = self._judge_raw(where, raw, model, touched)
         if bad:
             return Judged(bad)
         path = recovery_path(self.budget, where.state)
         if path is not RecoveryPath.OPEN:  # (counting the default would change every behaviour digest)
             self.stats.coverage[f"recovered by {path}"] += 1
-        rec = self._recover(raw, path, record=True)
-        bad = self._judge_recovery(where, rec, pre, model, _recovery(path))
+        rec, recovered = self._recover(raw, path, record=True)
+        wanted = frozenset(pre).union(touched)
+        bad = self._judge_recovery(where, rec, recovered, pre, wanted, _recovery(path))
         if bad:
             return Judged(bad)
         assert rec.image is not None
         if deep and rec.log is not None and len(rec.log):
-            bad = self._crash_recovery(where, rec.log, pre, model, path)
+            bad = self._crash_recovery(where, rec.log, pre, wanted, path)
             if bad:
                 return Judged(bad)
         return Judged(None, rec.image, pre)
 
-    def _judge_raw(self, where: Where, raw: bytes, model: ReferenceDisk) -> tuple[Finding | None, dict[int, bytes]]:
+    def _judge_raw(self, where: Where, raw: Facts, model: ReferenceDisk,
+                   touched: frozenset[int]) -> tuple[Finding | None, dict[int, bytes]]:
         """Step 1; with no finding, the guest data the read-only open read."""
-        hdr = self.target.inspect(raw)
+        memo = self.memo
+        hdr = memo.inspect(raw)
         if hdr.error is not None:
             return where.finding(Verdict.UNOPENABLE, hdr.error, "raw"), {}
         self.stats.coverage["dirty at open" if hdr.dirty else "clean at open"] += 1
         # The order of the rng calls is part of every seed's behaviour digest.
         if self.budget.qemu_every and self.rng.randrange(self.budget.qemu_every) == 0:
-            disagreement = qemu_disagreement(raw)
+            disagreement = qemu_disagreement(raw.data)
             if disagreement:
                 return where.finding(Verdict.QEMU_DISAGREES, disagreement, "raw"), {}
             self.stats.coverage["qemu-img check agreed"] += 1
         if not hdr.dirty:
-            result = self.target.check(raw)
+            result = memo.check(raw)
             if result.corruptions or result.check_errors:
                 return where.finding(Verdict.CORRUPTION_WITHOUT_DIRTY, result.text(), "raw"), {}
             if result.leaks:
                 self.stats.coverage["leaks after crash"] += 1
-        view = self.target.read_only(raw, model.touched_sectors())
+        view = memo.read_only(raw, touched)
         if view.changed is not None:
             return where.finding(Verdict.READONLY_OPEN_CHANGED, view.changed, "raw"), {}
         if view.error is not None:
@@ -166,31 +178,33 @@ class Judge:
             return data_finding(where, verdicts, "raw"), {}
         return None, view.sectors
 
-    def _recover(self, raw: bytes, path: RecoveryPath, *, record: bool) -> Recovery:
-        rec = self.target.recover(raw, path, self.target.options, record=record)
+    def _recover(self, raw: Facts, path: RecoveryPath, *, record: bool) -> tuple[Recovery, Facts | None]:
+        rec, recovered = self.memo.recover(raw, path, self.target.options, record=record)
         self.stats.coverage.update(rec.events)
-        return rec
+        return rec, recovered
 
-    def _judge_recovery(self, where: Where, rec: Recovery, pre: dict[int, bytes], model: ReferenceDisk,
-                        phase: _Phase) -> Finding | None:
-        """Step 2 on one recovery: it succeeded, the image is clean and reads as `pre` did."""
+    def _judge_recovery(self, where: Where, rec: Recovery, recovered: Facts | None, pre: dict[int, bytes],
+                        wanted: frozenset[int], phase: _Phase) -> Finding | None:
+        """Step 2 on one recovery: it succeeded, the image is clean and reads as `pre` did (`wanted`: pre's sectors and the model's)."""
         if rec.image is None:
             return where.finding(phase.failed, f"{rec.error}{phase.suffix}", phase.name)
-        result = self.target.check(rec.image, past_eof=True)
-        hdr = _require_header(self.target.inspect(rec.image), "recovered image")
+        memo = self.memo
+        assert recovered is not None
+        result = memo.check(recovered, past_eof=True)
+        hdr = _require_header(memo.inspect(recovered), "recovered image")
         past_eof = list(result.refcounts_past_eof)
         if result.problems or hdr.dirty or hdr.corrupt or past_eof:
             return where.finding(phase.not_clean, f"{result.text()}, incompatible_features="
                                  f"{hdr.incompatible_features:#x}, refcounts past EOF: {past_eof[:8]}{phase.suffix}",
                                  phase.name)
-        post = _require_view(self.target.read_only(rec.image, set(pre) | model.touched_sectors()), "recovered image")
-        for s in sorted(post.sectors):
-            if post.sectors[s] != pre.get(s, bytes(SECTOR)):
-                return where.finding(phase.changed, f"sector {s} reads differently after {phase.name} than the "
-                                     f"read-only view before it{phase.suffix}", phase.name, sector=s)
+        post = _require_view(memo.read_only(recovered, wanted), "recovered image")
+        sector = _first_difference(post.sectors, pre)
+        if sector is not None:
+            return where.finding(phase.changed, f"sector {sector} reads differently after {phase.name} than the "
+                                 f"read-only view before it{phase.suffix}", phase.name, sector=sector)
         return None
 
-    def _crash_recovery(self, where: Where, log: WriteLog, pre: dict[int, bytes], model: ReferenceDisk,
+    def _crash_recovery(self, where: Where, log: WriteLog, pre: dict[int, bytes], wanted: frozenset[int],
                         path: RecoveryPath) -> Finding | None:
         """Step 3: crash the recovery at sampled points of its log, recover again, judge again."""
         self.stats.coverage["recovery crashed"] += 1
@@ -199,11 +213,22 @@ class Judge:
         picks = self.rng.sample(points, min(len(points), self.budget.recovery_points))
         for point in sorted(picks):
             for sub in enumerate_states(log, point, Policy.SUBSETS, k=4, seed=self.seed, samples=2):
-                rec = self._recover(bytes(builder.build(sub)), path, record=False)
-                bad = self._judge_recovery(where, rec, pre, model, _recovery_crash(sub, path))
+                rec, recovered = self._recover(self.memo.facts(bytes(builder.build(sub))), path, record=False)
+                bad = self._judge_recovery(where, rec, recovered, pre, wanted, _recovery_crash(sub, path))
                 if bad:
                     return bad
         return None
+
+
+def _first_difference(post: dict[int, bytes], pre: dict[int, bytes]) -> int | None:
+    """The lowest sector whose post-recovery bytes differ from the read-only view (absent from `pre`: zeros)."""
+    if post == pre:  # the common case, compared at C speed
+        return None
+    zero = bytes(SECTOR)
+    for s in sorted(post):
+        if post[s] != pre.get(s, zero):
+            return s
+    return None
 
 
 def judge_clean_image(target: Target, where: Where, raw: bytes) -> Finding | None:

@@ -173,7 +173,8 @@ class Runner:
             if key in seen:  # neighbouring states often build the same image
                 continue
             seen.add(key)
-            judged = self.judge.judge(self._where(span.op_index, state), image, self.model, log, deep=self._deep())
+            judged = self.judge.judge(self._where(span.op_index, state), image, self.model, log, deep=self._deep(),
+                                      key=key)
             if judged.finding:
                 self.findings.append(judged.finding)
                 break

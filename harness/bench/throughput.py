@@ -23,19 +23,24 @@ from harness.fuzz.corpus import atomic_write_json
 MIB = 1 << 20
 
 
-def run(*, quick: bool, out: Path | None = None) -> Path:
+def run(*, quick: bool, out: Path | None = None, baseline: Path | None = None, judging_only: bool = False,
+        progress=lambda _line: None) -> Path:
+    from harness.bench import judging
     from harness.fuzz.report import utc_stamp
 
     out = out or Path("reports") / f"bench-{utc_stamp()}"
     out.mkdir(parents=True, exist_ok=True)
     n_writes = 400 if quick else 2000
     fuzz_seconds = 20.0 if quick else 90.0
-    results = {
-        "quick": quick, "python": platform.python_version(), "machine": platform.machine(), "cores": os.cpu_count(),
-        "harness": fuzz_throughput(fuzz_seconds),
-        "qcow2_throughput": qcow2_vs_qemu(n_writes),
-        "io_cost_per_write": io_costs(64 if quick else 256),
-    }
+    results: dict = {"quick": quick, "python": platform.python_version(), "machine": platform.machine(),
+                     "cores": os.cpu_count()}
+    results["judging"] = judging.measure(
+        checkout=Path(__file__).resolve().parents[2], baseline=baseline.resolve() if baseline else None,
+        profiles={"dev": 6, "nightly": 2} if quick else {"dev": 20, "nightly": 6},
+        cell_seconds=30.0 if quick else 120.0, progress=progress)
+    if not judging_only:
+        results.update(harness=fuzz_throughput(fuzz_seconds), qcow2_throughput=qcow2_vs_qemu(n_writes),
+                       io_cost_per_write=io_costs(64 if quick else 256))
     atomic_write_json(out / "bench.json", results)
     (out / "bench.md").write_text(render(results))
     return out
@@ -212,8 +217,13 @@ def parse_blklogwrites(raw: bytes) -> list[tuple[int, int, int]]:
 
 
 def render(r: dict) -> str:
-    lines = ["# qcrash bench", "", f"{'quick' if r['quick'] else 'full'} run, Python {r['python']}, {r['cores']} cores", "",
-             "## Harness throughput (default configuration mix, profile dev)", "",
+    from harness.bench import judging
+
+    head = ["# qcrash bench", "", f"{'quick' if r['quick'] else 'full'} run, Python {r['python']}, {r['cores']} cores", ""]
+    head += judging.render(r["judging"]) + [""]
+    if "harness" not in r:
+        return "\n".join(head) + "\n"
+    lines = head + ["## Harness throughput (default configuration mix, profile dev)", "",
              "| jobs | examples/s | crash states/s | median per-example states/s | states/s per core | scaling vs 1 core | peak worker RSS MiB |",
              "|---|---|---|---|---|---|---|"]
     for row in r["harness"]["rows"]:

@@ -27,6 +27,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="a short run (under 5 minutes)")
     p.add_argument("--out", default=None, help="report directory (default reports/bench-<UTC time>)")
+    p.add_argument("--baseline", default=None, metavar="DIR",
+                   help="an older checkout (git worktree add DIR COMMIT): judging measured on both, side by side, with ratios")
+    p.add_argument("--judging-only", action="store_true", help="only the crash-states-per-second figures")
     common_options(p)  # --inject: measure with these bugs switched on
     p.add_argument("--target", choices=("python", "qemu"), default=None,
                    help="instead: crash states judged per second (per core) on this target beside the python target")
@@ -80,6 +83,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
         print(f"bench: {path}")
         return 0
 
-    out = bench.run(quick=args.quick, out=Path(args.out) if args.out else None)
+    baseline = Path(args.baseline) if args.baseline else None
+    if baseline is not None and not (baseline / "harness").is_dir():
+        print(f"qcrash bench: --baseline {baseline}: not a qcrash checkout (no harness/ directory)")
+        return 2
+    out = bench.run(quick=args.quick, out=Path(args.out) if args.out else None, baseline=baseline,
+                    judging_only=args.judging_only, progress=lambda line: print(line, flush=True))
     print(f"bench: {out}/bench.md")
     return 0

@@ -7,8 +7,10 @@ from collections.abc import Iterable
 from harness.config import Config
 from harness.faultfile import FaultInjectingFile, WriteLog
 from harness.targets import CheckSummary, HeaderInfo, OpenOptions, ReadOnlyView, Recovery, RecoveryPath, Target
-from models.blockio import SECTOR, BlockFile, CacheMode, MemoryFile, WriteSite
+from models.blockio import SECTOR, BlockFile, CacheMode, MemoryFile, WriteSite, read_exact
 from models.qcow2 import check as checkmod
+from models.qcow2 import inject, spec
+from models.qcow2.entries import ClusterType
 from models.qcow2.errors import Qcow2Error, RepairFailed
 from models.qcow2.header import read_header
 from models.qcow2.image import Qcow2Image
@@ -16,7 +18,35 @@ from models.qcow2.image import Qcow2Image
 IMAGE_NAME = "qcrash.qcow2"
 
 
-class ReadOnlyFile(MemoryFile):
+class CopyOnWriteFile(MemoryFile):
+    """A MemoryFile over immutable image bytes that copies them only at its first change.
+
+    Judging opens each crash image several times (header, check, read-only open,
+    recovery); most of those never write, so none of them should pay for a copy of a
+    large image (2 MiB clusters) up front.
+    """
+
+    def __init__(self, data: bytes, name: str = "<memory>") -> None:
+        super().__init__(b"", name)
+        self.buf = data  # type: ignore[assignment]  # bytes until the first change
+
+    def _writable(self) -> None:
+        if type(self.buf) is bytes:
+            self.buf = bytearray(self.buf)
+
+    def pwrite(self, offset: int, data: bytes, site: WriteSite = WriteSite.OTHER) -> None:
+        self._writable()
+        super().pwrite(offset, data, site)
+
+    def truncate(self, size: int) -> None:
+        self._writable()
+        super().truncate(size)
+
+    def getvalue(self) -> bytes:
+        return self.buf if type(self.buf) is bytes else bytes(self.buf)
+
+
+class ReadOnlyFile(CopyOnWriteFile):
     """A crash image for read-only judging: any write is a finding, not a silent change."""
 
     def pwrite(self, offset: int, data: bytes, site: WriteSite = WriteSite.OTHER) -> None:
@@ -134,26 +164,27 @@ class PythonTarget(Target):
     # ---- judging -----------------------------------------------------------------------------
     def inspect(self, raw: bytes) -> HeaderInfo:
         try:
-            hdr = read_header(MemoryFile(raw), writable=False, check_mode=True).header
+            hdr = read_header(CopyOnWriteFile(bytes(raw)), writable=False, check_mode=True).header
         except Qcow2Error as exc:
             return HeaderInfo(error=str(exc))
         return HeaderInfo(hdr.incompatible_features)
 
     def check(self, raw: bytes, *, past_eof: bool = False) -> CheckSummary:
-        file = MemoryFile(raw)
+        file = CopyOnWriteFile(bytes(raw))
         result = checkmod.check(file)
         return summary(result, tuple(checkmod.refcounts_past_eof(file)) if past_eof else ())
 
     def read_only(self, raw: bytes, sectors: Iterable[int], *, allocated: bool = True,
                   name: str = IMAGE_NAME) -> ReadOnlyView:
         try:
+            raw = bytes(raw)
             img = Qcow2Image.open(ReadOnlyFile(raw, name=name), readonly=True)
             wanted = set(sectors)
             clusters: tuple[int, ...] = ()
             if allocated:
                 clusters = tuple(img.allocated_guest_clusters())
                 wanted |= allocated_sectors(clusters, img.geo.cluster_size, img.size)
-            return ReadOnlyView(read_sectors(img, sorted(wanted)), clusters)
+            return ReadOnlyView(read_sectors(img, sorted(wanted), raw), clusters)
         except ReadOnlyWrite as exc:
             return ReadOnlyView(changed=str(exc))
         except Qcow2Error as exc:
@@ -161,27 +192,44 @@ class PythonTarget(Target):
 
     def recover(self, raw: bytes, path: RecoveryPath, options: OpenOptions, *, record: bool = True,
                 name: str = IMAGE_NAME) -> Recovery:
-        inner = MemoryFile(raw, name=name)
+        return self.recover_checked(raw, path, options, record=record, name=name)[0]
+
+    def recover_checked(self, raw: bytes, path: RecoveryPath, options: OpenOptions, *, record: bool = True,
+                        name: str = IMAGE_NAME) -> tuple[Recovery, CheckSummary | None]:
+        """`recover`, plus `check(recovered, past_eof=True)` when the recovery already computed it (else None).
+
+        The open path checks the image after closing it; when nothing is written after
+        that check (no leak repair, no refcount past EOF dropped) its result is the
+        recovered image's check, and the judge's memo need not check the same bytes again.
+        """
+        inner = CopyOnWriteFile(bytes(raw), name=name)
         file: BlockFile = FaultInjectingFile(inner) if record else inner
         messages: list[str] = []
         events: list[str] = []
+        known: list[CheckSummary] = []
         try:
-            _RECOVER[path](file, options, messages, events)
+            _RECOVER[path](file, options, messages, events, known)
         except (RepairFailed, Qcow2Error) as exc:
-            return Recovery(None, None, tuple(messages), tuple(events), f"{type(exc).__name__}: {exc}")
+            return Recovery(None, None, tuple(messages), tuple(events), f"{type(exc).__name__}: {exc}"), None
         log = file.log if isinstance(file, FaultInjectingFile) else None
-        return Recovery(inner.getvalue(), log, tuple(messages), tuple(events))
+        return Recovery(inner.getvalue(), log, tuple(messages), tuple(events)), (known[0] if known else None)
 
 
-def _recover_open(file: BlockFile, options: OpenOptions, messages: list[str], events: list[str]) -> None:
+def _recover_open(file: BlockFile, options: OpenOptions, messages: list[str], events: list[str],
+                  known: list[CheckSummary]) -> None:
     img = Qcow2Image.open(file, cache_mode=options.cache_mode, lazy_refcounts=options.lazy_refcounts,
                           log=messages.append)
     img.close()
     result = checkmod.check(file)
+    final = True
     if result.leaks and not result.corruptions and not result.check_errors:
         checkmod.check(file, checkmod.Fix.LEAKS)
         events.append("leaks repaired")
-    _drop_past_eof(file, events)
+        final = False
+    if _drop_past_eof(file, events):
+        final = False
+    if final:  # the file is unchanged since the check, and nothing lies past EOF
+        known.append(summary(result))
     if any("Rebuilding refcount structure" in m for m in messages):
         events.append("refcount rebuild")
     if messages:
@@ -189,7 +237,8 @@ def _recover_open(file: BlockFile, options: OpenOptions, messages: list[str], ev
 
 
 def _recover_check(fix: checkmod.Fix):
-    def run(file: BlockFile, options: OpenOptions, messages: list[str], events: list[str]) -> None:
+    def run(file: BlockFile, options: OpenOptions, messages: list[str], events: list[str],
+            _known: list[CheckSummary]) -> None:
         result = checkmod.repair(file, fix)
         messages.extend(result.messages)
         if result.error is not None:
@@ -198,11 +247,13 @@ def _recover_check(fix: checkmod.Fix):
     return run
 
 
-def _drop_past_eof(file: BlockFile, events: list[str]) -> None:
+def _drop_past_eof(file: BlockFile, events: list[str]) -> bool:
     # qcrash's deviation (CRASH-CONTRACT.md): refcounts past EOF are invisible to qemu-img
     # check but break the contract, so every recovery path drops them.
     if checkmod.drop_refcounts_past_eof(file):
         events.append("refcounts past EOF dropped")
+        return True
+    return False
 
 
 _RECOVER = {
@@ -227,17 +278,66 @@ def allocated_sectors(clusters: Iterable[int], cluster_size: int, size: int) -> 
     return out
 
 
-def read_sectors(img: Qcow2Image, sectors: list[int]) -> dict[int, bytes]:
-    """Read sorted sectors, one image read per contiguous run."""
+def read_sectors(img: Qcow2Image, sectors: list[int], raw: bytes | None = None) -> dict[int, bytes]:
+    """Read sorted sectors, one guest read per contiguous run (at most 4096 sectors), as `img.read` reads them.
+
+    With `raw`, the bytes of `img`'s (read-only) file, a run is read cluster by cluster
+    from one L2 table lookup per table: unallocated and plain data clusters are taken
+    straight from `raw`, and every other entry goes through the image's own `_lookup`,
+    so errors, zero clusters and injected read bugs behave exactly as in `img.read`.
+    """
     out: dict[int, bytes] = {}
     i = 0
     while i < len(sectors):
         j = i
         while j + 1 < len(sectors) and sectors[j + 1] == sectors[j] + 1 and j - i < 4095:
             j += 1
-        data = img.read(sectors[i] * SECTOR, (j - i + 1) * SECTOR)
+        offset, length = sectors[i] * SECTOR, (j - i + 1) * SECTOR
+        if raw is None:
+            data = img.read(offset, length)
+        else:
+            img._check_request(offset, length, "read")
+            data = _read_run(img, raw, offset, length)
         for k in range(i, j + 1):
             off = (k - i) * SECTOR
             out[sectors[k]] = data[off:off + SECTOR]
         i = j + 1
     return out
+
+
+def _read_run(img: Qcow2Image, raw: bytes, offset: int, length: int) -> bytes:
+    """Guest bytes [offset, offset+length) of a read-only image whose file holds `raw` (see `read_sectors`)."""
+    cs = img.geo.cluster_size
+    per_l2 = img.geo.l2_entries
+    # A NORMAL entry: no compressed bit, no zero flag (v3; bit 0 is reserved in v2), an
+    # aligned non-zero host offset. Such an entry is read as `_lookup` would, without it.
+    special = spec.QCOW_OFLAG_COMPRESSED | (spec.QCOW_OFLAG_ZERO if img.hdr.version >= 3 else 0)
+    offset_mask = spec.L2E_OFFSET_MASK
+    out = bytearray()
+    pos, end = offset, offset + length
+    table_index, table = -1, None
+    while pos < end:
+        cluster, in_off = divmod(pos, cs)
+        n = min(cs - in_off, end - pos)
+        l1_index, l2_index = divmod(cluster, per_l2)
+        if l1_index != table_index:
+            table_index = l1_index
+            l2_off = img._l2_table_offset(l1_index)
+            table = img.l2cache.get(l2_off) if l2_off else None
+        entry = int.from_bytes(table[l2_index * 8:l2_index * 8 + 8], "big") if table is not None else 0
+        host = entry & offset_mask
+        if entry == 0:
+            out += bytes(n)
+        elif not entry & special and host and not host & (cs - 1):
+            chunk = raw[host + in_off:host + in_off + n]
+            out += chunk
+            if len(chunk) < n:  # past the end of the file reads zeros (read_exact)
+                out += bytes(n - len(chunk))
+        else:
+            _entry, ctype, host = img._lookup(pos)
+            if ctype is ClusterType.NORMAL or (ctype is ClusterType.ZERO_ALLOC and inject.on("stale-l2-entry-read")):
+                out += read_exact(img.file, host + in_off, n)
+            else:
+                out += bytes(n)
+        pos += n
+    return bytes(out)

@@ -1,0 +1,228 @@
+"""`qcrash bench`'s judging figures: crash states judged per second per core, per profile and cluster-size class, optionally against an older checkout.
+
+Each cell (checkout, profile, cluster-size class) runs seeded examples in a fresh child
+process, one example after another, and streams one JSON line per finished example:
+its crash states, CPU seconds, wall seconds and the child's peak RSS so far. CPU time
+is what "per core" means here: the machine may be shared, and CPU seconds of a
+single-threaded child do not count the time other processes held the core. A cell ends
+after its examples or at its time limit; an example still running then is reported as
+unfinished with the time it had had (so an old checkout's 12-minute example cannot stall
+the run, and still shows). With `baseline`, every cell runs on both checkouts side by
+side, alternating, and the report gives new/old ratios.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+CLASSES: dict[str, dict[str, str]] = {
+    "mix": {},
+    "512B": {"cluster_size": "512"},
+    "4KiB": {"cluster_size": "4096"},
+    "64KiB": {"cluster_size": "65536"},
+    "2MiB": {"cluster_size": "2097152"},
+}
+GOALS = {"dev": 1000.0, "nightly": 300.0}  # states/s per core on the mix
+EXAMPLE_FLOOR, EXAMPLE_CEILING = 100.0, 60.0  # no example below 100 states/s or above 60 s
+
+# Runs inside the checkout being measured; works on checkouts before and after harness/fuzz/ became a package.
+_CHILD = r"""
+import json, resource, sys, time
+try:
+    from harness.fuzz.engine import run_example
+except ImportError:
+    from harness.fuzz import run_example
+profile, seed, examples, overrides = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), json.loads(sys.argv[4])
+for i in range(examples):
+    c0, w0 = time.process_time(), time.perf_counter()
+    out = run_example((i, seed, overrides, profile, [], False))
+    print(json.dumps({"index": i, "seed": out.example_seed, "states": out.stats.crash_states,
+                      "cpu": time.process_time() - c0, "wall": time.perf_counter() - w0,
+                      "finding": out.finding.verdict.value if out.finding else None,
+                      "maxrss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}), flush=True)
+"""
+
+
+def run_cell(checkout: Path, profile: str, overrides: dict[str, str], *, seed: int, examples: int,
+             seconds: float) -> dict:
+    """One cell in a child process in `checkout`; its examples, summary figures and peak RSS."""
+    env = dict(os.environ, PYTHONPATH=str(checkout), QCRASH_INJECT="")
+    proc = subprocess.Popen([sys.executable, "-c", _CHILD, profile, str(seed), str(examples), json.dumps(overrides)],
+                            cwd=checkout, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    rows: list[dict] = []
+    started = time.perf_counter()
+    unfinished = None
+    try:
+        for line in _lines_until(proc, started + seconds):
+            rows.append(json.loads(line))
+        if len(rows) < examples:
+            unfinished = {"index": len(rows), "wall_so_far": round(time.perf_counter() - started
+                                                                   - sum(r["wall"] for r in rows), 2)}
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+    if proc.returncode not in (0, -9) and not rows:
+        raise RuntimeError(f"bench cell {profile} {overrides} in {checkout}: {proc.stderr.read()[-2000:]}")
+    return summarise(rows, unfinished)
+
+
+def _lines_until(proc: subprocess.Popen, deadline: float):
+    """The child's stdout lines until it exits or the deadline passes (select-free: a reader thread)."""
+    import queue
+    import threading
+
+    lines: queue.Queue = queue.Queue()
+
+    def pump() -> None:
+        for line in proc.stdout:  # type: ignore[union-attr]
+            lines.put(line)
+        lines.put(None)
+
+    threading.Thread(target=pump, daemon=True).start()
+    while True:
+        left = deadline - time.perf_counter()
+        if left <= 0:
+            return
+        try:
+            line = lines.get(timeout=left)
+        except queue.Empty:
+            return
+        if line is None:
+            return
+        if line.strip():
+            yield line
+
+
+def summarise(rows: list[dict], unfinished: dict | None) -> dict:
+    states = sum(r["states"] for r in rows)
+    cpu = sum(r["cpu"] for r in rows)
+    times = sorted(r["cpu"] for r in rows)
+    slowest = max(rows, key=lambda r: r["cpu"], default=None)
+    rates = [r["states"] / r["cpu"] for r in rows if r["cpu"] > 0]
+    return {
+        "examples": len(rows), "crash_states": states, "cpu_seconds": round(cpu, 3),
+        "wall_seconds": round(sum(r["wall"] for r in rows), 3),
+        "states_per_second_per_core": round(states / cpu, 1) if cpu else None,
+        "median_example_seconds": round(statistics.median(times), 3) if times else None,
+        "p99_example_seconds": round(_percentile(times, 0.99), 3) if times else None,
+        "slowest_example_seed": slowest["seed"] if slowest else None,
+        "slowest_example_seconds": round(slowest["cpu"], 3) if slowest else None,
+        "lowest_example_states_per_second": round(min(rates), 1) if rates else None,
+        "peak_worker_rss_mib": round(max((r["maxrss_kib"] for r in rows), default=0) / 1024, 1),
+        "unfinished": unfinished,
+        "rows": rows,
+    }
+
+
+def _percentile(sorted_values: list[float], q: float) -> float:
+    """Linear-interpolated percentile of ascending values."""
+    if len(sorted_values) == 1:
+        return sorted_values[0]
+    pos = q * (len(sorted_values) - 1)
+    lo = int(pos)
+    hi = min(lo + 1, len(sorted_values) - 1)
+    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
+
+
+def measure(*, checkout: Path, baseline: Path | None, profiles: dict[str, int], seed: int = 7,
+            cell_seconds: float = 120.0, classes: tuple[str, ...] = tuple(CLASSES),
+            progress=lambda _line: None) -> dict:
+    """Every (profile, class) cell on `checkout` and, alternating, on `baseline`; `profiles` maps profile -> examples."""
+    cells = []
+    for profile, examples in profiles.items():
+        for name in classes:
+            cell = {"profile": profile, "class": name, "examples_asked": examples}
+            for label, where in (("new", checkout), ("old", baseline)):
+                if where is None:
+                    continue
+                progress(f"bench judging: {profile} {name} on {label} ({where})")
+                cell[label] = run_cell(where, profile, CLASSES[name], seed=seed, examples=examples,
+                                       seconds=cell_seconds)
+            if baseline is not None:
+                cell["ratio_new_over_old"] = _ratio(cell["new"], cell["old"])
+            cells.append(cell)
+    return {"seed": seed, "cell_seconds": cell_seconds, "checkout": str(checkout),
+            "baseline": str(baseline) if baseline else None, "baseline_commit": _commit(baseline),
+            "commit": _commit(checkout), "goals": goals(cells), "cells": cells,
+            "note": "per core = crash states / CPU seconds of the single-threaded child; times per example are CPU seconds"}
+
+
+def _ratio(new: dict, old: dict) -> dict:
+    def div(key: str) -> float | None:
+        a, b = new.get(key), old.get(key)
+        return round(a / b, 2) if a and b else None
+    # Only examples both checkouts finished are compared: a slow example one side did not
+    # finish would otherwise drop out of that side's rate and flatter it.
+    both = {r["index"] for r in new["rows"]} & {r["index"] for r in old["rows"]}
+    rate = [sum(r["states"] for r in rows if r["index"] in both) / max(1e-9, sum(r["cpu"] for r in rows if r["index"] in both))
+            for rows in (new["rows"], old["rows"])]
+    return {"states_per_second_per_core": round(rate[0] / rate[1], 2) if both and rate[1] else None,
+            "common_examples": len(both),
+            "median_example_seconds": div("median_example_seconds"),
+            "peak_worker_rss_mib": div("peak_worker_rss_mib")}
+
+
+def goals(cells: list[dict]) -> dict:
+    """The issue's goals, judged on the new checkout's figures."""
+    out = {}
+    for cell in cells:
+        new = cell.get("new")
+        if not new or not new["examples"]:
+            continue
+        key = f"{cell['profile']} {cell['class']}"
+        rate = new["states_per_second_per_core"] or 0
+        ok = {"no example below 100 states/s": (new["lowest_example_states_per_second"] or 0) >= EXAMPLE_FLOOR,
+              "no example above 60 s": (new["slowest_example_seconds"] or 0) <= EXAMPLE_CEILING
+              and new["unfinished"] is None}
+        if cell["class"] == "mix" and cell["profile"] in GOALS:
+            ok[f">= {GOALS[cell['profile']]:g} states/s per core"] = rate >= GOALS[cell["profile"]]
+        if cell["class"] == "2MiB":
+            ok["peak worker RSS <= 300 MiB"] = new["peak_worker_rss_mib"] <= 300
+        out[key] = ok
+    return out
+
+
+def _commit(where: Path | None) -> str | None:
+    if where is None:
+        return None
+    proc = subprocess.run(["git", "-C", str(where), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    return proc.stdout.strip() or None
+
+
+def render(r: dict) -> list[str]:
+    """Markdown lines for bench.md."""
+    base = r["baseline"] is not None
+    lines = ["## Crash states judged per second per core (CPU time, one core)", "",
+             f"seed {r['seed']}, commit {r['commit']}" + (f", baseline {r['baseline_commit']} ({r['baseline']})"
+                                                       if base else "") + f", at most {r['cell_seconds']:g} s per cell", "",
+             "| profile | class | examples | states | states/s/core | median s | p99 s | slowest seed (s) | "
+             "lowest states/s | peak RSS MiB | unfinished |" + (" old states/s/core | old median s | old peak MiB | "
+                                                               "old unfinished | speed-up |" if base else ""),
+             "|---|---|---|---|---|---|---|---|---|---|---|" + ("---|---|---|---|---|" if base else "")]
+    for cell in r["cells"]:
+        new = cell["new"]
+        row = (f"| {cell['profile']} | {cell['class']} | {new['examples']} | {new['crash_states']} | "
+               f"{new['states_per_second_per_core']} | {new['median_example_seconds']} | {new['p99_example_seconds']} | "
+               f"{new['slowest_example_seed']} ({new['slowest_example_seconds']}) | "
+               f"{new['lowest_example_states_per_second']} | {new['peak_worker_rss_mib']} | {_unf(new)} |")
+        if base:
+            old = cell["old"]
+            row += (f" {old['states_per_second_per_core']} | {old['median_example_seconds']} | "
+                    f"{old['peak_worker_rss_mib']} | {_unf(old)} | {cell['ratio_new_over_old']['states_per_second_per_core']} |")
+        lines.append(row)
+    lines += ["", "Goals on the new checkout:", ""]
+    for key, ok in r["goals"].items():
+        lines.append(f"- {key}: " + ", ".join(f"{name} {'yes' if v else 'NO'}" for name, v in ok.items()))
+    return lines
+
+
+def _unf(s: dict) -> str:
+    u = s["unfinished"]
+    return f"example {u['index']} after {u['wall_so_far']} s wall" if u else "-"

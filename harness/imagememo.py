@@ -1,0 +1,162 @@
+"""The judge's memo of a target's pure judging results: each distinct crash image is inspected, checked, read and recovered once.
+
+The target seam promises that `inspect`, `check`, `read_only` and `recover` are pure
+functions of the image bytes and their other arguments (harness/targets/__init__.py).
+So a result can be keyed by the image's digest: neighbouring crash points, different
+crash states and different raw images that recover to the same bytes then share one
+computation. Only the data comparison against the reference model is not memoised (it
+depends on the model), and neither is anything that draws from the run's rng.
+
+Hazards, and why the memo is safe against them:
+
+- the digest is BLAKE2b-128 of the bytes; a collision would merge two images' results
+  (about 2**-64 for the images of a whole night: accepted, as the runner's own image dedup
+  already accepts it);
+- cached results are shared objects: `Recovery.image` is immutable bytes, its `log` is
+  only read (crash images are built from it), and views are never mutated by the judge;
+- memory is bounded by bytes (`max_bytes`, counting each image and what was derived from
+  it) and by entries, least recently used first, so with 2 MiB clusters a worker holds a
+  few copies of an image, not one per crash state;
+- `Memo(target, enabled=False)` is the full path: every call goes to the target, which is
+  what the differential test compares the memo against.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict
+from collections.abc import Iterable
+
+from harness.targets import CheckSummary, HeaderInfo, OpenOptions, ReadOnlyView, Recovery, RecoveryPath, Target
+
+DEFAULT_MAX_BYTES = 48 << 20
+DEFAULT_MAX_ENTRIES = 64
+
+
+def digest(data: bytes | bytearray) -> bytes:
+    """The memo's key for image bytes (the runner's dedup key uses the same hash)."""
+    return hashlib.blake2b(data, digest_size=16).digest()
+
+
+class Facts:
+    """What is known about one image: its bytes, digest and the target's results computed so far."""
+
+    __slots__ = ("data", "key", "results", "cost")
+
+    def __init__(self, data: bytes, key: bytes) -> None:
+        self.data = data
+        self.key = key
+        self.results: dict[tuple, object] = {}
+        self.cost = len(data)
+
+
+class Memo:
+    """A bounded LRU of `Facts` by digest, in front of one target's judging functions."""
+
+    def __init__(self, target: Target, *, enabled: bool = True, max_bytes: int = DEFAULT_MAX_BYTES,
+                 max_entries: int = DEFAULT_MAX_ENTRIES) -> None:
+        self.target = target
+        self.enabled = enabled
+        self.max_bytes = max_bytes
+        self.max_entries = max_entries
+        self._entries: OrderedDict[bytes, Facts] = OrderedDict()
+        self._bytes = 0
+        self.hits = 0
+        self.misses = 0
+
+    def facts(self, data: bytes, key: bytes | None = None) -> Facts:
+        """The facts of `data` (`key`, its digest, when the caller has it already)."""
+        if not self.enabled:
+            return Facts(data, b"")
+        key = key or digest(data)
+        found = self._entries.get(key)
+        if found is not None:
+            self._entries.move_to_end(key)
+            return found
+        facts = Facts(data, key)
+        self._entries[key] = facts
+        self._bytes += facts.cost
+        self._evict()
+        return facts
+
+    def _evict(self) -> None:
+        # The newest entry always stays, however large: the judge is using it.
+        while len(self._entries) > 1 and (self._bytes > self.max_bytes or len(self._entries) > self.max_entries):
+            _key, old = self._entries.popitem(last=False)
+            self._bytes -= old.cost
+
+    def _get(self, facts: Facts, key: tuple, compute, weigh=lambda _r: 0):
+        if not self.enabled:
+            return compute()
+        results = facts.results
+        if key in results:
+            self.hits += 1
+            return results[key]
+        self.misses += 1
+        value = compute()
+        results[key] = value
+        extra = weigh(value)
+        if extra:
+            facts.cost += extra
+            if facts.key in self._entries:
+                self._bytes += extra
+                self._evict()
+        return value
+
+    # ---- the target's judging functions, memoised ------------------------------------------------
+    def inspect(self, facts: Facts) -> HeaderInfo:
+        return self._get(facts, ("inspect",), lambda: self.target.inspect(facts.data))
+
+    def check(self, facts: Facts, *, past_eof: bool = False) -> CheckSummary:
+        return self._get(facts, ("check", past_eof), lambda: self.target.check(facts.data, past_eof=past_eof))
+
+    def read_only(self, facts: Facts, sectors: frozenset[int], *, allocated: bool = True) -> ReadOnlyView:
+        return self._get(facts, ("read_only", sectors, allocated),
+                         lambda: self.target.read_only(facts.data, sectors, allocated=allocated),
+                         lambda view: 600 * len(view.sectors))
+
+    def recover(self, facts: Facts, path: RecoveryPath, options: OpenOptions, *, record: bool) -> tuple[Recovery, Facts | None]:
+        """The recovery of `facts`' image, and the facts of the recovered image (None when recovery failed).
+
+        A target with `recover_checked` also says what `check(recovered, past_eof=True)`
+        gives when the recovery computed it on the final bytes; the memo records it.
+        """
+        def compute():
+            checked = _checked_recovery(self.target)
+            if checked is not None:
+                rec, known = checked(facts.data, path, options, record=record)
+            else:
+                rec, known = self.target.recover(facts.data, path, options, record=record), None
+            return rec, digest(rec.image) if rec.image is not None else None, known
+
+        def weigh(value) -> int:
+            rec = value[0]
+            size = len(rec.image or b"")
+            if rec.log is not None:
+                size += len(rec.log.base) + sum(len(op.data) for op in rec.log.ops)
+            return size
+
+        if not self.enabled:  # the full path: the target's own recover, nothing learnt on the side
+            rec = self.target.recover(facts.data, path, options, record=record)
+            return rec, (None if rec.image is None else Facts(rec.image, b""))
+        rec, key, known = self._get(facts, ("recover", path, options, record), compute, weigh)
+        if rec.image is None:
+            return rec, None
+        recovered = self.facts(rec.image, key)
+        if known is not None:
+            recovered.results.setdefault(("check", True), known)
+        return rec, recovered
+
+
+def _checked_recovery(target: Target):
+    """The target's `recover_checked`, unless a subclass overrides `recover` (a test double, a wrapper) below it."""
+    mro = type(target).__mro__
+    owner = next((k for k in mro if "recover_checked" in vars(k)), None)
+    if owner is None or next(k for k in mro if "recover" in vars(k)) is not owner:
+        return None
+    return target.recover_checked  # type: ignore[attr-defined]
+
+
+def sectors_key(sectors: Iterable[int]) -> frozenset[int]:
+    """A read set as a memo key."""
+    return sectors if isinstance(sectors, frozenset) else frozenset(sectors)

@@ -1,0 +1,39 @@
+"""`qcrash bench`'s judging figures: summaries, ratios over common examples, goals (no timing asserted)."""
+
+from __future__ import annotations
+
+from harness.bench import judging
+
+
+def row(index: int, states: int, cpu: float, rss_kib: int = 1024) -> dict:
+    return {"index": index, "seed": 1000 + index, "states": states, "cpu": cpu, "wall": cpu * 2, "finding": None,
+            "maxrss_kib": rss_kib}
+
+
+def test_summary_has_rate_median_p99_slowest_seed_and_peak_rss() -> None:
+    s = judging.summarise([row(0, 100, 0.1), row(1, 50, 1.0, 4096), row(2, 300, 0.2)], None)
+    assert s["crash_states"] == 450 and s["states_per_second_per_core"] == round(450 / 1.3, 1)
+    assert s["median_example_seconds"] == 0.2
+    assert s["slowest_example_seed"] == 1001 and s["slowest_example_seconds"] == 1.0
+    assert s["lowest_example_states_per_second"] == 50.0
+    assert s["peak_worker_rss_mib"] == 4.0
+    assert 0.2 < s["p99_example_seconds"] <= 1.0
+
+
+def test_ratio_compares_only_examples_both_checkouts_finished() -> None:
+    new = judging.summarise([row(0, 100, 0.1), row(1, 100, 10.0)], None)
+    old = judging.summarise([row(0, 100, 0.2)], {"index": 1, "wall_so_far": 30.0})
+    ratio = judging._ratio(new, old)
+    # Over all its examples the new side is slower (200 / 10.1 s), but over example 0 it is twice as fast.
+    assert ratio["common_examples"] == 1 and ratio["states_per_second_per_core"] == 2.0
+
+
+def test_goals_flag_a_slow_example_an_unfinished_one_and_memory() -> None:
+    slow = judging.summarise([row(0, 10, 0.5, 400 * 1024)], None)
+    cells = [{"profile": "dev", "class": "mix", "new": slow}, {"profile": "dev", "class": "2MiB", "new": slow}]
+    goals = judging.goals(cells)
+    assert goals["dev mix"][">= 1000 states/s per core"] is False
+    assert goals["dev mix"]["no example below 100 states/s"] is False
+    assert goals["dev 2MiB"]["peak worker RSS <= 300 MiB"] is False
+    fine = judging.summarise([row(0, 1000, 0.5)], None)
+    assert all(judging.goals([{"profile": "dev", "class": "mix", "new": fine}])["dev mix"].values())
