@@ -1,6 +1,6 @@
 """ReferenceDisk: the byte-exact model of a virtual disk under the crash contract, and the judge of what a crash may leave in each guest sector.
 
-The rules it encodes (/work/shared/CRASH-CONTRACT.md, "What the image promises about
+The rules it encodes (harness/CRASH-CONTRACT.md, "What the image promises about
 guest data"), and the choices made where the contract leaves room:
 
 Operations. Every guest operation has an index chosen by the caller (the harness
