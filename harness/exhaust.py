@@ -183,7 +183,8 @@ def read_progress(path: Path, identity: dict) -> dict[int, dict]:
     return done
 
 
-def run(plan: Plan, out: Path, *, jobs: int = 1, on_result: Callable[[SeqResult], None] | None = None) -> dict:
+def run(plan: Plan, out: Path, *, jobs: int = 1, on_result: Callable[[SeqResult], None] | None = None,
+        first: bool = False) -> dict:
     """Run (or resume) the plan; record findings as reproducers in `out`; return the summary (also exhaust.json/.md)."""
     from harness.fuzz import corpus
 
@@ -205,6 +206,8 @@ def run(plan: Plan, out: Path, *, jobs: int = 1, on_result: Callable[[SeqResult]
             done[result.index] = json.loads(result.to_line())
             if on_result:
                 on_result(result)
+            if first and result.finding is not None:
+                break  # the rest stays in the progress file's to-do: a later run without --first resumes
     summary = summarize(plan, done, items, time.perf_counter() - t0)
     write_summary(out, summary)
     return summary

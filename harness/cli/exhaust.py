@@ -23,6 +23,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "one run per cluster size 512, 4096, 65536; pin cluster_size for one)")
     p.add_argument("--jobs", default="1", help="worker processes, or 'auto'")
     p.add_argument("--shard", default="0/1", help="run shard I of N (sequence indices I, I+N, ...)")
+    p.add_argument("--first", action="store_true", help="stop at the first finding (a later run resumes)")
     p.add_argument("--deep", action="store_true", help="also crash every recovery (slower)")
     p.add_argument("--out", default=None, help="report directory; an unfinished run there is resumed "
                                                "(default reports/exhaust-<UTC time>)")
@@ -58,7 +59,7 @@ def cmd_exhaust(args: argparse.Namespace) -> int:
             print(f"  {count[0]} sequences run", file=sys.stderr, flush=True)
 
     try:
-        summary = exhaust.run(plan, out, jobs=jobs, on_result=on_result)
+        summary = exhaust.run(plan, out, jobs=jobs, on_result=on_result, first=args.first)
     except exhaust.ExhaustError as exc:
         raise UsageError(str(exc)) from None
     print(f"exhaust: {summary['sequences']}/{summary['sequences_planned']} sequences, {summary['crash_states']} crash "
