@@ -23,7 +23,7 @@ from pathlib import Path
 
 from harness.config import Config
 from harness.errors import QcrashError
-from harness.ops import Discard, Flush, Op, Reopen, Write, WriteZeroes
+from harness.ops import Crash, Discard, Flush, Op, Reopen, Write, WriteZeroes
 from harness.runner import Budget, Runner
 from harness.stats import Stats
 
@@ -65,12 +65,20 @@ def _switch(config: Config) -> list[Op]:
     return _default(config) + extra
 
 
+def _crash(config: Config) -> list[Op]:
+    # Crash after the last host op, losing what was not flushed, then continue on the recovered image:
+    # how leaked clusters come back into use (reuse bugs need it).
+    return _default(config) + [Crash(-1, "drop-unsynced", 0)]
+
+
 ALPHABETS: dict[str, tuple[str, Callable[[Config], list[Op]]]] = {
     "default": ("write, write -z and discard of the first and of the last cluster of the disk, flush, reopen (8 letters)",
                 _default),
     "small": ("write and discard of the first cluster, flush (3 letters; for quick checks)", _small),
     "switch": ("default, plus reopen switching the cache mode, and (v3) switching lazy refcounts (9-10 letters)",
                _switch),
+    "crash": ("default, plus a crash that drops unflushed writes and continues on the recovered image (9 letters)",
+              _crash),
 }
 
 
@@ -84,6 +92,9 @@ def alphabet(name: str, config: Config) -> list[Op]:
 def config_classes(overrides: dict[str, str]) -> list[Config]:
     """One configuration per cluster-size class (v3, lazy refcounts, writeback, 4 MiB), each pinned by `overrides`."""
     base = Config(version=3, cluster_size=4096, lazy_refcounts=True, cache_mode="writeback")
+    if overrides.get("version", "").strip() == "2":
+        # Config.pinned applies the pins before relaxing lazy refcounts for v2: relax it first.
+        base = dataclasses.replace(base, version=2, lazy_refcounts=False)
     sizes = CLUSTER_CLASSES if "cluster_size" not in overrides else (None,)
     configs = []
     for size in sizes:

@@ -103,3 +103,14 @@ def test_cli_exit_status_follows_the_findings(tmp_path, injected, capsys):
     assert "3/3 sequences" in capsys.readouterr().out
     assert main(args + ["--out", str(tmp_path / "b"), "--inject", "dirty-not-cleared"]) == 1
     assert main(["exhaust", "--ops", "0", "--out", str(tmp_path / "d")]) == 2
+
+
+@pytest.mark.parametrize("name", sorted(exhaust.ALPHABETS))
+def test_every_alphabet_is_valid_in_every_class(name):
+    from harness.ops import validate_op
+
+    for config in exhaust.config_classes({}) + exhaust.config_classes({"version": "2"}):
+        letters = exhaust.alphabet(name, config)
+        assert len(set(letters)) == len(letters) >= 3
+        for op in letters:
+            validate_op(op, config, f"{name} letter")
