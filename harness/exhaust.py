@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from harness import coverage
 from harness.config import Config
 from harness.errors import QcrashError
 from harness.ops import Crash, Discard, Flush, Op, Reopen, Write, WriteZeroes
@@ -258,7 +259,8 @@ def summarize(plan: Plan, done: dict[int, dict], items: dict, seconds: float) ->
                         "max_ops": plan.ops, "configs": per_config,
                         "policies": list(plan.budget.policies), "budget": repr(plan.budget),
                         "inject": sorted(plan.inject), "shard": f"{plan.shard[0]}/{plan.shard[1]}"},
-            "by_policy": dict(stats.by_policy), "events": dict(stats.events)}
+            "by_policy": dict(stats.by_policy), "events": dict(sorted(stats.events.items())),
+            "events_by_class": coverage.table(stats.events)}
 
 
 def write_summary(out: Path, summary: dict) -> None:
@@ -278,4 +280,5 @@ def write_summary(out: Path, summary: dict) -> None:
     if summary["findings"]:
         lines += ["", "| finding signature | sequences |", "|---|---|"]
         lines += [f"| `{sig}` | {n} |" for sig, n in sorted(summary["findings"].items())]
+    lines += ["", *coverage.markdown(coverage.table(summary["events"]))]
     atomic_write(out / "exhaust.md", ("\n".join(lines) + "\n").encode())

@@ -87,7 +87,9 @@ def test_summary_states_what_was_covered(tmp_path):
     assert cov["alphabet"] == "small" and cov["max_ops"] == 2 and cov["shard"] == "0/1"
     assert cov["policies"] == list(exhaust.BUDGET.policies)
     assert [c["config"] for c in cov["configs"]] == [str(c) for c in TINY]
-    assert "12/12 sequences" in (tmp_path / "exhaust.md").read_text()
+    text = (tmp_path / "exhaust.md").read_text()
+    assert "12/12 sequences" in text and "| L2 table allocated |" in text
+    assert data["events_by_class"]["v3 cluster 512 B-1 KiB"]["L2 table allocated"]["reached"] > 0
 
 
 def test_unknown_alphabet_is_a_named_error():
