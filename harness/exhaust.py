@@ -175,9 +175,9 @@ def _work(args: tuple) -> SeqResult:
 
 def read_progress(path: Path, identity: dict) -> dict[int, dict]:
     """Completed sequences of an earlier run of the same plan (a torn last line is ignored)."""
-    if not path.exists():
-        return {}
-    lines = path.read_text().splitlines()
+    lines = path.read_text().splitlines() if path.exists() else []
+    if not lines:
+        return {}  # absent, or killed before the plan line was written
     try:
         head = json.loads(lines[0]) if lines else None
     except json.JSONDecodeError:
@@ -204,7 +204,7 @@ def run(plan: Plan, out: Path, *, jobs: int = 1, on_result: Callable[[SeqResult]
     path = out / PROGRESS
     identity = plan.identity()
     done = read_progress(path, identity)
-    if not path.exists() or not path.read_text().strip():
+    if not done and not (path.exists() and path.read_text().strip()):
         path.write_text(json.dumps({"plan": identity}) + "\n")
     items = {index: (config, ops) for index, config, ops in plan.items()}
     todo = [(i, c, ops, plan.budget, plan.inject) for i, (c, ops) in items.items() if i not in done]

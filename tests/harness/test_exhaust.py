@@ -116,3 +116,8 @@ def test_every_alphabet_is_valid_in_every_class(name):
         assert len(set(letters)) == len(letters) >= 3
         for op in letters:
             validate_op(op, config, f"{name} letter")
+
+
+def test_an_empty_progress_file_starts_afresh(tmp_path):
+    (tmp_path / exhaust.PROGRESS).write_text("")  # killed before the plan line was written
+    assert exhaust.run(plan(ops=1), tmp_path)["sequences"] == 3
