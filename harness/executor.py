@@ -5,10 +5,12 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 
+from harness import coverage
 from harness.config import Config
 from harness.crashstates import CrashImageBuilder
 from harness.faultfile import WriteLog
 from harness.ops import Discard, Flush, Op, Reopen, Repair, Write, WriteZeroes
+from harness.stats import Stats
 from harness.targets import CheckSummary, Target
 from models.blockio import CacheMode
 from models.payload import make_payload
@@ -34,12 +36,16 @@ class Issued:
 
     span: Span
     summary: CheckSummary | None = None  # what a live repair reported
+    events: tuple[str, ...] = ()  # structural events it caused (harness.coverage)
+    states_before: int = 0  # crash states judged before it: more at `complete` means it was crashed inside
 
 
 class Executor:
     """One target's live image and the model in step; every span since the last (re)start, for `model_at`."""
 
-    def __init__(self, config: Config, target: Target) -> None:
+    def __init__(self, config: Config, target: Target, stats: Stats | None = None) -> None:
+        self.config = config
+        self.stats = stats if stats is not None else Stats()
         self.target = target
         target.create(config)
         self.model = ReferenceDisk(config.virtual_size, config.cache_mode, discard_granularity=config.cluster_size)
@@ -63,16 +69,23 @@ class Executor:
         begin, call = self._plan(n, op)
         start = self.target.point()
         before = self.model.copy()
+        # Reading the dirty bit costs a copy of the image: only before a reopen that switches something.
+        options = self.target.options if coverage.is_switch(op) else None
+        dirty = options is not None and coverage.is_dirty(self.target.contents()[:coverage.DIRTY_OFFSET + 8])
         if begin:
             begin(self.model)
         summary = call()
         span = Span(n, start, self.target.point(), before, begin)
         self.spans.append(span)
-        return Issued(span, summary)
+        events = tuple(coverage.events_of(self.config, op, self.log.ops[start:span.end], options=options, dirty=dirty))
+        coverage.count(self.stats.events, coverage.config_class(self.config), (coverage.OPS, *events))
+        return Issued(span, summary, events, self.stats.crash_states)
 
     def complete(self, issued: Issued) -> None:
         if issued.span.begin:
             self.model.complete(issued.span.op_index)
+        if issued.events and self.stats.crash_states > issued.states_before:
+            coverage.count(self.stats.events, coverage.config_class(self.config), issued.events, crashed=True)
 
     def _plan(self, n: int, op: Op) -> tuple[Begin | None, Callable[[], CheckSummary | None]]:
         target = self.target

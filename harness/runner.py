@@ -48,7 +48,7 @@ class Runner:
         self.findings: list[Finding] = []
         self.ops: list[Op] = []
         self.target = get_target(target) if isinstance(target, str) else target
-        self.executor = Executor(config, self.target)
+        self.executor = Executor(config, self.target, self.stats)
         self.judge = Judge(self.target, self.budget, seed, self.rng, self.stats)
 
     # ---- what the shrinker, the state machine and tests look at ---------------------------------

@@ -16,14 +16,25 @@ class Stats:
     by_site: Counter = dataclasses.field(default_factory=Counter)
     coverage: Counter = dataclasses.field(default_factory=Counter)
     phase_seconds: Counter = dataclasses.field(default_factory=Counter)
+    # Structural events reached ("<event>") and crashed inside ("<event> crashed"), keyed per
+    # configuration class (harness.coverage). Not in the behaviour digest: adding events leaves it alone.
+    events: Counter = dataclasses.field(default_factory=Counter)
 
     def merge(self, other: "Stats") -> None:
         self.ops += other.ops
         self.crash_states += other.crash_states
-        for name in ("by_policy", "by_site", "coverage", "phase_seconds"):
+        for name in ("by_policy", "by_site", "coverage", "phase_seconds", "events"):
             getattr(self, name).update(getattr(other, name))
 
     def to_dict(self) -> dict:
         return {"ops": self.ops, "crash_states": self.crash_states, "by_policy": dict(self.by_policy),
                 "by_site": dict(self.by_site), "coverage": dict(self.coverage),
-                "phase_seconds": {k: round(v, 3) for k, v in self.phase_seconds.items()}}
+                "phase_seconds": {k: round(v, 3) for k, v in self.phase_seconds.items()},
+                "events": dict(self.events)}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Stats":
+        """The inverse of `to_dict` (timings as rounded there); a dict without `events` gives none."""
+        return cls(data.get("ops", 0), data.get("crash_states", 0),
+                   *(Counter(data.get(name, {})) for name in ("by_policy", "by_site", "coverage", "phase_seconds",
+                                                              "events")))

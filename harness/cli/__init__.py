@@ -21,6 +21,7 @@ _FAMILIES = {
     "zoo": "harness.cli.zoo",
     "bench": "harness.cli.zoo",
     "fuzz-images": "harness.cli.hostile",
+    "exhaust": "harness.cli.exhaust",
 }
 
 EXIT_CODES = """\

@@ -82,11 +82,12 @@ def merge(dirs: list[Path], out: Path, *, force: bool = False) -> dict:
     for key in ("examples", "ops", "crash_states", "unfinished_examples"):
         merged[key] = sum(s.get(key, 0) for _d, s in pairs)
     for key in ("crash_states_by_policy", "crash_points_by_site", "coverage", "verdicts", "configs",
-                "known_failures_seen"):
+                "known_failures_seen", "structural_events"):
         total_counter: Counter = Counter()
         for _d, s in pairs:
             total_counter.update(s.get(key, {}))
         merged[key] = dict(sorted(total_counter.items()))
+    merged.update(rp.structural_events(merged["structural_events"]))
     merged["findings"] = _merge_findings(pairs, out)
     timelines: dict[str, list] = {}
     for _d, s in pairs:

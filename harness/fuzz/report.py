@@ -8,7 +8,7 @@ import platform
 from collections import Counter
 from pathlib import Path
 
-from harness import __version__
+from harness import __version__, coverage
 from harness.fuzz import plots
 from harness.fuzz.corpus import atomic_write, atomic_write_json
 from harness.oracle import digest
@@ -64,6 +64,7 @@ def build_summary(result, opts, *, argv: list[str], report_dir: Path | None = No
         "crash_states_by_policy": dict(sorted(stats.by_policy.items())),
         "crash_points_by_site": dict(sorted(stats.by_site.items())),
         "coverage": {k: stats.coverage.get(k, 0) for k in COVERAGE_KEYS},
+        **structural_events(stats.events),
         "verdicts": dict(sorted(per_verdict.items())),
         "findings": findings,
         "known_failures_seen": dict(sorted(getattr(result, "known_hits", {}).items())),
@@ -74,6 +75,15 @@ def build_summary(result, opts, *, argv: list[str], report_dir: Path | None = No
                    "examples_per_second": round(len(result.outcomes) / seconds, 3)},
         "throughput": [{"t": t, "examples": e, "crash_states": c, "findings": f} for t, e, c, f in result.timeline],
     }
+
+
+# ---- structural events (harness.coverage): reached and crashed inside, per configuration class
+
+
+def structural_events(events: dict[str, int]) -> dict:
+    """The summary's two event fields: the flat counts (what `qcrash report --merge` adds up) and the table they make."""
+    flat = dict(sorted(events.items()))
+    return {"structural_events": flat, "structural_events_by_class": coverage.table(flat)}
 
 
 def _finding_entry(sig: str, count: int, path: Path | None, report_dir: Path | None, status: str,
@@ -147,7 +157,8 @@ def render_markdown(s: dict, *, for_step_summary: bool = False) -> str:
     lines += ["", "## Recovery situations reached", "", "| situation | times |", "|---|---|"]
     for key, value in s["coverage"].items():
         lines.append(f"| {key} | {value}{'  **(never reached)**' if not value else ''} |")
-    lines += ["", "## Crash states by policy", "", "| policy | states |", "|---|---|"]
+    lines += ["", *coverage.markdown(coverage.table(s.get("structural_events", {})))]
+    lines += ["## Crash states by policy", "", "| policy | states |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in s["crash_states_by_policy"].items()]
     lines += ["", "## Plots", "", "![throughput](throughput.svg)", "", "![findings](findings.svg)", "",
               "![sites](sites.svg)", "", "## Time per phase", "", "| phase | seconds |", "|---|---|"]
