@@ -20,7 +20,7 @@ from models.qcow2 import inject, spec
 from models.qcow2.check.imrt import Imrt, nonzero_refcounts
 from models.qcow2.check.overlap import pre_write_overlap_check
 from models.qcow2.check.result import FIX_ERRORS, FIX_LEAKS, CheckCounts, Finding, Kind
-from models.qcow2.check.state import CheckFailed, CheckState, RefcountIOError
+from models.qcow2.check.state import CheckFailed, CheckState, RefcountIOError, l1_bytes_in_file
 from models.qcow2.errors import InvalidImage
 
 __all__ = ["qcow2_check_refcounts", "run_check", "calculate_refcounts", "compare_refcounts", "check_oflag_copied"]
@@ -156,7 +156,8 @@ def check_refcounts_l1(s: CheckState, imrt: Imrt, frag: bool, fix: int) -> None:
     if not s.l1_size:
         return
     qcow2_inc_refcounts_imrt(s, imrt, s.l1_offset, s.l1_size * 8)
-    entries = _u64s(read_exact(s.file, s.l1_offset, s.l1_size * 8))
+    # Entries past the end of the file read as zero, like the zero entries skipped below.
+    entries = _u64s(read_exact(s.file, s.l1_offset, l1_bytes_in_file(s.file.size(), s.l1_offset, s.l1_size)))
     for i in _nonzero(entries):
         entry = entries[i]
         if entry & spec.L1E_RESERVED_MASK:
@@ -363,7 +364,7 @@ def check_oflag_copied(s: CheckState, fix: int) -> None:
     get_refcount = s.refcount_reader()
     wrote = False
     cs = s.cs
-    for i in range(s.l1_size):
+    for i in _nonzero(s.l1):  # s.l1 holds only the entries inside the file; the rest are zero
         l1_entry = s.l1[i]
         l2_offset = l1_entry & _L1E_OFFSET_MASK
         if not l2_offset:
