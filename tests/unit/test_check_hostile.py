@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import shutil
 import struct
+import subprocess
+from pathlib import Path
+
+import pytest
 
 from models.blockio import MemoryFile
 from models.qcow2 import spec
 from models.qcow2.check import Fix, Kind, check, repair
+from models.qcow2.errors import InvalidImage
 from models.qcow2.image import Qcow2Image
 from models.qcow2.structs import FIELD_OFFSET
 
@@ -61,3 +67,62 @@ def test_an_l1_table_of_4m_entries_past_the_end_of_a_tiny_file_is_never_read_or_
             "offset 0x600 size 0x2000000"]
         assert result.corruptions == 1 and result.check_errors == 0
         assert f.longest <= len(raw)  # the 32 MiB past the end were never asked for
+
+
+def _with_extension(raw: bytearray, ext_type: int, data: bytes) -> None:
+    """Replace the header extensions with one extension and the end marker."""
+    pos = spec.V3_HEADER_LENGTH
+    padded = data + bytes(-len(data) % 8)
+    raw[pos : pos + 16 + len(padded)] = struct.pack(">II", ext_type, len(data)) + padded + bytes(8)
+
+
+def _mutate(name: str, raw: bytearray) -> None:
+    inc = FIELD_OFFSET["incompatible_features"]
+    if name == "unknown compression type":
+        raw[104] = 2
+        struct.pack_into(">Q", raw, inc, int(spec.IncompatFeature.COMPRESSION_TYPE))
+    elif name == "compression bit not set":
+        raw[104] = 1
+    elif name == "crypto extension without luks":
+        _with_extension(raw, spec.EXT_CRYPTO, bytes(16))
+    elif name == "bitmaps extension length":
+        _with_extension(raw, spec.EXT_BITMAPS, bytes(8))
+    elif name == "data-file-raw":
+        struct.pack_into(">Q", raw, FIELD_OFFSET["autoclear_features"], int(spec.AutoclearFeature.RAW_EXTERNAL))
+    elif name == "corrupt bit":
+        struct.pack_into(">Q", raw, inc, int(spec.IncompatFeature.CORRUPT))
+
+
+REFUSED = ("unknown compression type", "compression bit not set", "crypto extension without luks",
+           "bitmaps extension length", "data-file-raw")
+
+
+@pytest.mark.parametrize("name", REFUSED)
+@pytest.mark.parametrize("fix", (Fix.NONE, Fix.ALL))
+def test_check_and_repair_refuse_the_headers_qemu_refuses_with_a_named_error(name: str, fix: Fix) -> None:
+    raw = _image()
+    _mutate(name, raw)
+    f = MemoryFile(bytes(raw), name="h.qcow2")
+    with pytest.raises(InvalidImage):
+        repair(f, fix) if fix else check(f)
+    assert f.getvalue() == bytes(raw)
+
+
+def test_repair_opens_a_corrupt_image_as_qemu_check_mode_does_and_clears_the_bit() -> None:
+    raw = _image()
+    _mutate("corrupt bit", raw)
+    f = MemoryFile(bytes(raw), name="h.qcow2")
+    result = repair(f, Fix.ALL)
+    assert result.consistent_after_fix
+    assert _incompat(f.getvalue()) & _BITS == 0
+
+
+@pytest.mark.skipif(shutil.which("qemu-img") is None, reason="qemu-img not installed (Debian package qemu-utils)")
+@pytest.mark.parametrize("name", REFUSED)
+def test_qemu_img_check_refuses_the_same_headers(name: str, tmp_path: Path) -> None:
+    raw = _image()
+    _mutate(name, raw)
+    path = tmp_path / "h.qcow2"
+    path.write_bytes(bytes(raw))
+    proc = subprocess.run(["qemu-img", "check", "-r", "all", str(path)], capture_output=True, text=True)
+    assert proc.returncode == 1 and "Could not open" in proc.stderr, proc.stderr
