@@ -126,3 +126,22 @@ def test_qemu_img_check_refuses_the_same_headers(name: str, tmp_path: Path) -> N
     path.write_bytes(bytes(raw))
     proc = subprocess.run(["qemu-img", "check", "-r", "all", str(path)], capture_output=True, text=True)
     assert proc.returncode == 1 and "Could not open" in proc.stderr, proc.stderr
+
+
+@pytest.mark.parametrize("entry", (1 << 63, 0xFFFFFFFFFFFF0000, (1 << 63) - (1 << 16)))
+def test_a_refcount_block_at_or_past_2_63_is_counted_as_qemu_does_not_a_host_range_error(entry: int) -> None:
+    raw = _image()
+    reftable = struct.unpack_from(">Q", raw, FIELD_OFFSET["refcount_table_offset"])[0]
+    struct.pack_into(">Q", raw, reftable, entry)
+    result = check(MemoryFile(bytes(raw), name="h.qcow2"))
+    lines = [x.message for x in result.findings]
+    # qemu-img 7.2 check: the block is outside the image, and every refcount lookup in it fails with EIO.
+    assert lines[0] == "ERROR refcount block 0 is outside image"
+    assert lines[1:] == [f"Can't get refcount for cluster {c}: Input/output error" for c in range(len(lines) - 1)]
+    assert (result.corruptions, result.check_errors) == (1, len(lines) - 1)
+    f = MemoryFile(bytes(raw), name="h.qcow2")
+    fixed = repair(f, Fix.ALL)
+    # The failed lookups stay check errors of the first pass, so (as QEMU) the bits are not cleared.
+    assert fixed.rebuilt and not fixed.consistent_after_fix
+    again = check(MemoryFile(f.getvalue(), name="h.qcow2"))
+    assert (again.corruptions, again.check_errors) == (0, 0)

@@ -20,7 +20,7 @@ from models.qcow2 import inject, spec
 from models.qcow2.check.imrt import Imrt, nonzero_refcounts
 from models.qcow2.check.overlap import pre_write_overlap_check
 from models.qcow2.check.result import FIX_ERRORS, FIX_LEAKS, CheckCounts, Finding, Kind
-from models.qcow2.check.state import CheckFailed, CheckState, RefcountIOError, l1_bytes_in_file
+from models.qcow2.check.state import BDRV_MAX_LENGTH, CheckFailed, CheckState, RefcountIOError, l1_bytes_in_file
 from models.qcow2.errors import InvalidImage
 
 __all__ = ["qcow2_check_refcounts", "run_check", "calculate_refcounts", "compare_refcounts", "check_oflag_copied"]
@@ -218,6 +218,9 @@ def _grow_file(s: CheckState, new_size: int) -> int | None:
     """bdrv_truncate() to include a refblock past EOF; returns an errno on failure."""
     if new_size - s.cs > INT64_MAX - s.cs:
         return errno.EINVAL
+    if new_size > BDRV_MAX_LENGTH:
+        s.emit(Kind.RESIZE_FAILED, "qemu-img: offset({}) exceeds maximum({})", new_size, BDRV_MAX_LENGTH)
+        return errno.EIO
     err = None
     if s.max_growth is not None and new_size - s.file.size() > s.max_growth:
         err = errno.EFBIG  # as if the host file system refused (QEMU would try; ext4 refuses past 16 TiB)
@@ -256,7 +259,7 @@ def _compare_candidates(s: CheckState, imrt: Imrt) -> list[int]:
             continue
         base = index * rbe
         count = min(rbe, limit - base)
-        if not s.geo.is_aligned(offset):
+        if not s.geo.is_aligned(offset) or s.refblock_unreadable(offset):
             candidates.update(range(base, base + count))  # every lookup fails with EIO
             continue
         candidates.update(base + i for i in nonzero_refcounts(s.raw_refblock(offset), s.order, count))

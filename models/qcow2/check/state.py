@@ -22,9 +22,11 @@ from models.qcow2.geometry import set_refcount
 from models.qcow2.header import ParsedHeader
 from models.qcow2.structs import FIELD_OFFSET
 
-__all__ = ["CheckState", "CheckFailed", "RefcountIOError", "hash_x", "l1_bytes_in_file"]
+__all__ = ["BDRV_MAX_LENGTH", "CheckState", "CheckFailed", "RefcountIOError", "hash_x", "l1_bytes_in_file"]
 
 _INCOMPAT = FIELD_OFFSET["incompatible_features"]
+# QEMU's BDRV_MAX_LENGTH: any request ending past it fails with EIO ("offset(...) exceeds maximum(...)").
+BDRV_MAX_LENGTH = (1 << 63) - (1 << 30)
 
 
 class CheckFailed(Exception):
@@ -154,7 +156,13 @@ class CheckState:
         if offset and not self.geo.is_aligned(offset):
             self.signal_corruption(True, f"Refblock offset {hash_x(offset)} unaligned (reftable index: {hash_x(index)})")
             raise RefcountIOError()
+        if self.refblock_unreadable(offset):
+            raise RefcountIOError()  # QEMU's read of the block fails with EIO, no corruption event
         return offset
+
+    def refblock_unreadable(self, offset: int) -> bool:
+        """Whether a refcount block at `offset` ends past BDRV_MAX_LENGTH, where QEMU's read fails with EIO."""
+        return offset + self.cs > BDRV_MAX_LENGTH
 
     def get_refcount(self, cluster: int) -> int:
         """qcow2_get_refcount(): the on-disk refcount, through the refcount-block cache."""
