@@ -9,7 +9,11 @@ Deliberate differences from QEMU, for crash safety or bounded cost:
 - the caller, not close, clears the dirty bit, and only by QEMU's check rule (qemu-img
   7.2 `check -r leaks` on a dirty image that needs a rebuild clears it on close anyway);
 - a cluster whose refcount a repair drops to 0 is discarded by qemu-img check (hole
-  punched); the block-file seam has no discard, so it is overwritten with zeros instead.
+  punched); the block-file seam has no discard, so it is overwritten with zeros instead;
+- QEMU clears the dirty and corrupt bits whenever the first pass ends with 0 corruptions
+  and 0 check errors, even after "ERROR rebuilt refcount structure is still broken"
+  (whose counts QEMU throws away) and even when the double check then finds corruptions;
+  qcrash keeps the bits set in both cases, so a repair never calls a corrupt image clean.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from models.blockio import BlockFile, WriteSite, read_exact
 from models.qcow2 import spec
 from models.qcow2.check.pasteof import extend_to_references
 from models.qcow2.check.refcounts import run_check
-from models.qcow2.check.result import CheckCounts, CheckResult, Finding, Fix
+from models.qcow2.check.result import CheckCounts, CheckResult, Finding, Fix, Kind
 from models.qcow2.check.state import CheckState
 from models.qcow2.header import ParsedHeader, read_header
 from models.qcow2.structs import FIELD_OFFSET
@@ -57,10 +61,16 @@ def check(file: BlockFile, fix: Fix = Fix.NONE, *, path: str | None = None,
     result = CheckResult.from_counts(res, findings, fix)
     result.error = error
     result.rebuilt = state.rebuilt
-    result.consistent_after_fix = bool(fix) and error is None and res.check_errors == 0 and res.corruptions == 0
+    result.consistent_after_fix = (bool(fix) and error is None and res.check_errors == 0 and res.corruptions == 0
+                                   and not _still_broken(state, findings))
     if error is None and (res.corruptions_fixed or res.leaks_fixed):
         result = _double_check(state, result, res)
     return result
+
+
+def _still_broken(state: CheckState, findings: list[Finding]) -> bool:
+    """Whether the rebuild printed "rebuilt refcount structure is still broken" (QEMU counts nothing for it)."""
+    return state.rebuilt and any(x.kind is Kind.REBUILD_BROKEN for x in reversed(findings))
 
 
 def _double_check(state: CheckState, result: CheckResult, res: CheckCounts) -> CheckResult:
@@ -76,7 +86,8 @@ def _double_check(state: CheckState, result: CheckResult, res: CheckCounts) -> C
     final.error = second_error
     final.rebuilt = result.rebuilt
     final.double_checked = True
-    final.consistent_after_fix = result.consistent_after_fix
+    final.consistent_after_fix = (result.consistent_after_fix and second_error is None
+                                  and second.corruptions == 0 and second.check_errors == 0)
     final.first_pass = first
     return final
 

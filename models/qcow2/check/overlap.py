@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 from models.qcow2 import spec
 from models.qcow2.check.state import CheckState
 
@@ -24,7 +26,7 @@ def _metadata_clusters(s: CheckState) -> dict[str, set[int]]:
     """Host clusters of the active L2 tables and of the refcount blocks (rebuilt after a reftable switch)."""
     if s.ol_cache is None:
         l2: set[int] = set()
-        for entry in s.l1:
+        for entry in itertools.compress(s.l1, s.l1):  # non-zero entries only, skipped in C
             if entry & spec.L1E_OFFSET_MASK:
                 l2.update(_clusters_of(s, entry & spec.L1E_OFFSET_MASK, s.cs))
         refblocks: set[int] = set()

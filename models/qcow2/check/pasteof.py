@@ -16,6 +16,7 @@ from models.qcow2 import spec
 from models.qcow2.check.imrt import decode_refblock
 from models.qcow2.check.refcounts import _u64s
 from models.qcow2.check.result import Finding, Kind
+from models.qcow2.check.state import l1_bytes_in_file
 from models.qcow2.geometry import set_refcount
 from models.qcow2.header import ParsedHeader, read_header
 
@@ -36,7 +37,8 @@ def extend_to_references(file: BlockFile, parsed: ParsedHeader, findings: list[F
     try:
         size = file.size()
         end = 0
-        for l1_entry in _u64s(file.pread(hdr.l1_table_offset, hdr.l1_size * 8)):
+        l1 = _u64s(file.pread(hdr.l1_table_offset, l1_bytes_in_file(size, hdr.l1_table_offset, hdr.l1_size)))
+        for l1_entry in itertools.compress(l1, l1):  # the zero entries (and those past EOF) skipped in C
             l2_off = l1_entry & spec.L1E_OFFSET_MASK
             if not l2_off or not geo.is_aligned(l2_off):
                 continue

@@ -20,7 +20,7 @@ from models.qcow2 import inject, spec
 from models.qcow2.check.imrt import Imrt, nonzero_refcounts
 from models.qcow2.check.overlap import pre_write_overlap_check
 from models.qcow2.check.result import FIX_ERRORS, FIX_LEAKS, CheckCounts, Finding, Kind
-from models.qcow2.check.state import CheckFailed, CheckState, RefcountIOError
+from models.qcow2.check.state import BDRV_MAX_LENGTH, CheckFailed, CheckState, RefcountIOError, l1_bytes_in_file
 from models.qcow2.errors import InvalidImage
 
 __all__ = ["qcow2_check_refcounts", "run_check", "calculate_refcounts", "compare_refcounts", "check_oflag_copied"]
@@ -156,7 +156,8 @@ def check_refcounts_l1(s: CheckState, imrt: Imrt, frag: bool, fix: int) -> None:
     if not s.l1_size:
         return
     qcow2_inc_refcounts_imrt(s, imrt, s.l1_offset, s.l1_size * 8)
-    entries = _u64s(read_exact(s.file, s.l1_offset, s.l1_size * 8))
+    # Entries past the end of the file read as zero, like the zero entries skipped below.
+    entries = _u64s(read_exact(s.file, s.l1_offset, l1_bytes_in_file(s.file.size(), s.l1_offset, s.l1_size)))
     for i in _nonzero(entries):
         entry = entries[i]
         if entry & spec.L1E_RESERVED_MASK:
@@ -217,6 +218,9 @@ def _grow_file(s: CheckState, new_size: int) -> int | None:
     """bdrv_truncate() to include a refblock past EOF; returns an errno on failure."""
     if new_size - s.cs > INT64_MAX - s.cs:
         return errno.EINVAL
+    if new_size > BDRV_MAX_LENGTH:
+        s.emit(Kind.RESIZE_FAILED, "qemu-img: offset({}) exceeds maximum({})", new_size, BDRV_MAX_LENGTH)
+        return errno.EIO
     err = None
     if s.max_growth is not None and new_size - s.file.size() > s.max_growth:
         err = errno.EFBIG  # as if the host file system refused (QEMU would try; ext4 refuses past 16 TiB)
@@ -255,7 +259,7 @@ def _compare_candidates(s: CheckState, imrt: Imrt) -> list[int]:
             continue
         base = index * rbe
         count = min(rbe, limit - base)
-        if not s.geo.is_aligned(offset):
+        if not s.geo.is_aligned(offset) or s.refblock_unreadable(offset):
             candidates.update(range(base, base + count))  # every lookup fails with EIO
             continue
         candidates.update(base + i for i in nonzero_refcounts(s.raw_refblock(offset), s.order, count))
@@ -363,7 +367,7 @@ def check_oflag_copied(s: CheckState, fix: int) -> None:
     get_refcount = s.refcount_reader()
     wrote = False
     cs = s.cs
-    for i in range(s.l1_size):
+    for i in _nonzero(s.l1):  # s.l1 holds only the entries inside the file; the rest are zero
         l1_entry = s.l1[i]
         l2_offset = l1_entry & _L1E_OFFSET_MASK
         if not l2_offset:

@@ -22,9 +22,11 @@ from models.qcow2.geometry import set_refcount
 from models.qcow2.header import ParsedHeader
 from models.qcow2.structs import FIELD_OFFSET
 
-__all__ = ["CheckState", "CheckFailed", "RefcountIOError", "hash_x"]
+__all__ = ["BDRV_MAX_LENGTH", "CheckState", "CheckFailed", "RefcountIOError", "hash_x", "l1_bytes_in_file"]
 
 _INCOMPAT = FIELD_OFFSET["incompatible_features"]
+# QEMU's BDRV_MAX_LENGTH: any request ending past it fails with EIO ("offset(...) exceeds maximum(...)").
+BDRV_MAX_LENGTH = (1 << 63) - (1 << 30)
 
 
 class CheckFailed(Exception):
@@ -37,6 +39,11 @@ class CheckFailed(Exception):
 
 class RefcountIOError(Exception):
     """qcow2_get_refcount() failed (-EIO for an unaligned refblock offset)."""
+
+
+def l1_bytes_in_file(file_size: int, l1_offset: int, l1_size: int) -> int:
+    """How many bytes of an L1 table of `l1_size` entries at `l1_offset` lie inside the file (whole entries)."""
+    return max(0, min(l1_size * 8, file_size - l1_offset)) // 8 * 8
 
 
 def hash_x(value: int) -> str:
@@ -78,7 +85,9 @@ class CheckState:
         self.reftable = list(struct.unpack(f">{rt_entries}Q", read_exact(file, self.reftable_offset, rt_entries * 8)))
         self.l1_offset = hdr.l1_table_offset
         self.l1_size = hdr.l1_size
-        self.l1 = list(struct.unpack(f">{self.l1_size}Q", read_exact(file, self.l1_offset, self.l1_size * 8)))
+        # Only the part of the L1 table inside the file is decoded (the rest reads as zeros:
+        # no L2 table), in C: a hostile header can claim 4M entries beyond the end of a tiny file.
+        self.l1 = decode_refblock(read_exact(file, self.l1_offset, l1_bytes_in_file(file.size(), self.l1_offset, self.l1_size)), 6)
         # The refcount-block cache (qcow2-cache.c): written back by flush_refblocks().
         self.refblocks = TableCache("refcount", self._read, self._write_refblock, self.cs, WriteSite.REPAIR,
                                     self.repair_flush)
@@ -147,7 +156,13 @@ class CheckState:
         if offset and not self.geo.is_aligned(offset):
             self.signal_corruption(True, f"Refblock offset {hash_x(offset)} unaligned (reftable index: {hash_x(index)})")
             raise RefcountIOError()
+        if self.refblock_unreadable(offset):
+            raise RefcountIOError()  # QEMU's read of the block fails with EIO, no corruption event
         return offset
+
+    def refblock_unreadable(self, offset: int) -> bool:
+        """Whether a refcount block at `offset` ends past BDRV_MAX_LENGTH, where QEMU's read fails with EIO."""
+        return offset + self.cs > BDRV_MAX_LENGTH
 
     def get_refcount(self, cluster: int) -> int:
         """qcow2_get_refcount(): the on-disk refcount, through the refcount-block cache."""
