@@ -6,7 +6,7 @@ from collections import Counter
 
 from harness import coverage
 from harness.config import Config
-from harness.ops import Discard, Flush, Reopen, Write, WriteZeroes
+from harness.ops import Discard, Reopen, Write, WriteZeroes
 from harness.runner import Budget, Runner
 from harness.stats import Stats
 
