@@ -41,6 +41,8 @@ class Workload:
     size: int
     ops: tuple[tuple, ...]  # ("write", offset, length, pattern) | ("flush",) | ("discard", offset, length)
     dirty_base: bool = False  # for the repair sweep: a dirty image left by an aborted lazy writer
+    version: int = 3
+    refcount_bits: int = 16
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,6 +52,7 @@ class ErrorFinding:
     variant: str
     evidence: str
     workload: Workload
+    op_index: int = -1  # the workload op during which the rule broke; len(ops) for close, -1 before the first
 
     def __str__(self) -> str:
         return f"{self.rule} at {self.point} ({self.variant}): {self.evidence}"
@@ -75,7 +78,8 @@ def generate(seed: int) -> Workload:
 
 def _base_image(w: Workload) -> bytes:
     mem = MemoryFile(name="errorsweep.qcow2")
-    Qcow2Image.create(mem, w.size, cluster_size=w.cluster_size, lazy_refcounts=w.lazy)
+    Qcow2Image.create(mem, w.size, version=w.version, cluster_size=w.cluster_size, refcount_bits=w.refcount_bits,
+                      lazy_refcounts=w.lazy)
     return mem.getvalue()
 
 
@@ -142,9 +146,10 @@ def run_point(w: Workload, point: ErrorPoint | None, variant: str, base: bytes |
     model = _Model()
     writethrough = CacheMode(w.cache_mode).flushes_writes
     where = str(point) if point else "no error"
+    at = [-1]  # the op being run, for the finding
 
     def finding(rule: str, evidence: str) -> ErrorFinding:
-        return ErrorFinding(rule, where, variant, evidence, w)
+        return ErrorFinding(rule, where, variant, evidence, w, at[0])
 
     try:
         img = Qcow2Image.open(f, cache_mode=w.cache_mode, lazy_refcounts=w.lazy)
@@ -152,7 +157,8 @@ def run_point(w: Workload, point: ErrorPoint | None, variant: str, base: bytes |
         return _judge(base if variant == "crash" else f.inner.getvalue(), model, finding)
     failed = False
     swallowed: list[ErrorFinding] = []
-    for op in w.ops:
+    for i, op in enumerate(w.ops):
+        at[0] = i
         fired = len(plan.fired)
         try:
             _apply(img, op)
@@ -174,6 +180,7 @@ def run_point(w: Workload, point: ErrorPoint | None, variant: str, base: bytes |
         if op[0] == "discard":
             model.wrote(op[1], op[2], 0, durable=False)
     fired = len(plan.fired)
+    at[0] = len(w.ops)
     try:
         img.close()
     except Qcow2Error:

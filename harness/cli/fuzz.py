@@ -213,8 +213,13 @@ def replay_file(path: str, bugs: list[str] | None = None,
         recorded = spec_of(rep.target, rep.qemu)
         spec = target_args.from_args(args, recorded) if args is not None else recorded.resolved()
         inject.set_active(rep.inject if bugs is None else bugs)
-        runner = Runner(rep.config, seed=rep.seed, budget=rep.budget, target=make(spec))
-        findings = runner.run(rep.ops)
+        if rep.errors is not None:  # an error-point finding replays through its failed host operation
+            from harness.errorpoints import replay
+
+            findings = [f for f in [replay(rep.config, rep.ops, rep.errors)] if f is not None]
+        else:
+            runner = Runner(rep.config, seed=rep.seed, budget=rep.budget, target=make(spec))
+            findings = runner.run(rep.ops)
     except Exception as exc:  # noqa: BLE001 - QEMU missing included: this file cannot be replayed here
         return "error", f"{path}: replay raised {type(exc).__name__}: {exc}", None
     finally:
@@ -262,11 +267,16 @@ def cmd_shrink(args: argparse.Namespace) -> int:
     inject.set_active(rep.inject)
     spec = _target(args, spec_of(rep.target, rep.qemu))
     rep.target, rep.qemu = spec.name, detail_of(spec)
-    runner = Runner(rep.config, seed=rep.seed, budget=rep.budget, target=make(spec))
-    try:
-        findings = runner.run(rep.ops)
-    finally:
-        release(getattr(runner, "target", None))
+    if rep.errors is not None:  # an error-point finding replays through its failed host operation
+        from harness.errorpoints import replay
+
+        findings = [f for f in [replay(rep.config, rep.ops, rep.errors)] if f is not None]
+    else:
+        runner = Runner(rep.config, seed=rep.seed, budget=rep.budget, target=make(spec))
+        try:
+            findings = runner.run(rep.ops)
+        finally:
+            release(getattr(runner, "target", None))
     if not findings:
         print(f"{args.file}: does not fail any more; nothing to shrink")
         return 0
