@@ -13,7 +13,7 @@ from harness.faultfile import ErrorPoint
 from harness.ops import Crash, Discard, Flush, Op, Write, WriteZeroes
 from harness.oracle import RULES, Finding, Verdict
 
-VARIANTS = ("close", "crash")
+VARIANTS = ("close", "crash")  # per guest-workload error point; "repair" cases fail a repair of the dirty image
 # Runs judged per chosen example at most: every point of a short workload, a seeded sample of a long one.
 MAX_RUNS = 96
 
@@ -26,7 +26,7 @@ class ErrorCase:
     """What a reproducer needs to replay an error-point finding: the failed host operation and the variant."""
 
     point: ErrorPoint
-    variant: str  # close: the workload goes on and closes; crash: it stops at the failed call
+    variant: str  # close: the workload goes on and closes; crash: it stops at the failed call; repair: see below
 
     def source(self) -> str:
         """Valid Python that builds this case (ErrorKind's repr is not)."""
@@ -83,17 +83,24 @@ def to_finding(found: errorsweep.ErrorFinding, ops: list[Op], index: list[int]) 
 
 
 def sweep(config: Config, ops: list[Op], seed: int, max_runs: int = MAX_RUNS) -> SweepResult:
-    """Judge the example's error points (each under both variants) until the first finding."""
+    """Judge the example's error points (each under both variants, and each of a repair) until the first finding."""
     w, index = workload(config, ops)
     base = errorsweep._base_image(w)
     runs = [(p, v) for p in errorsweep.error_points(w, base) for v in VARIANTS]
+    dirty = None
+    if config.version == 3:  # a dirty image to repair needs lazy refcounts, so version 3
+        dirty = errorsweep.dirty_image(w)
+        runs += [(p, "repair") for p in errorsweep.repair_error_points(dirty)]
     if len(runs) > max_runs:
         keep = sorted(random.Random(f"errorpoints:{seed}").sample(range(len(runs)), max_runs))
         runs = [runs[i] for i in keep]
     judged = 0
     for point, variant in runs:
         judged += 1
-        found = errorsweep.run_point(w, point, variant, base)
+        if variant == "repair":
+            found = errorsweep.repair_point(w, dirty, point)
+        else:
+            found = errorsweep.run_point(w, point, variant, base)
         if found is not None:
             return SweepResult(to_finding(found, ops, index), ErrorCase(point, variant), judged)
     return SweepResult(None, None, judged)
@@ -102,7 +109,10 @@ def sweep(config: Config, ops: list[Op], seed: int, max_runs: int = MAX_RUNS) ->
 def replay(config: Config, ops: list[Op], case: ErrorCase) -> Finding | None:
     """Run one recorded error point again; the finding it gives now, or None."""
     w, index = workload(config, ops)
-    found = errorsweep.run_point(w, case.point, case.variant)
+    if case.variant == "repair":
+        found = errorsweep.repair_point(w, errorsweep.dirty_image(w), case.point)
+    else:
+        found = errorsweep.run_point(w, case.point, case.variant)
     return to_finding(found, ops, index) if found is not None else None
 
 

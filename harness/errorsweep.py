@@ -247,34 +247,46 @@ def sweep_workload(w: Workload, variants: tuple[str, ...] = ("close", "crash"), 
     return found
 
 
-def repair_points(seed: int) -> list[ErrorFinding]:
-    """A dirty image (lazy writer aborted), repaired with each host operation failing in turn; the next repair must complete."""
-    w = generate(seed)
+def dirty_image(w: Workload) -> bytes:
+    """The image a lazy writer of the workload leaves when it aborts after its last flush: dirty, with leaks to repair."""
     mem = MemoryFile(_base_image(dataclasses.replace(w, lazy=True)), name="dirty.qcow2")
     img = Qcow2Image.open(mem, lazy_refcounts=True)
     for op in w.ops:
         _apply(img, op)
     img.flush()
     img.abort()
-    dirty = mem.getvalue()
+    return mem.getvalue()
+
+
+def repair_error_points(dirty: bytes) -> list[ErrorPoint]:
+    """Every host operation of a clean repair of `dirty` (each fails with EIO in its run)."""
     plan = ErrorPlan()
     checkmod.repair(FaultInjectingFile(MemoryFile(dirty, name="count.qcow2"), plan), checkmod.Fix.ALL)
-    found = []
-    for op, n in plan.counts.items():
-        for i in range(n):
-            point = ErrorPoint(op, i)
-            f = FaultInjectingFile(MemoryFile(dirty, name="repair.qcow2"), ErrorPlan((point,)))
-            try:
-                checkmod.repair(f, checkmod.Fix.ALL)
-            except Qcow2Error:
-                pass
-            second = MemoryFile(f.inner.getvalue(), name="repair.qcow2")
-            result = checkmod.repair(second, checkmod.Fix.ALL)
-            again = checkmod.check(MemoryFile(second.getvalue(), name="repair.qcow2"))
-            if not result.consistent_after_fix or again.corruptions or again.leaks or again.check_errors:
-                found.append(ErrorFinding("repair", str(point), "repair", f"the next repair does not complete: "
-                                          f"{again.corruptions} corruptions, {again.leaks} leaks", w))
-    return found
+    return [ErrorPoint(op, i) for op, n in plan.counts.items() for i in range(n)]
+
+
+def repair_point(w: Workload, dirty: bytes, point: ErrorPoint) -> ErrorFinding | None:
+    """Repair `dirty` with `point` failing; the next repair must complete (rule 4)."""
+    f = FaultInjectingFile(MemoryFile(dirty, name="repair.qcow2"), ErrorPlan((point,)))
+    try:
+        checkmod.repair(f, checkmod.Fix.ALL)
+    except Qcow2Error:
+        pass
+    second = MemoryFile(f.inner.getvalue(), name="repair.qcow2")
+    result = checkmod.repair(second, checkmod.Fix.ALL)
+    again = checkmod.check(MemoryFile(second.getvalue(), name="repair.qcow2"))
+    if not result.consistent_after_fix or again.corruptions or again.leaks or again.check_errors:
+        return ErrorFinding("repair", str(point), "repair", f"the next repair does not complete: "
+                            f"{again.corruptions} corruptions, {again.leaks} leaks", w, len(w.ops))
+    return None
+
+
+def repair_points(seed: int) -> list[ErrorFinding]:
+    """A dirty image (lazy writer aborted), repaired with each host operation failing in turn; the next repair must complete."""
+    w = generate(seed)
+    dirty = dirty_image(w)
+    found = [repair_point(w, dirty, p) for p in repair_error_points(dirty)]
+    return [f for f in found if f is not None]
 
 
 def hunt(seconds: float, seed: int = 1, *, first_seed: int = 0) -> tuple[ErrorFinding | None, int, float]:

@@ -71,3 +71,17 @@ def test_reproducer_python_is_runnable(tmp_path: Path) -> None:
     finally:
         inject.set_active([])
     assert scope["found"] is not None and scope["found"].signature() == rep.signature
+
+
+def test_a_failed_repair_is_swept_and_the_next_repair_completes() -> None:
+    from harness.config import Config
+    from harness.faultfile import ErrorPoint
+    from harness.ops import Flush, Write
+
+    config = Config(cluster_size=4096, lazy_refcounts=True, cache_mode="writeback")
+    ops = [Write(0, 8192, 1), Write(1 << 20, 4096, 2), Flush(), Write(65536, 512, 3)]
+    w, _index = errorpoints.workload(config, ops)
+    points = errorpoints.errorsweep.repair_error_points(errorpoints.errorsweep.dirty_image(w))
+    assert any(p.op == "write" for p in points) and any(p.op == "flush" for p in points)
+    for point in points:
+        assert errorpoints.replay(config, ops, errorpoints.ErrorCase(point, "repair")) is None, point
