@@ -37,6 +37,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--report", default=None, help="report directory (default reports/<UTC time>-<seed>)")
     p.add_argument("--corpus", default=None, help="where reproducer files go (default <report>/findings)")
     p.add_argument("--no-shrink", action="store_true", help="record findings without shrinking them")
+    p.add_argument("--error-examples", metavar="F", default=None,
+                   help="fraction 0..1 of examples whose host I/O error points are swept too (default: the "
+                        "profile's: 0 for dev and ci, 0.25 for nightly)")
     p.add_argument("--known", action="append", default=[], metavar="DIR",
                    help="a shared, read-only directory of known failures: replayed first; hits of a known "
                         "signature are counted, not recorded again (repeatable)")
@@ -101,8 +104,21 @@ def _fuzz_options(args: argparse.Namespace):
     spec = _target(args)
     opts = fz.FuzzOptions(examples=examples, seconds=seconds, seed=seed, jobs=jobs, shard=shard, profile=profile,
                           overrides=overrides, corpus=corpus, inject=sorted(inject.active()), shrink=not args.no_shrink,
-                          stop_after_findings=limit, target=spec.name, target_spec=spec)
+                          stop_after_findings=limit, target=spec.name, target_spec=spec,
+                          error_examples=_fraction("--error-examples", getattr(args, "error_examples", None)))
     return opts, report_dir
+
+
+def _fraction(option: str, text: str | None) -> float | None:
+    if text is None:
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0.0 <= value <= 1.0:
+        raise UsageError(f"{option} {text}: must be a fraction from 0 to 1")
+    return value
 
 
 def cmd_fuzz(args: argparse.Namespace) -> int:

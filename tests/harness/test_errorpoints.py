@@ -85,3 +85,17 @@ def test_a_failed_repair_is_swept_and_the_next_repair_completes() -> None:
     assert any(p.op == "write" for p in points) and any(p.op == "flush" for p in points)
     for point in points:
         assert errorpoints.replay(config, ops, errorpoints.ErrorCase(point, "repair")) is None, point
+
+
+def test_fuzz_command_sweeps_error_points_on_request(tmp_path: Path) -> None:
+    from harness.cli import main
+
+    try:
+        status = main(["fuzz", "--examples", "6", "--seed", "1", "--error-examples", "1", "--inject",
+                       "eio-write-swallowed", "-x", "--no-shrink", "--report", str(tmp_path)])
+    finally:
+        inject.set_active([])
+    summary = (tmp_path / "summary.json").read_text()
+    assert status == 1 and '"error-swallowed": 1' in summary, summary
+    assert "error points judged" in (tmp_path / "summary.md").read_text()
+    assert main(["fuzz", "--examples", "1", "--error-examples", "2", "--report", str(tmp_path / "bad")]) == 2
