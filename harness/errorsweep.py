@@ -14,8 +14,8 @@ The rules (harness/CRASH-CONTRACT.md, "Hostile images and failing host operation
 Two variants per error point: `close` (the workload goes on after the failed call, then
 closes: the image must absorb the error) and `crash` (the run stops at the failed call and
 only what was flushed survives). The sweep drives `Qcow2Image` over a `FaultInjectingFile`
-directly (the Python target); the runner can call `sweep_workload` per example once it
-sweeps error points like crash points.
+directly (the Python target); `harness.errorpoints` runs it on fuzz examples (the profile's
+`error_examples` share) and turns its verdicts into Findings.
 """
 
 from __future__ import annotations
