@@ -14,8 +14,8 @@ The rules (harness/CRASH-CONTRACT.md, "Hostile images and failing host operation
 Two variants per error point: `close` (the workload goes on after the failed call, then
 closes: the image must absorb the error) and `crash` (the run stops at the failed call and
 only what was flushed survives). The sweep drives `Qcow2Image` over a `FaultInjectingFile`
-directly (the Python target); the runner can call `sweep_workload` per example once it
-sweeps error points like crash points.
+directly (the Python target); `harness.errorpoints` runs it on fuzz examples (the profile's
+`error_examples` share) and turns its verdicts into Findings.
 """
 
 from __future__ import annotations
@@ -41,6 +41,8 @@ class Workload:
     size: int
     ops: tuple[tuple, ...]  # ("write", offset, length, pattern) | ("flush",) | ("discard", offset, length)
     dirty_base: bool = False  # for the repair sweep: a dirty image left by an aborted lazy writer
+    version: int = 3
+    refcount_bits: int = 16
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,6 +52,7 @@ class ErrorFinding:
     variant: str
     evidence: str
     workload: Workload
+    op_index: int = -1  # the workload op during which the rule broke; len(ops) for close, -1 before the first
 
     def __str__(self) -> str:
         return f"{self.rule} at {self.point} ({self.variant}): {self.evidence}"
@@ -75,7 +78,8 @@ def generate(seed: int) -> Workload:
 
 def _base_image(w: Workload) -> bytes:
     mem = MemoryFile(name="errorsweep.qcow2")
-    Qcow2Image.create(mem, w.size, cluster_size=w.cluster_size, lazy_refcounts=w.lazy)
+    Qcow2Image.create(mem, w.size, version=w.version, cluster_size=w.cluster_size, refcount_bits=w.refcount_bits,
+                      lazy_refcounts=w.lazy)
     return mem.getvalue()
 
 
@@ -142,9 +146,10 @@ def run_point(w: Workload, point: ErrorPoint | None, variant: str, base: bytes |
     model = _Model()
     writethrough = CacheMode(w.cache_mode).flushes_writes
     where = str(point) if point else "no error"
+    at = [-1]  # the op being run, for the finding
 
     def finding(rule: str, evidence: str) -> ErrorFinding:
-        return ErrorFinding(rule, where, variant, evidence, w)
+        return ErrorFinding(rule, where, variant, evidence, w, at[0])
 
     try:
         img = Qcow2Image.open(f, cache_mode=w.cache_mode, lazy_refcounts=w.lazy)
@@ -152,7 +157,8 @@ def run_point(w: Workload, point: ErrorPoint | None, variant: str, base: bytes |
         return _judge(base if variant == "crash" else f.inner.getvalue(), model, finding)
     failed = False
     swallowed: list[ErrorFinding] = []
-    for op in w.ops:
+    for i, op in enumerate(w.ops):
+        at[0] = i
         fired = len(plan.fired)
         try:
             _apply(img, op)
@@ -174,6 +180,7 @@ def run_point(w: Workload, point: ErrorPoint | None, variant: str, base: bytes |
         if op[0] == "discard":
             model.wrote(op[1], op[2], 0, durable=False)
     fired = len(plan.fired)
+    at[0] = len(w.ops)
     try:
         img.close()
     except Qcow2Error:
@@ -240,34 +247,46 @@ def sweep_workload(w: Workload, variants: tuple[str, ...] = ("close", "crash"), 
     return found
 
 
-def repair_points(seed: int) -> list[ErrorFinding]:
-    """A dirty image (lazy writer aborted), repaired with each host operation failing in turn; the next repair must complete."""
-    w = generate(seed)
+def dirty_image(w: Workload) -> bytes:
+    """The image a lazy writer of the workload leaves when it aborts after its last flush: dirty, with leaks to repair."""
     mem = MemoryFile(_base_image(dataclasses.replace(w, lazy=True)), name="dirty.qcow2")
     img = Qcow2Image.open(mem, lazy_refcounts=True)
     for op in w.ops:
         _apply(img, op)
     img.flush()
     img.abort()
-    dirty = mem.getvalue()
+    return mem.getvalue()
+
+
+def repair_error_points(dirty: bytes) -> list[ErrorPoint]:
+    """Every host operation of a clean repair of `dirty` (each fails with EIO in its run)."""
     plan = ErrorPlan()
     checkmod.repair(FaultInjectingFile(MemoryFile(dirty, name="count.qcow2"), plan), checkmod.Fix.ALL)
-    found = []
-    for op, n in plan.counts.items():
-        for i in range(n):
-            point = ErrorPoint(op, i)
-            f = FaultInjectingFile(MemoryFile(dirty, name="repair.qcow2"), ErrorPlan((point,)))
-            try:
-                checkmod.repair(f, checkmod.Fix.ALL)
-            except Qcow2Error:
-                pass
-            second = MemoryFile(f.inner.getvalue(), name="repair.qcow2")
-            result = checkmod.repair(second, checkmod.Fix.ALL)
-            again = checkmod.check(MemoryFile(second.getvalue(), name="repair.qcow2"))
-            if not result.consistent_after_fix or again.corruptions or again.leaks or again.check_errors:
-                found.append(ErrorFinding("repair", str(point), "repair", f"the next repair does not complete: "
-                                          f"{again.corruptions} corruptions, {again.leaks} leaks", w))
-    return found
+    return [ErrorPoint(op, i) for op, n in plan.counts.items() for i in range(n)]
+
+
+def repair_point(w: Workload, dirty: bytes, point: ErrorPoint) -> ErrorFinding | None:
+    """Repair `dirty` with `point` failing; the next repair must complete (rule 4)."""
+    f = FaultInjectingFile(MemoryFile(dirty, name="repair.qcow2"), ErrorPlan((point,)))
+    try:
+        checkmod.repair(f, checkmod.Fix.ALL)
+    except Qcow2Error:
+        pass
+    second = MemoryFile(f.inner.getvalue(), name="repair.qcow2")
+    result = checkmod.repair(second, checkmod.Fix.ALL)
+    again = checkmod.check(MemoryFile(second.getvalue(), name="repair.qcow2"))
+    if not result.consistent_after_fix or again.corruptions or again.leaks or again.check_errors:
+        return ErrorFinding("repair", str(point), "repair", f"the next repair does not complete: "
+                            f"{again.corruptions} corruptions, {again.leaks} leaks", w, len(w.ops))
+    return None
+
+
+def repair_points(seed: int) -> list[ErrorFinding]:
+    """A dirty image (lazy writer aborted), repaired with each host operation failing in turn; the next repair must complete."""
+    w = generate(seed)
+    dirty = dirty_image(w)
+    found = [repair_point(w, dirty, p) for p in repair_error_points(dirty)]
+    return [f for f in found if f is not None]
 
 
 def hunt(seconds: float, seed: int = 1, *, first_seed: int = 0) -> tuple[ErrorFinding | None, int, float]:

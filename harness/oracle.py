@@ -27,6 +27,11 @@ class Verdict(enum.StrEnum):
     CHECK_FAILED = "check-failed"  # explicit check of a live image found problems
     QEMU_DISAGREES = "qemu-disagrees"  # real qemu-img check gave another verdict on the same image
     UNEXPECTED_EXCEPTION = "unexpected-exception"  # an exception that is not a qcow2 error
+    # I/O errors as faults (harness.errorpoints, harness.errorsweep): a failed host operation at an error point.
+    ERROR_SWALLOWED = "error-swallowed"  # a guest call during which a host operation failed reported success
+    ERROR_LOST_DATA = "error-lost-data"  # data acknowledged before the failed call was lost
+    ERROR_CORRUPTION = "error-corruption"  # after the error: clean dirty bit yet corruption, or the next open fails
+    ERROR_REPAIR_STUCK = "error-repair-stuck"  # a repair met an error and the next repair cannot finish
 
 
 @dataclasses.dataclass(slots=True)
@@ -75,6 +80,11 @@ RULES = {
     Verdict.CHECK_FAILED: "a live image checks clean",
     Verdict.QEMU_DISAGREES: "qemu-img check agrees with qcrash's verdict",
     Verdict.UNEXPECTED_EXCEPTION: "no unexpected exception",
+    Verdict.ERROR_SWALLOWED: "a guest call that meets a host I/O error returns an error",
+    Verdict.ERROR_LOST_DATA: "data acknowledged before a failed guest call is not lost",
+    Verdict.ERROR_CORRUPTION: "after a host I/O error the image is consistent for the next open: leaks allowed, "
+                              "no corruption",
+    Verdict.ERROR_REPAIR_STUCK: "a repair that meets an error leaves an image the next repair completes",
 }
 
 

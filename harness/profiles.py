@@ -31,6 +31,9 @@ class Profile:
     # The Hypothesis profile this one derives from, named explicitly: `nightly` must never
     # silently inherit `ci`'s derandomization.
     hypothesis_parent: str = "default"
+    # Fraction of fuzz examples (seeded per example) whose error points are swept too (harness.errorpoints):
+    # 0 keeps a profile's runs exactly as they were before error points joined the fuzz flow.
+    error_examples: float = 0.0
 
 
 _SUPPRESS = ("too_slow", "data_too_large")  # HealthCheck names: long stateful examples are the point
@@ -66,6 +69,7 @@ PROFILES: Mapping[str, Profile] = MappingProxyType({p.name: p for p in (
         machine_budget=Budget.exhaustive(),
         hypothesis=MappingProxyType({"max_examples": 2000, "deadline": None}),
         keeps_database=True,
+        error_examples=0.25,
     ),
 )})
 

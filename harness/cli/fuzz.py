@@ -37,6 +37,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--report", default=None, help="report directory (default reports/<UTC time>-<seed>)")
     p.add_argument("--corpus", default=None, help="where reproducer files go (default <report>/findings)")
     p.add_argument("--no-shrink", action="store_true", help="record findings without shrinking them")
+    p.add_argument("--error-examples", metavar="F", default=None,
+                   help="fraction 0..1 of examples whose host I/O error points are swept too (default: the "
+                        "profile's: 0 for dev and ci, 0.25 for nightly)")
     p.add_argument("--known", action="append", default=[], metavar="DIR",
                    help="a shared, read-only directory of known failures: replayed first; hits of a known "
                         "signature are counted, not recorded again (repeatable)")
@@ -101,8 +104,21 @@ def _fuzz_options(args: argparse.Namespace):
     spec = _target(args)
     opts = fz.FuzzOptions(examples=examples, seconds=seconds, seed=seed, jobs=jobs, shard=shard, profile=profile,
                           overrides=overrides, corpus=corpus, inject=sorted(inject.active()), shrink=not args.no_shrink,
-                          stop_after_findings=limit, target=spec.name, target_spec=spec)
+                          stop_after_findings=limit, target=spec.name, target_spec=spec,
+                          error_examples=_fraction("--error-examples", getattr(args, "error_examples", None)))
     return opts, report_dir
+
+
+def _fraction(option: str, text: str | None) -> float | None:
+    if text is None:
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0.0 <= value <= 1.0:
+        raise UsageError(f"{option} {text}: must be a fraction from 0 to 1")
+    return value
 
 
 def cmd_fuzz(args: argparse.Namespace) -> int:
@@ -213,8 +229,13 @@ def replay_file(path: str, bugs: list[str] | None = None,
         recorded = spec_of(rep.target, rep.qemu)
         spec = target_args.from_args(args, recorded) if args is not None else recorded.resolved()
         inject.set_active(rep.inject if bugs is None else bugs)
-        runner = Runner(rep.config, seed=rep.seed, budget=rep.budget, target=make(spec))
-        findings = runner.run(rep.ops)
+        if rep.errors is not None:  # an error-point finding replays through its failed host operation
+            from harness.errorpoints import replay
+
+            findings = [f for f in [replay(rep.config, rep.ops, rep.errors)] if f is not None]
+        else:
+            runner = Runner(rep.config, seed=rep.seed, budget=rep.budget, target=make(spec))
+            findings = runner.run(rep.ops)
     except Exception as exc:  # noqa: BLE001 - QEMU missing included: this file cannot be replayed here
         return "error", f"{path}: replay raised {type(exc).__name__}: {exc}", None
     finally:
@@ -262,11 +283,16 @@ def cmd_shrink(args: argparse.Namespace) -> int:
     inject.set_active(rep.inject)
     spec = _target(args, spec_of(rep.target, rep.qemu))
     rep.target, rep.qemu = spec.name, detail_of(spec)
-    runner = Runner(rep.config, seed=rep.seed, budget=rep.budget, target=make(spec))
-    try:
-        findings = runner.run(rep.ops)
-    finally:
-        release(getattr(runner, "target", None))
+    if rep.errors is not None:  # an error-point finding replays through its failed host operation
+        from harness.errorpoints import replay
+
+        findings = [f for f in [replay(rep.config, rep.ops, rep.errors)] if f is not None]
+    else:
+        runner = Runner(rep.config, seed=rep.seed, budget=rep.budget, target=make(spec))
+        try:
+            findings = runner.run(rep.ops)
+        finally:
+            release(getattr(runner, "target", None))
     if not findings:
         print(f"{args.file}: does not fail any more; nothing to shrink")
         return 0

@@ -89,12 +89,13 @@ def parse_overrides(text: str) -> dict[str, str]:
 
 def parse_bugs(text: str, option: str) -> list[str]:
     """Comma-separated injected-bug names; an unknown one is a usage error that lists the known names."""
-    from models.qcow2.inject import BUGS
+    from models.qcow2.inject import BUGS, ERROR_BUGS
 
+    known = BUGS.keys() | ERROR_BUGS.keys()  # error-handling bugs are found by error-point sweeps
     names = sorted({n.strip() for n in text.split(",") if n.strip()})
-    unknown = [n for n in names if n not in BUGS]
+    unknown = [n for n in names if n not in known]
     if unknown:
-        raise UsageError(f"{option}: unknown bug name(s) {', '.join(unknown)}; known: {', '.join(sorted(BUGS))}")
+        raise UsageError(f"{option}: unknown bug name(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
     return names
 
 

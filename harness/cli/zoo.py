@@ -43,7 +43,7 @@ def cmd_zoo(args: argparse.Namespace) -> int:
     from harness.fuzz import engine as fz
     from harness.fuzz import report as rp
     from harness.fuzz import zoo
-    from models.qcow2.inject import BUGS
+    from harness.fuzz.zoo import BUGS  # crash-consistency and error-handling bugs
 
     if args.list:
         width = max(map(len, BUGS))

@@ -12,6 +12,7 @@ from harness import __version__
 from harness import serial
 from harness.targets.qemu.spec import QemuDetail
 from harness.config import Config
+from harness.errorpoints import ErrorCase
 from harness.errors import QcrashError
 from harness.ops import Op, OpError, validate_op
 from harness.oracle import Finding
@@ -42,6 +43,7 @@ class Reproducer:
     shrunk_from: int | None = None  # operations before shrinking
     target: str = "python"  # what ran the operations: the pure-Python qcow2 model, or real QEMU
     qemu: QemuDetail | None = None  # with target "qemu": the QEMU version and extra driver options
+    errors: ErrorCase | None = None  # an error-point finding: the failed host operation and variant it replays with
 
     @property
     def signature(self) -> str:
@@ -55,6 +57,11 @@ class Reproducer:
     def python(self) -> str:
         """A runnable reproduction, injected bugs included (also stored in the file, for reading)."""
         ops = ", ".join(repr(op) for op in self.ops)
+        if self.errors is not None:
+            return ("from harness.ops import *; from harness.config import Config; from harness.faultfile import *\n"
+                    "from harness.errorpoints import ErrorCase, replay\n"
+                    f"from models.qcow2 import inject; inject.set_active({sorted(self.inject)!r})\n"
+                    f"print(replay({self.config!r}, [{ops}], {self.errors.source()}))")
         return ("from harness.ops import *; from harness.config import Config; from harness.runner import Runner, Budget\n"
                 f"from models.qcow2 import inject; inject.set_active({sorted(self.inject)!r})\n"
                 f"print(Runner({self.config!r}, seed={self.seed}, budget={self.budget!r}).run([{ops}]))")
@@ -86,9 +93,10 @@ def from_dict(data: object, where: str) -> Reproducer:
             validate_op(op, rep.config, f"{where}: field 'ops[{i}]'")
         if rep.count < 1:
             raise serial.SerialError(where, "count", rep.count, "must be at least 1")
-        unknown = sorted(set(rep.inject) - set(inject.BUGS))
+        known = inject.BUGS.keys() | inject.ERROR_BUGS.keys()
+        unknown = sorted(set(rep.inject) - known)
         if unknown:
-            raise serial.SerialError(where, "inject", unknown, f"unknown bug name(s); known: {', '.join(sorted(inject.BUGS))}")
+            raise serial.SerialError(where, "inject", unknown, f"unknown bug name(s); known: {', '.join(sorted(known))}")
     except (serial.SerialError, OpError) as exc:
         raise ReproducerError(str(exc)) from None
     return rep

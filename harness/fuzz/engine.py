@@ -42,6 +42,7 @@ class FuzzOptions:
     stop_after_findings: int | None = None  # stop once this many distinct new findings are on file (-x: 1)
     target: str = "python"
     target_spec: TargetSpec | None = None  # with target "qemu": binaries, version, options
+    error_examples: float | None = None  # fraction of examples swept for error points; None: the profile's
 
 
 @dataclasses.dataclass
@@ -58,6 +59,7 @@ class Outcome:
     shrink_seconds: float = 0.0
     shrink_cut: bool = False  # shrinking was cut short by the time budget or a signal
     raw_ops: list[Op] = dataclasses.field(default_factory=list, repr=False)
+    error_points: int = 0  # error-point runs judged (harness.errorpoints)
 
 
 def example_seed(base: int, index: int) -> int:
@@ -73,6 +75,7 @@ def run_example(args: tuple) -> Outcome:
     """One example, in a worker process: generate and run it; with `do_shrink`, also shrink what it finds."""
     index, base_seed, overrides, profile, inject, do_shrink, *rest = args
     spec = rest[0] if rest else None  # callers from before the target seam pass six fields
+    errors = rest[1] if len(rest) > 1 and rest[1] is not None else profiles.get(profile).error_examples
     from models.qcow2 import inject as injectmod
 
     injectmod.set_active(inject)
@@ -95,15 +98,37 @@ def run_example(args: tuple) -> Outcome:
         out.reproducer = corpusmod.Reproducer(config, list(runner.ops), seed, budget, findings[0], seed, sorted(inject),
                                               shrunk_from=len(runner.ops), target=spec.name if spec else "python",
                                               qemu=detail_of(spec) if spec else None)
-        if do_shrink:
-            out.reproducer = shrink_reproducer(out.reproducer, profiles.get(profile).shrink_seconds)
+    elif spec is None or spec.name == "python":
+        _sweep_errors(out, ops, budget, errors, sorted(inject))
+    if out.reproducer is not None and do_shrink:
+        out.reproducer = shrink_reproducer(out.reproducer, profiles.get(profile).shrink_seconds)
     return out
+
+
+def _sweep_errors(out: Outcome, ops: list[Op], budget, fraction: float, inject: list[str]) -> None:
+    """A seeded share of the examples without a crash finding also has its error points judged (python target)."""
+    from harness import errorpoints
+
+    if not errorpoints.chosen(fraction, out.example_seed):
+        return
+    t0 = time.perf_counter()
+    swept = errorpoints.sweep(out.config, ops, out.example_seed)
+    out.error_points, out.seconds = swept.judged, out.seconds + time.perf_counter() - t0
+    if swept.finding is not None:
+        out.finding, out.raw_ops = swept.finding, list(ops)
+        out.reproducer = corpusmod.Reproducer(out.config, list(ops), out.example_seed, budget, swept.finding,
+                                              out.example_seed, inject, shrunk_from=len(ops), errors=swept.case)
 
 
 def shrink_reproducer(rep: corpusmod.Reproducer, seconds: float,
                       stop: Callable[[], bool] = lambda: False) -> corpusmod.Reproducer:
     """The same finding with fewer operations (same signature), within `seconds`."""
     assert rep.finding is not None
+    if rep.errors is not None:
+        from harness import errorpoints
+
+        ops, finding = errorpoints.shrink(rep.config, rep.ops, rep.errors, rep.finding, seconds, stop)
+        return dataclasses.replace(rep, ops=ops, finding=finding, shrunk_from=len(rep.ops))
     ops, budget, finding = shrink(rep.config, rep.ops, rep.seed, rep.budget, rep.finding, seconds=seconds, stop=stop,
                                   target=spec_of(rep.target, rep.qemu))
     return dataclasses.replace(rep, ops=ops, budget=budget, finding=finding, shrunk_from=len(rep.ops))
@@ -250,7 +275,8 @@ def fuzz(opts: FuzzOptions, *, on_outcome: Callable[[Outcome], None] | None = No
         run.signal = signum
 
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-    args = ((i, opts.seed, opts.overrides, opts.profile, opts.inject, False, opts.target_spec) for i in _indices(opts))
+    args = ((i, opts.seed, opts.overrides, opts.profile, opts.inject, False, opts.target_spec, opts.error_examples)
+            for i in _indices(opts))
     try:
         if opts.jobs <= 1:
             for a in args:

@@ -31,12 +31,24 @@ def gather(rep) -> Evidence:
     from harness.runner import Runner
     from harness.targets.qemu.spec import make, release, spec_of
 
+    if rep.errors is not None:
+        return _error_evidence(rep)
     runner = Runner(rep.config, seed=rep.seed, budget=rep.budget, target=make(spec_of(rep.target, rep.qemu)))
     try:
         findings = runner.run(rep.ops)
         return _evidence(runner, findings)
     finally:
         release(getattr(runner, "target", None))
+
+
+def _error_evidence(rep) -> Evidence:
+    """An error-point finding has no crash state to keep: the failed host operation in words, and a replay check."""
+    from harness.errorpoints import replay
+
+    words = f"host {rep.errors.point.op} #{rep.errors.point.ordinal} fails with {rep.errors.point.kind} ({rep.errors.variant})"
+    if replay(rep.config, rep.ops, rep.errors) is None:
+        return Evidence(None, "(the reproducer did not fail when its evidence was gathered)\n", None)
+    return Evidence(None, f"(error point {rep.errors.point}: no crash-state log)\n", words)
 
 
 def _evidence(runner, findings) -> Evidence:

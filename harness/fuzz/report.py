@@ -62,6 +62,9 @@ def build_summary(result, opts, *, argv: list[str], report_dir: Path | None = No
         "ops": stats.ops,
         "crash_states": stats.crash_states,
         "crash_states_by_policy": dict(sorted(stats.by_policy.items())),
+        # Error points (harness.errorpoints): examples swept for failed host operations, and runs judged.
+        "error_examples": sum(1 for o in result.outcomes if getattr(o, "error_points", 0)),
+        "error_points_judged": sum(getattr(o, "error_points", 0) for o in result.outcomes),
         "crash_points_by_site": dict(sorted(stats.by_site.items())),
         "coverage": {k: stats.coverage.get(k, 0) for k in COVERAGE_KEYS},
         **structural_events(stats.events),
@@ -149,6 +152,8 @@ def render_markdown(s: dict, *, for_step_summary: bool = False) -> str:
         f"({t['crash_states_per_second']} states/s, {t['examples_per_second']} examples/s)",
         f"- verdicts: {', '.join(f'{k}: {v}' for k, v in s['verdicts'].items()) or 'no findings'}",
     ]
+    if s.get("error_points_judged"):
+        lines.append(f"- error points judged: {s['error_points_judged']} in {s['error_examples']} examples")
     lines += [f"- **merged despite:** {p}" for p in s.get("merge_problems", [])]
     lines += ["", "## Findings", ""]
     lines += _findings_markdown(s["findings"])

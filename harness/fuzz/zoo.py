@@ -9,7 +9,10 @@ from pathlib import Path
 from harness.fuzz import engine as fz
 from harness.fuzz.corpus import atomic_write_json
 from harness.shrink import crash_atoms, guest_op_count
-from models.qcow2.inject import BUGS
+from models.qcow2.inject import BUGS as CRASH_BUGS
+from models.qcow2.inject import ERROR_BUGS
+
+BUGS = {**CRASH_BUGS, **ERROR_BUGS}  # error-handling bugs are hunted with every example's error points swept
 
 
 @dataclasses.dataclass
@@ -29,7 +32,8 @@ class ZooRow:
 def hunt(bug: str, seconds: float, seed: int, profile: str, out: Path) -> ZooRow:
     """Fuzz with one bug switched on until the first finding or the budget runs out."""
     opts = fz.FuzzOptions(examples=None, seconds=seconds, seed=seed, jobs=1, profile=profile,
-                          corpus=out / bug, inject=[bug], shrink=True, stop_after_findings=1)
+                          corpus=out / bug, inject=[bug], shrink=True, stop_after_findings=1,
+                          error_examples=1.0 if bug in ERROR_BUGS else None)
     first = {}
 
     def on_outcome(o: fz.Outcome) -> None:

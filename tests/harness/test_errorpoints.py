@@ -1,0 +1,101 @@
+"""Error points in the fuzz flow: the zoo's error-handling bugs are found by the fuzz engine, recorded, replayed and shrunk; dev and ci stay off."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from harness import errorpoints, profiles
+from harness.cli.fuzz import replay_file
+from harness.fuzz import corpus
+from harness.fuzz import engine as fz
+from harness.fuzz import zoo
+from harness.fuzz.report import build_summary
+from models.qcow2 import inject
+
+EXAMPLES = 12  # deterministic: seed 1 finds each error-handling bug within the first few examples
+
+
+def _fuzz(tmp_path: Path, bugs: list[str], **kw) -> fz.FuzzResult:
+    opts = fz.FuzzOptions(examples=EXAMPLES, seed=1, jobs=1, profile="dev", corpus=tmp_path, inject=bugs,
+                          error_examples=1.0, **kw)
+    return fz.fuzz(opts)
+
+
+@pytest.mark.parametrize("bug", sorted(inject.ERROR_BUGS))
+def test_error_bug_found_recorded_and_replayed(bug: str, tmp_path: Path) -> None:
+    result = _fuzz(tmp_path, [bug], shrink=True, stop_after_findings=1)
+    assert result.findings, f"{bug} not found in {len(result.outcomes)} examples"
+    sig, path = next(iter(result.findings.items()))
+    assert sig.startswith("error-"), sig
+    rep = corpus.load(path)
+    assert rep.errors is not None and rep.inject == [bug]
+    assert len(rep.ops) <= rep.shrunk_from
+    verdict, detail, now = replay_file(str(path))
+    assert verdict == "failing" and now == sig, detail
+    # The same file without the bug: the error is handled, the finding is gone.
+    assert replay_file(str(path), [])[0] == "fixed"
+
+
+def test_correct_implementation_passes_the_same_examples(tmp_path: Path) -> None:
+    result = _fuzz(tmp_path, [], shrink=False)
+    assert not result.findings, list(result.findings)
+    judged = sum(o.error_points for o in result.outcomes)
+    assert judged > 200
+    summary = build_summary(result, fz.FuzzOptions(examples=EXAMPLES, seed=1, corpus=tmp_path), argv=[])
+    assert summary["error_points_judged"] == judged and summary["error_examples"] == EXAMPLES
+
+
+def test_dev_and_ci_sweep_no_error_points_nightly_some() -> None:
+    assert profiles.get("dev").error_examples == 0 and profiles.get("ci").error_examples == 0
+    out = fz.run_example((0, 1, {}, "dev", [], False))
+    assert out.error_points == 0
+    picked = [errorpoints.chosen(profiles.get("nightly").error_examples, fz.example_seed(1, i)) for i in range(200)]
+    assert 20 < sum(picked) < 80  # a seeded share near 25 %
+    assert picked == [errorpoints.chosen(profiles.get("nightly").error_examples, fz.example_seed(1, i))
+                      for i in range(200)]
+
+
+def test_zoo_covers_the_error_bugs() -> None:
+    assert set(inject.ERROR_BUGS) <= set(zoo.BUGS)
+
+
+def test_reproducer_python_is_runnable(tmp_path: Path) -> None:
+    result = _fuzz(tmp_path, ["eio-write-swallowed"], shrink=False, stop_after_findings=1)
+    rep = corpus.load(next(iter(result.findings.values())))
+    code = rep.python().replace("print(", "found = (")
+    scope: dict = {}
+    try:
+        exec(code, scope)  # noqa: S102 - the file's own reproduction snippet
+    finally:
+        inject.set_active([])
+    assert scope["found"] is not None and scope["found"].signature() == rep.signature
+
+
+def test_a_failed_repair_is_swept_and_the_next_repair_completes() -> None:
+    from harness.config import Config
+    from harness.faultfile import ErrorPoint
+    from harness.ops import Flush, Write
+
+    config = Config(cluster_size=4096, lazy_refcounts=True, cache_mode="writeback")
+    ops = [Write(0, 8192, 1), Write(1 << 20, 4096, 2), Flush(), Write(65536, 512, 3)]
+    w, _index = errorpoints.workload(config, ops)
+    points = errorpoints.errorsweep.repair_error_points(errorpoints.errorsweep.dirty_image(w))
+    assert any(p.op == "write" for p in points) and any(p.op == "flush" for p in points)
+    for point in points:
+        assert errorpoints.replay(config, ops, errorpoints.ErrorCase(point, "repair")) is None, point
+
+
+def test_fuzz_command_sweeps_error_points_on_request(tmp_path: Path) -> None:
+    from harness.cli import main
+
+    try:
+        status = main(["fuzz", "--examples", "6", "--seed", "1", "--error-examples", "1", "--inject",
+                       "eio-write-swallowed", "-x", "--no-shrink", "--report", str(tmp_path)])
+    finally:
+        inject.set_active([])
+    summary = (tmp_path / "summary.json").read_text()
+    assert status == 1 and '"error-swallowed": 1' in summary, summary
+    assert "error points judged" in (tmp_path / "summary.md").read_text()
+    assert main(["fuzz", "--examples", "1", "--error-examples", "2", "--report", str(tmp_path / "bad")]) == 2
