@@ -75,7 +75,6 @@ def test_reproducer_python_is_runnable(tmp_path: Path) -> None:
 
 def test_a_failed_repair_is_swept_and_the_next_repair_completes() -> None:
     from harness.config import Config
-    from harness.faultfile import ErrorPoint
     from harness.ops import Flush, Write
 
     config = Config(cluster_size=4096, lazy_refcounts=True, cache_mode="writeback")
