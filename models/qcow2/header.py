@@ -70,8 +70,11 @@ def read_header(file: BlockFile, *, writable: bool, check_mode: bool = False) ->
         raise UnsupportedFeature(path, FIELD_OFFSET["crypt_method"], "crypt_method", ["encryption"])
     if hdr.backing_file_offset:
         raise UnsupportedFeature(path, FIELD_OFFSET["backing_file_offset"], "backing_file_offset", ["backing file"])
-    if hdr.nb_snapshots:
-        raise UnsupportedFeature(path, FIELD_OFFSET["nb_snapshots"], "nb_snapshots", ["internal snapshots"])
+    if hdr.nb_snapshots > spec.QCOW_MAX_SNAPSHOTS:
+        raise bad("nb_snapshots", f"Too many snapshots (at most {spec.QCOW_MAX_SNAPSHOTS})")
+    if not check_mode:
+        _validate_table(path, "snapshots_offset", "Snapshot table", hdr.snapshots_offset, hdr.nb_snapshots, 40,
+                        40 * spec.QCOW_MAX_SNAPSHOTS, cs)
     return ParsedHeader(hdr, exts, names)
 
 
