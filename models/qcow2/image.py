@@ -359,8 +359,9 @@ class Qcow2Image(RefcountMixin):
                 continue
             l2_off, table = self._l2_for_write(pos)
             new = spec.QCOW_OFLAG_ZERO
-            if ctype is ClusterType.NORMAL and entry & spec.QCOW_OFLAG_COPIED:
-                new |= host | spec.QCOW_OFLAG_COPIED
+            if ctype is ClusterType.NORMAL:
+                # Keep the cluster (QEMU without MAY_UNMAP); a shared one stays shared, without COPIED.
+                new |= host | (entry & spec.QCOW_OFLAG_COPIED)
             set_entry(table, self.geo.offset_to_l2_index(pos), new)
             self.l2cache.mark_dirty(l2_off)
         self._after_write()
@@ -380,7 +381,7 @@ class Qcow2Image(RefcountMixin):
             entry, ctype, host = self._lookup(pos)
             if ctype in (ClusterType.UNALLOCATED, ClusterType.ZERO_PLAIN):
                 continue
-            table = self.l2cache.get(l2_off)
+            l2_off, table = self._l2_for_write(pos)  # a table shared with a snapshot is copied first
             set_entry(table, self.geo.offset_to_l2_index(pos), spec.QCOW_OFLAG_ZERO if self.hdr.version >= 3 else 0)
             self.l2cache.mark_dirty(l2_off)
             self.free_cluster(host)
