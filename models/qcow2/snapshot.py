@@ -103,7 +103,7 @@ def create(img: "Qcow2Image", name: str, *, id_str: str | None = None, date_sec:
         raise SnapshotRefused(f"{img.path}: snapshot create {name!r}: id {ident!r} exists already (EEXIST)")
     if len(ident.encode()) > 0xFFFF or len(name.encode()) > 0xFFFF:
         raise SnapshotRefused(f"{img.path}: snapshot create: id and name must be at most 65535 bytes")
-    _refuse_overflow(img, img.l1, "snapshot create")
+    check_room(img, img.l1, "snapshot create")
     with _snapshot_sites(img):
         l1_size = len(img.l1)
         l1_off = img.alloc_clusters(img.geo.size_to_clusters(l1_size * 8)) if l1_size else 0
@@ -131,7 +131,7 @@ def apply(img: "Qcow2Image", key: str) -> Snapshot:
         raise UnsupportedFeature(img.path, sn.l1_table_offset, f"snapshot {sn.id_str} l1_size",
                                  ["growing the active L1 table to load a snapshot"])
     sn_l1 = _unpack(read_exact(img.file, sn.l1_table_offset, sn.l1_size * 8)) + [0] * (len(img.l1) - sn.l1_size)
-    _refuse_overflow(img, sn_l1, "snapshot apply")
+    check_room(img, sn_l1, "snapshot apply")
     with _snapshot_sites(img):
         update_refcounts(img, sn_l1[: sn.l1_size], sn.l1_table_offset, +1, active=False)
         # bdrv_pwrite_sync of the whole active L1: one write, then a flush.
@@ -165,18 +165,23 @@ def delete(img: "Qcow2Image", *, id_str: str | None = None, name: str | None = N
 # ---- reading a snapshot (qemu-img convert -l) ----------------------------------------------
 def read(img: "Qcow2Image", key: str, offset: int, length: int) -> bytes:
     """Guest bytes of a snapshot, by id or name, through its L1 (QEMU's snapshot_load_tmp, read-only)."""
+    active = img.l1
+    img.l1 = snapshot_l1(img, key)
+    try:
+        return img.read(offset, length)
+    finally:
+        img.l1 = active
+
+
+def snapshot_l1(img: "Qcow2Image", key: str) -> list[int]:
+    """A snapshot's L1 table (by id or name), padded with zeros to the active L1's size."""
     snapshots = list_snapshots(img)
     i = find_id_or_name(snapshots, key)
     if i < 0:
         raise SnapshotNotFound(f"{img.path}: snapshot {key!r}: no snapshot with this id or name")
     sn = snapshots[i]
     sn_l1 = _unpack(read_exact(img.file, sn.l1_table_offset, sn.l1_size * 8))
-    active = img.l1
-    img.l1 = sn_l1 + [0] * max(0, len(active) - len(sn_l1))
-    try:
-        return img.read(offset, length)
-    finally:
-        img.l1 = active
+    return sn_l1 + [0] * max(0, len(img.l1) - len(sn_l1))
 
 
 # ---- qcow2_update_snapshot_refcount ----------------------------------------------------------
@@ -278,7 +283,7 @@ def _write_table(img: "Qcow2Image", snapshots: list[Snapshot]) -> None:
 
 
 # ---- helpers -------------------------------------------------------------------------------
-def _refuse_overflow(img: "Qcow2Image", l1: list[int], what: str) -> None:
+def check_room(img: "Qcow2Image", l1: list[int], what: str) -> None:
     """Refuse before writing anything if one more reference would overflow a refcount (QEMU fails half way)."""
     geo, version = img.geo, img.hdr.version
     extra: Counter[int] = Counter()
