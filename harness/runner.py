@@ -30,7 +30,8 @@ from typing import Callable
 from harness.config import Config
 from harness.crashstates import DEFAULT_POLICIES, CrashImageBuilder, CrashState, Policy, enumerate_point, enumerate_states
 from harness.faultfile import FaultInjectingFile, OpKind, WriteLog
-from harness.ops import Check, Crash, Discard, Flush, Op, Read, Reopen, Repair, Write, WriteZeroes, validate_op
+from harness import snapshots
+from harness.ops import SNAPSHOT_OPS, Check, Crash, Discard, Flush, Op, Read, Reopen, Repair, Write, WriteZeroes, validate_op
 from harness.oracle import RULES, Finding, Verdict
 from models.blockio import CacheMode, MemoryFile, WriteSite
 from models.payload import make_payload
@@ -190,6 +191,7 @@ class Runner:
             self._expect_clean(n, "finish")
             img = Qcow2Image.open(self.inner, readonly=True)
             self._compare_reads(n, img, sorted(self.model.touched_sectors()))
+            self.findings.extend(f for f in [snapshots.judge_final(self, img, n)] if f and not self.findings)
         except Exception as exc:  # noqa: BLE001
             self.findings.append(self._finding(Verdict.UNEXPECTED_EXCEPTION, _exc_text(exc), n, "finish"))
         return self.findings[before:]
@@ -222,6 +224,8 @@ class Runner:
             self._guest(n, None, lambda: self._live_repair(n, op.mode))
         elif isinstance(op, Crash):
             self._crash(n, op)
+        elif isinstance(op, SNAPSHOT_OPS):
+            snapshots.dispatch(self, n, op)
         else:  # pragma: no cover - validate_op rejects it first
             raise TypeError(f"op #{n}: unknown operation {op!r}")
 
@@ -356,6 +360,7 @@ class Runner:
         assert judged.recovered is not None and judged.view is not None
         view = judged.view
         model.collapse(lambda off, length: _read_view(view, off, length))
+        model.settle_snapshots(snapshots.names_in(judged.recovered))
         # The recovered image is opened with the current cache mode; later writes follow its rule.
         model.cache_mode = CacheMode(self.cache_mode)
         self.model = model
@@ -452,7 +457,8 @@ class Runner:
         failed = self._recover(rff, n, state, "recovery")
         if failed:
             return _Judged([failed])
-        bad = self._judge_recovered(rec, pre, model, n, state, "recovery")
+        bad = self._judge_recovered(rec, pre, model, n, state, "recovery") or snapshots.judge(
+            self, rec.getvalue(), pre, model, n, state)
         if bad:
             return _Judged([bad])
         # 3. crash the recovery itself
