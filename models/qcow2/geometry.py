@@ -71,6 +71,18 @@ class Geometry:
     def is_aligned(self, offset: int) -> bool:
         return self.offset_into_cluster(offset) == 0
 
+    @property
+    def csize_shift(self) -> int:
+        """Where a compressed L2 entry's sector count starts (62 - (cluster_bits - 8), QEMU's s->csize_shift)."""
+        return 62 - (self.cluster_bits - 8)
+
+    def parse_compressed_l2_entry(self, entry: int) -> tuple[int, int]:
+        """(host offset, size in bytes) of a compressed cluster, as QEMU's qcow2_parse_compressed_l2_entry."""
+        shift = self.csize_shift
+        coffset = entry & ((1 << shift) - 1)
+        nb_csectors = ((entry >> shift) & ((1 << (self.cluster_bits - 8)) - 1)) + 1
+        return coffset, nb_csectors * 512 - (coffset & 511)
+
 
 def get_refcount(block: bytes | bytearray, index: int, order: int) -> int:
     """Read entry `index` of a refcount block of width 1 << order (sub-byte widths: bit 0 at the LSB)."""

@@ -1,0 +1,448 @@
+"""The check proper, a port of QEMU 7.2's qcow2_check_refcounts and its helpers (block/qcow2-refcount.c), same names.
+
+`calculate_refcounts` counts every reference into the in-memory refcount table (IMRT),
+`compare_refcounts` diffs it against the on-disk refcounts (repairing when asked),
+`check_oflag_copied` checks the COPIED flags, and `qcow2_check_refcounts` runs them in
+QEMU's order, calling the rebuild (rebuild.py) when the refcount structure is broken.
+Functions take the open image state `s` first, as QEMU's take `bs`.
+"""
+
+from __future__ import annotations
+
+import array
+import errno
+import itertools
+import os
+import sys
+
+from models.blockio import WriteSite, read_exact
+from models.qcow2 import inject, spec
+from models.qcow2.check.imrt import Imrt, nonzero_refcounts
+from models.qcow2.check.overlap import pre_write_overlap_check
+from models.qcow2.check.result import FIX_ERRORS, FIX_LEAKS, CheckCounts, Finding, Kind
+from models.qcow2.check.state import CheckFailed, CheckState, RefcountIOError
+from models.qcow2.errors import InvalidImage
+
+__all__ = ["qcow2_check_refcounts", "run_check", "calculate_refcounts", "compare_refcounts", "check_oflag_copied"]
+
+INT64_MAX = (1 << 63) - 1
+INT_MAX = (1 << 31) - 1
+# Work bound for the L2 walks (entries looked at); a legitimate image never needs more than
+# a few passes over every 8-byte word of its file.
+_MIN_L2_BUDGET = 1 << 22
+# How many clusters of one past-EOF reference the rebuild remembers as not allocatable.
+_PAST_EOF_TRACK_LIMIT = 1 << 20
+
+_COPIED = spec.QCOW_OFLAG_COPIED
+_COMPRESSED = spec.QCOW_OFLAG_COMPRESSED
+_ZERO = spec.QCOW_OFLAG_ZERO
+_L1E_OFFSET_MASK = spec.L1E_OFFSET_MASK
+_L2E_OFFSET_MASK = spec.L2E_OFFSET_MASK
+
+
+def _u64s(raw: bytes | bytearray) -> array.array:
+    """A table of big-endian u64 entries as an array of ints, decoded in C."""
+    out = array.array("Q")
+    out.frombytes(bytes(raw[: len(raw) // 8 * 8]))
+    if sys.byteorder == "little":
+        out.byteswap()
+    return out
+
+
+def _nonzero(entries: array.array):
+    return itertools.compress(range(len(entries)), entries)
+
+
+def qcow2_inc_refcounts_imrt(s: CheckState, imrt: Imrt, offset: int, size: int) -> None:
+    """Count one reference to every cluster of [offset, offset + size)."""
+    if size <= 0:
+        return
+    geo = s.geo
+    if offset + size - s.file.size() >= s.cs:
+        s.emit(Kind.PAST_EOF, "ERROR: counting reference for region exceeding the end of the file by one cluster or "
+               "more: offset {:#x} size {:#x}", offset, size)
+        s.res.corruptions += 1
+        first, last = geo.offset_to_cluster(offset), geo.offset_to_cluster(offset + size - 1)
+        if last - first < _PAST_EOF_TRACK_LIMIT:
+            s.past_eof_clusters.update(range(first, last + 1))
+        return
+    counts = imrt.counts
+    refcount_max = s.refcount_max
+    for k in range(geo.offset_to_cluster(offset), geo.offset_to_cluster(offset + size - 1) + 1):
+        if k >= imrt.size:
+            imrt.grow(k + 1)
+        refcount = counts.get(k, 0)
+        if refcount == refcount_max:
+            s.emit(Kind.OVERFLOW, "ERROR: overflow cluster offset={:#x}", geo.cluster_to_offset(k), cluster=k)
+            s.emit(Kind.OVERFLOW, "Use qemu-img amend to increase the refcount entry width or qemu-img convert to "
+                   "create a clean copy if the image cannot be opened for writing", cluster=k)
+            s.res.corruptions += 1
+            continue
+        imrt.set(k, refcount + 1)
+
+
+def _spend(s: CheckState, entries: int) -> None:
+    s.l2_budget -= entries
+    if s.l2_budget < 0:
+        raise InvalidImage(s.path, s.l1_offset, "l1_table", s.l1_size,
+                           "the L1 entries point at the same L2 tables so often that checking them would take unbounded time")
+
+
+def check_refcounts_l2(s: CheckState, imrt: Imrt, l2_offset: int, frag: bool, fix: int) -> None:
+    """Count the data clusters of one L2 table (QEMU 7.2 honours the zero flag even in v2 images)."""
+    cs, geo, res = s.cs, s.geo, s.res
+    raw = read_exact(s.file, l2_offset, cs)
+    if raw.count(0) == cs:
+        return
+    entries = _u64s(raw)
+    _spend(s, len(entries))
+    next_contiguous = 0
+    for i in _nonzero(entries):
+        entry = entries[i]
+        if entry & _COMPRESSED:
+            coffset, csize = geo.parse_compressed_l2_entry(entry)
+            if entry & _COPIED:
+                s.emit(Kind.COMPRESSED_COPIED, "ERROR: coffset={:#x}: copied flag must never be set for compressed clusters", coffset)
+                res.corruptions += 1
+            qcow2_inc_refcounts_imrt(s, imrt, coffset, csize)
+            if frag:
+                res.allocated_clusters += 1
+                res.compressed_clusters += 1
+                res.fragmented_clusters += 1
+            continue
+        if entry & spec.L2E_STD_RESERVED_MASK:
+            s.emit(Kind.L2_RESERVED, "ERROR found l2 entry with reserved bits set: {:x}", entry)
+            res.corruptions += 1
+        offset = entry & _L2E_OFFSET_MASK
+        if not offset:
+            continue  # unallocated or zero-plain: no cluster referenced
+        if not geo.is_aligned(offset):
+            res.corruptions += 1
+            if entry & _ZERO:
+                verb = "Repairing" if fix & FIX_ERRORS else "ERROR"
+                s.emit(Kind.PREALLOC_UNALIGNED, "{} offset={:x}: Preallocated cluster is not properly aligned; L2 entry corrupted.", verb, offset)
+                if fix & FIX_ERRORS and fix_l2_entry_by_zero(s, l2_offset, i):
+                    continue  # the entry no longer references a cluster
+            else:
+                s.emit(Kind.DATA_UNALIGNED, "ERROR offset={:x}: Data cluster is not properly aligned; L2 entry corrupted.", offset)
+        if frag:
+            res.allocated_clusters += 1
+            if next_contiguous and offset != next_contiguous:
+                res.fragmented_clusters += 1
+            next_contiguous = offset + cs
+        qcow2_inc_refcounts_imrt(s, imrt, offset, cs)
+
+
+def fix_l2_entry_by_zero(s: CheckState, l2_offset: int, index: int) -> bool:
+    """Turn an unaligned preallocated entry into ZERO_PLAIN."""
+    where = l2_offset + index * 8
+    if not pre_write_overlap_check(s, where, 8, frozenset({"l2"})):
+        raise s.fail(Kind.WRITE_FAILED, "ERROR: Overlap check failed")  # QEMU aborts this L2 table and the check
+    s.file.pwrite(where, _ZERO.to_bytes(8, "big"), WriteSite.REPAIR)
+    s.file.flush()
+    s.res.corruptions -= 1
+    s.res.corruptions_fixed += 1
+    return True
+
+
+def check_refcounts_l1(s: CheckState, imrt: Imrt, frag: bool, fix: int) -> None:
+    """Count the active L1 table, its L2 tables and their data clusters."""
+    if not s.l1_size:
+        return
+    qcow2_inc_refcounts_imrt(s, imrt, s.l1_offset, s.l1_size * 8)
+    entries = _u64s(read_exact(s.file, s.l1_offset, s.l1_size * 8))
+    for i in _nonzero(entries):
+        entry = entries[i]
+        if entry & spec.L1E_RESERVED_MASK:
+            s.emit(Kind.L1_RESERVED, "ERROR found L1 entry with reserved bits set: {:x}", entry)
+            s.res.corruptions += 1
+        l2_offset = entry & _L1E_OFFSET_MASK
+        qcow2_inc_refcounts_imrt(s, imrt, l2_offset, s.cs)
+        if not s.geo.is_aligned(l2_offset):
+            s.emit(Kind.L2_UNALIGNED, "ERROR l2_offset={:x}: Table is not cluster aligned; L1 entry corrupted", l2_offset)
+            s.res.corruptions += 1
+        check_refcounts_l2(s, imrt, l2_offset, frag, fix)
+
+
+def check_refblocks(s: CheckState, imrt: Imrt, fix: int) -> bool:
+    """Count the refcount blocks; returns whether the refcount structure must be rebuilt."""
+    rebuild = False
+    res, geo = s.res, s.geo
+    for i in itertools.compress(range(len(s.reftable)), s.reftable):
+        raw_entry = s.reftable[i]
+        offset = raw_entry & spec.REFT_OFFSET_MASK
+        cluster = geo.offset_to_cluster(offset)
+        if raw_entry & spec.REFT_RESERVED_MASK:
+            s.emit(Kind.REFTABLE_RESERVED, "ERROR refcount table entry {} has reserved bits set", i)
+            res.corruptions += 1
+            rebuild = True
+            continue
+        if not geo.is_aligned(offset):
+            s.emit(Kind.REFBLOCK_UNALIGNED, "ERROR refcount block {} is not cluster aligned; refcount table entry corrupted", i)
+            res.corruptions += 1
+            rebuild = True
+            continue
+        if cluster >= imrt.size:
+            res.corruptions += 1
+            s.emit(Kind.REFBLOCK_OUTSIDE, "{} refcount block {} is outside image", "Repairing" if fix & FIX_ERRORS else "ERROR", i)
+            if fix & FIX_ERRORS:
+                err = _grow_file(s, offset + s.cs)
+                if err is None:
+                    imrt.grow(geo.size_to_clusters(s.file.size()))
+                    if cluster < imrt.size:
+                        res.corruptions -= 1
+                        res.corruptions_fixed += 1
+                        qcow2_inc_refcounts_imrt(s, imrt, offset, s.cs)
+                        continue
+                    err = errno.EINVAL
+                rebuild = True
+                s.emit(Kind.RESIZE_FAILED, "ERROR could not resize image: {}", os.strerror(err))
+            continue
+        qcow2_inc_refcounts_imrt(s, imrt, offset, s.cs)
+        if imrt.get(cluster) != 1:
+            s.emit(Kind.REFBLOCK_REFCOUNT, "ERROR refcount block {} refcount={}", i, imrt.get(cluster),
+                   cluster=cluster, reference=imrt.get(cluster))
+            res.corruptions += 1
+            rebuild = True
+    return rebuild
+
+
+def _grow_file(s: CheckState, new_size: int) -> int | None:
+    """bdrv_truncate() to include a refblock past EOF; returns an errno on failure."""
+    if new_size - s.cs > INT64_MAX - s.cs:
+        return errno.EINVAL
+    err = None
+    if s.max_growth is not None and new_size - s.file.size() > s.max_growth:
+        err = errno.EFBIG  # as if the host file system refused (QEMU would try; ext4 refuses past 16 TiB)
+    else:
+        try:
+            s.file.truncate(new_size)
+        except OSError as exc:
+            err = exc.errno or errno.EIO
+        except MemoryError:
+            err = errno.ENOMEM
+    if err is not None:
+        s.emit(Kind.RESIZE_FAILED, "qemu-img: Could not resize file: {}", os.strerror(err))
+    return err
+
+
+def calculate_refcounts(s: CheckState, fix: int, nb_clusters: int) -> tuple[Imrt, bool]:
+    """Count every reference into a fresh IMRT; returns it and whether a rebuild is needed."""
+    imrt = Imrt(nb_clusters, s.rb_entries)
+    qcow2_inc_refcounts_imrt(s, imrt, 0, s.cs)  # header
+    check_refcounts_l1(s, imrt, True, fix)  # active L1, L2 tables, data
+    # (no snapshots: their L1 tables and the snapshot table count nothing)
+    if not inject.on("repair-forgets-table"):
+        qcow2_inc_refcounts_imrt(s, imrt, s.reftable_offset, len(s.reftable) * 8)
+    rebuild = check_refblocks(s, imrt, fix)
+    return imrt, rebuild
+
+
+def _compare_candidates(s: CheckState, imrt: Imrt) -> list[int]:
+    """Every cluster below the IMRT's size whose computed or on-disk refcount may be non-zero, ascending."""
+    limit = imrt.size
+    candidates = {c for c in imrt.counts if c < limit}
+    rbe = s.rb_entries
+    for index in range(min(len(s.reftable), (limit + rbe - 1) // rbe)):
+        offset = s.reftable[index] & spec.REFT_OFFSET_MASK
+        if not offset:
+            continue
+        base = index * rbe
+        count = min(rbe, limit - base)
+        if not s.geo.is_aligned(offset):
+            candidates.update(range(base, base + count))  # every lookup fails with EIO
+            continue
+        candidates.update(base + i for i in nonzero_refcounts(s.raw_refblock(offset), s.order, count))
+    return sorted(candidates)
+
+
+_COMPARE_LINE = {
+    Kind.REPAIRED: "Repairing cluster {} refcount={} reference={}",
+    Kind.REFCOUNT_ERROR: "ERROR cluster {} refcount={} reference={}",
+    Kind.LEAK: "Leaked cluster {} refcount={} reference={}",
+}
+
+
+def compare_refcounts(s: CheckState, imrt: Imrt, fix: int) -> tuple[bool, int]:
+    """Diff the IMRT against the on-disk refcounts, fixing what `fix` allows; returns (rebuild needed, highest cluster in use)."""
+    rebuild = False
+    highest = 0
+    res, counts, findings = s.res, imrt.counts, s.findings
+    get_refcount = s.refcount_reader()
+    for cluster in _compare_candidates(s, imrt):
+        try:
+            refcount1 = get_refcount(cluster)
+        except RefcountIOError:
+            s.emit(Kind.REFCOUNT_IO, "Can't get refcount for cluster {}: Input/output error", cluster, cluster=cluster)
+            res.check_errors += 1
+            continue
+        refcount2 = counts.get(cluster, 0)
+        if refcount1 > 0 or refcount2 > 0:
+            highest = cluster
+        if refcount1 == refcount2:
+            continue
+        if refcount1 == 0:
+            rebuild = True  # never fixed here: the refcount block itself may be missing
+            kind = Kind.REFCOUNT_ERROR
+            res.corruptions += 1
+        elif refcount1 > refcount2 and fix & FIX_LEAKS:
+            kind = Kind.REPAIRED
+            res.leaks_fixed += 1
+        elif refcount1 < refcount2 and fix & FIX_ERRORS:
+            kind = Kind.REPAIRED
+            res.corruptions_fixed += 1
+        elif refcount1 < refcount2:
+            kind = Kind.REFCOUNT_ERROR
+            res.corruptions += 1
+        else:
+            kind = Kind.LEAK
+            res.leaks += 1
+        findings.append(Finding(kind, cluster, refcount1, refcount2, _COMPARE_LINE[kind], (cluster, refcount1, refcount2)))
+        if kind is Kind.REPAIRED:
+            s.set_refcount(cluster, refcount2)
+    return rebuild, highest
+
+
+def write_l1_entry(s: CheckState, index: int) -> None:
+    where = s.l1_offset + index * 8
+    if not pre_write_overlap_check(s, where, 8, frozenset({"l1"})):
+        raise s.fail(None, "")
+    s.file.pwrite(where, s.l1[index].to_bytes(8, "big"), WriteSite.REPAIR)
+    s.file.flush()
+
+
+def _check_copied(s: CheckState, get_refcount, kind: Kind, template: str, label: tuple, entry: int, offset: int, verb: str) -> int | None:
+    """The OFLAG_COPIED rule for one L1 or L2 entry: the flag is set exactly when the cluster's refcount is 1.
+
+    Returns the entry as it should be (itself when right), or None when the refcount
+    cannot be read (QEMU then skips the entry silently).
+    """
+    cluster = s.geo.offset_to_cluster(offset)
+    try:
+        refcount = get_refcount(cluster)
+    except RefcountIOError:
+        return None
+    if (refcount == 1) == bool(entry & _COPIED):
+        return entry
+    s.res.corruptions += 1
+    s.emit(kind, template, verb, *label, entry, refcount, cluster=cluster, refcount=refcount)
+    return entry | _COPIED if refcount == 1 else entry & ~_COPIED
+
+
+def check_oflag_copied(s: CheckState, fix: int) -> None:
+    """Check (and with a fix, correct) OFLAG_COPIED in the active L1 table and every L2 table it points at."""
+    res = s.res
+    if fix & FIX_ERRORS:
+        repair = True
+    elif fix & FIX_LEAKS:
+        repair = not res.check_errors and not res.corruptions and not res.leaks
+    else:
+        repair = False
+    verb = "Repairing" if repair else "ERROR"
+    get_refcount = s.refcount_reader()
+    wrote = False
+    cs = s.cs
+    for i in range(s.l1_size):
+        l1_entry = s.l1[i]
+        l2_offset = l1_entry & _L1E_OFFSET_MASK
+        if not l2_offset:
+            continue
+        fixed = _check_copied(s, get_refcount, Kind.COPIED_L2, "{} OFLAG_COPIED L2 cluster: l1_index={} l1_entry={:x} refcount={}",
+                              (i,), l1_entry, l2_offset, verb)
+        if fixed is None:
+            continue  # QEMU skips the whole L1 entry, silently
+        if repair and fixed != l1_entry:
+            s.l1[i] = fixed
+            write_l1_entry(s, i)
+            res.corruptions -= 1
+            res.corruptions_fixed += 1
+        table = bytearray(read_exact(s.file, l2_offset, cs))
+        if table.count(0) == cs:
+            continue
+        entries = _u64s(table)
+        _spend(s, len(entries))
+        dirty = 0
+        for j in _nonzero(entries):
+            l2_entry = entries[j]
+            if l2_entry & _COMPRESSED or not l2_entry & _L2E_OFFSET_MASK:
+                continue  # only normal and zero-alloc entries carry the flag
+            fixed = _check_copied(s, get_refcount, Kind.COPIED_DATA, "{} OFLAG_COPIED data cluster: l2_entry={:x} refcount={}",
+                                  (), l2_entry, l2_entry & _L2E_OFFSET_MASK, verb)
+            if repair and fixed is not None and fixed != l2_entry:
+                table[j * 8 : j * 8 + 8] = fixed.to_bytes(8, "big")
+                dirty += 1
+        if dirty:
+            if not pre_write_overlap_check(s, l2_offset, cs, frozenset({"l2"})):
+                raise s.fail(Kind.WRITE_FAILED, "ERROR: Could not write L2 table; metadata overlap check failed: Input/output error")
+            s.file.pwrite(l2_offset, bytes(table), WriteSite.REPAIR)
+            wrote = True
+            res.corruptions -= dirty
+            res.corruptions_fixed += dirty
+    if wrote:
+        s.file.flush()
+
+
+def qcow2_check_refcounts(s: CheckState, fix: int) -> None:
+    """The whole refcount check; raises CheckFailed where QEMU returns a negative errno."""
+    from models.qcow2.check.rebuild import rebuild_refcount_structure
+
+    res = s.res
+    nb_clusters = s.geo.size_to_clusters(s.file.size())
+    if nb_clusters > INT_MAX:
+        res.check_errors += 1
+        raise CheckFailed(errno.EFBIG)
+    res.total_clusters = s.geo.size_to_clusters(s.hdr.size // 512 * 512)
+
+    imrt, rebuild = calculate_refcounts(s, fix, nb_clusters)
+    pre_compare = res.copy()
+    rebuild_cmp, highest = compare_refcounts(s, imrt, 0)
+    rebuild = rebuild or rebuild_cmp
+
+    if rebuild and fix & FIX_ERRORS:
+        old = res.copy()
+        s.emit(Kind.REBUILD, "Rebuilding refcount structure")
+        rebuild_refcount_structure(s, imrt)
+        s.rebuilt = True
+        res.corruptions = 0
+        res.leaks = 0
+        imrt, _ = calculate_refcounts(s, 0, imrt.size)
+        fresh_leaks = 0
+        if fix & FIX_LEAKS:
+            saved = res.copy()
+            s.res = res = CheckCounts()
+            still_broken, highest = compare_refcounts(s, imrt, FIX_LEAKS)
+            if still_broken:
+                s.emit(Kind.REBUILD_BROKEN, "ERROR rebuilt refcount structure is still broken")
+            fresh_leaks = res.leaks
+            s.res = res = saved
+        if res.corruptions < old.corruptions:
+            res.corruptions_fixed += old.corruptions - res.corruptions
+        if res.leaks < old.leaks:
+            res.leaks_fixed += old.leaks - res.leaks
+        res.leaks += fresh_leaks
+    elif fix:
+        if rebuild:
+            s.emit(Kind.NEED_REBUILD, "ERROR need to rebuild refcount structures")
+            res.check_errors += 1
+            raise CheckFailed(errno.EIO)
+        if res.leaks or res.corruptions:
+            s.res = res = pre_compare
+            _, highest = compare_refcounts(s, imrt, fix)
+    s.flush_refblocks()
+
+    check_oflag_copied(s, fix)
+    s.res.image_end_offset = s.geo.cluster_to_offset(highest + 1)
+
+
+def run_check(s: CheckState, fix: int) -> tuple[CheckCounts, str | None]:
+    """qcow2_co_check_locked() without the snapshot-table part: (counts, strerror or None)."""
+    s.writable = bool(fix)
+    s.res = CheckCounts()
+    s.rebuilt = False
+    s.past_eof_clusters = set()
+    s.l2_budget = max(_MIN_L2_BUDGET, 4 * (s.file.size() // 8))
+    try:
+        qcow2_check_refcounts(s, fix)
+    except CheckFailed as exc:
+        return s.res, os.strerror(exc.errno)
+    return s.res, None

@@ -1,0 +1,231 @@
+"""The image a check runs on (QEMU's BDRVQcow2State opened with BDRV_O_CHECK): tables, refcount-block cache, corruption events.
+
+Built from the header that `models.qcow2.header.read_header` has already parsed and
+validated, as QEMU's qcow2_check_refcounts takes the open driver state; the check adds
+only the refusals of what it does not implement.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import struct
+from typing import Callable, MutableSequence
+
+from models.blockio import BlockFile, WriteSite, read_exact
+from models.qcow2 import inject, spec
+from models.qcow2.cache import TableCache
+from models.qcow2.check.imrt import decode_refblock
+from models.qcow2.check.result import CheckCounts, Finding, Kind
+from models.qcow2.errors import UnsupportedFeature
+from models.qcow2.geometry import get_refcount, set_refcount
+from models.qcow2.header import ParsedHeader
+from models.qcow2.structs import FIELD_OFFSET
+
+__all__ = ["CheckState", "CheckFailed", "RefcountIOError", "hash_x"]
+
+_INCOMPAT = FIELD_OFFSET["incompatible_features"]
+
+
+class CheckFailed(Exception):
+    """The check stops with a negative errno (QEMU: `goto fail` with ret < 0)."""
+
+    def __init__(self, err: int) -> None:
+        super().__init__(os.strerror(err))
+        self.errno = err
+
+
+class RefcountIOError(Exception):
+    """qcow2_get_refcount() failed (-EIO for an unaligned refblock offset)."""
+
+
+def hash_x(value: int) -> str:
+    """C's "%#" PRIx64: 0 prints as "0", anything else with a 0x prefix."""
+    return f"{value:#x}" if value else "0"
+
+
+def _refuse_unimplemented(path: str, parsed: ParsedHeader) -> None:
+    """What read_header accepts but the check does not implement: persistent dirty bitmaps."""
+    if parsed.header.autoclear_features & spec.AutoclearFeature.BITMAPS:
+        for ext in parsed.extensions:
+            if ext.type == spec.EXT_BITMAPS:
+                raise UnsupportedFeature(path, ext.offset, "header extension", ["bitmaps"], "not implemented by qcrash's check")
+
+
+class CheckState:
+    """One opened image and the bookkeeping of the check running on it."""
+
+    def __init__(self, file: BlockFile, path: str, parsed: ParsedHeader, findings: list[Finding],
+                 max_growth: int | None = None) -> None:
+        _refuse_unimplemented(path, parsed)
+        hdr = parsed.header
+        self.file = file
+        self.path = path
+        self.hdr = hdr
+        self.geo = parsed.geometry
+        self.cs = self.geo.cluster_size
+        self.order = hdr.refcount_order
+        self.rb_entries = self.geo.refblock_entries
+        self.refcount_max = self.geo.refcount_max
+        self.findings = findings
+        self.max_growth = max_growth
+        self.writable = False
+        self.signaled_corruption = False
+        self.drv_dead = False  # QEMU sets bs->drv = NULL after a fatal corruption event
+        self.corrupt_bit = bool(hdr.incompatible_features & spec.IncompatFeature.CORRUPT)
+        rt_entries = hdr.refcount_table_clusters * self.cs // 8
+        self.reftable_offset = hdr.refcount_table_offset
+        self.reftable = list(struct.unpack(f">{rt_entries}Q", read_exact(file, self.reftable_offset, rt_entries * 8)))
+        self.l1_offset = hdr.l1_table_offset
+        self.l1_size = hdr.l1_size
+        self.l1 = list(struct.unpack(f">{self.l1_size}Q", read_exact(file, self.l1_offset, self.l1_size * 8)))
+        # The refcount-block cache (qcow2-cache.c): written back by flush_refblocks().
+        self.refblocks = TableCache("refcount", self._read, self._write_refblock, self.cs, WriteSite.REPAIR,
+                                    self.repair_flush)
+        # Each cached block also decoded to one int per entry, for lookups in C speed; kept
+        # in step with the cache by set_refcount() and drop_refblock().
+        self._decoded: dict[int, MutableSequence[int]] = {}
+        self.generation = 0  # bumped whenever a cached block is dropped
+        self._zero_cluster = bytes(self.cs)
+        self.ol_cache: dict[str, set[int]] | None = None  # see overlap.metadata_clusters
+        self.res = CheckCounts()
+        self.rebuilt = False
+        self.past_eof_clusters: set[int] = set()
+        self.l2_budget = 0
+
+    # ---------------------------------------------------------------- reporting
+
+    def emit(self, kind: Kind, template: str, *args: object, cluster: int | None = None,
+             refcount: int | None = None, reference: int | None = None) -> None:
+        """Record one stderr line; `template` is formatted with `args` only when printed."""
+        self.findings.append(Finding(kind, cluster, refcount, reference, template, args))
+
+    def signal_corruption(self, fatal: bool, message: str) -> None:
+        """qcow2_signal_corruption(): fatal only on a writable node; marks the image corrupt."""
+        fatal = fatal and self.writable
+        if self.signaled_corruption and (not fatal or self.corrupt_bit):
+            return
+        if fatal:
+            self.emit(Kind.CORRUPTION_SIGNAL, "qcow2: Marking image as corrupt: {}; further corruption events will be suppressed", message)
+            self._mark_corrupt()
+            self.drv_dead = True
+        else:
+            self.emit(Kind.CORRUPTION_SIGNAL, "qcow2: Image is corrupt: {}; further non-fatal corruption events will be suppressed", message)
+        self.signaled_corruption = True
+
+    def _mark_corrupt(self) -> None:
+        self.corrupt_bit = True
+        if self.hdr.version < 3:
+            return  # a v2 header has no feature bits to write
+        incompat = int.from_bytes(read_exact(self.file, _INCOMPAT, 8), "big") | spec.IncompatFeature.CORRUPT
+        self.file.pwrite(_INCOMPAT, int(incompat).to_bytes(8, "big"), WriteSite.REPAIR)
+        self.file.flush()
+
+    def fail(self, kind: Kind | None, message: str) -> CheckFailed:
+        """A write the check needed was refused: print why, count a check error, stop with EIO."""
+        if kind is not None:
+            self.emit(kind, message)
+        self.res.check_errors += 1
+        return CheckFailed(errno.EIO)
+
+    # ---------------------------------------------------------------- on-disk refcounts
+
+    def _read(self, offset: int, length: int) -> bytes:
+        return read_exact(self.file, offset, length)
+
+    def _decoded_block(self, offset: int):
+        view = self._decoded.get(offset)
+        if view is None:
+            view = self._decoded[offset] = decode_refblock(self.refblocks.get(offset), self.order)
+        return view
+
+    def refblock_offset(self, index: int) -> int:
+        """The refcount block offset of reftable entry `index` (0 when there is none); EIO when unaligned."""
+        if index >= len(self.reftable):
+            return 0
+        offset = self.reftable[index] & spec.REFT_OFFSET_MASK
+        if offset and not self.geo.is_aligned(offset):
+            self.signal_corruption(True, f"Refblock offset {hash_x(offset)} unaligned (reftable index: {hash_x(index)})")
+            raise RefcountIOError()
+        return offset
+
+    def get_refcount(self, cluster: int) -> int:
+        """qcow2_get_refcount(): the on-disk refcount, through the refcount-block cache."""
+        offset = self.refblock_offset(self.geo.reftable_index(cluster))
+        if not offset:
+            return 0
+        return self._decoded_block(offset)[self.geo.refblock_index(cluster)]
+
+    def refcount_reader(self) -> Callable[[int], int]:
+        """get_refcount() for a loop over ascending clusters: the current block's decoded view is kept between calls.
+
+        The view is looked up again when the cluster leaves the block or when the cache
+        dropped a block since (a repair freeing a cluster that is a cached refblock).
+        """
+        rbe = self.rb_entries
+        current: list = [-1, None, -1]  # reftable index, decoded view, cache generation
+
+        def read(cluster: int) -> int:
+            index = cluster // rbe
+            if index != current[0] or current[2] != self.generation:
+                offset = self.refblock_offset(index)  # raises for an unaligned block, every time, as QEMU
+                current[:] = index, (self._decoded_block(offset) if offset else None), self.generation
+            view = current[1]
+            return view[cluster - index * rbe] if view is not None else 0
+
+        return read
+
+    def set_refcount(self, cluster: int, value: int) -> None:
+        """update_refcount() for one cluster whose refblock exists (the only case a fix needs)."""
+        offset = self.reftable[self.geo.reftable_index(cluster)] & spec.REFT_OFFSET_MASK
+        index = self.geo.refblock_index(cluster)
+        view = self._decoded_block(offset)
+        set_refcount(self.refblocks.get(offset), index, self.order, value)
+        view[index] = value
+        self.refblocks.mark_dirty(offset)
+        if value == 0:
+            freed = self.geo.cluster_to_offset(cluster)
+            if freed != offset:
+                # A freed cluster that is itself a cached refblock is dropped from the cache unwritten.
+                self.refblocks.drop(freed)
+                self._decoded.pop(freed, None)
+                self.generation += 1
+            self.discard_cluster(freed)
+
+    def raw_refblock(self, offset: int) -> bytearray:
+        return self.refblocks.get(offset)
+
+    def discard_cluster(self, offset: int) -> None:
+        """QCOW2_DISCARD_ALWAYS: qemu-img check punches a hole in a cluster whose refcount drops to 0.
+
+        The block-file seam has no discard, so the hole is written as zeros (what a reader then
+        sees). The cluster is referenced by nothing, so this is safe at any crash point. One
+        write per cluster, as QEMU's discard requests: the repair's write log (and so the
+        crash points sampled inside a repair) depends on it.
+        """
+        end = min(offset + self.cs, self.file.size())
+        if end > offset:
+            self.file.pwrite(offset, self._zero_cluster[: end - offset], WriteSite.REPAIR)
+
+    def _write_refblock(self, offset: int, data: bytes, site: WriteSite) -> None:
+        from models.qcow2.check.overlap import pre_write_overlap_check
+
+        if not pre_write_overlap_check(self, offset, self.cs, frozenset({"refblock"})):
+            raise self.fail(Kind.WRITE_FAILED, "ERROR: Could not write refcount block; metadata overlap check failed: Input/output error")
+        self.file.pwrite(offset, data, site)
+
+    def flush_refblocks(self) -> None:
+        """Write back the dirty refcount blocks (qcow2_cache_flush), then flush the file."""
+        if self.refblocks.dirty:
+            self.refblocks.flush()
+
+    def drop_refblocks(self) -> None:
+        self.refblocks.clear()
+        self._decoded.clear()
+        self.generation += 1
+
+    def repair_flush(self) -> None:
+        # Injected bug: "flush once at the end" leaves the switched header, the new
+        # structures and the cleared dirty bit in one epoch, in any order after a crash.
+        if not inject.on("rebuild-switch-before-durable"):
+            self.file.flush()
