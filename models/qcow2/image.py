@@ -338,7 +338,9 @@ class Qcow2Image(RefcountMixin):
         buf[in_off : in_off + len(chunk)] = chunk
         reuse = ctype is ClusterType.ZERO_ALLOC and entry & spec.QCOW_OFLAG_COPIED
         new_host = host if reuse else self.alloc_clusters(1)
-        stale = new_host < self.file.size()
+        # A copy of a shared cluster holds other sectors' data: it must be durable before the
+        # L2 entry that exposes it (QEMU: l2 cache depends_on_flush after a COW), like reuse.
+        stale = new_host < self.file.size() or ctype is ClusterType.NORMAL
         self._pwrite(new_host, bytes(buf), WriteSite.DATA)
         copied = 0 if inject.on("copied-flag-wrong") else spec.QCOW_OFLAG_COPIED
         self._link_l2(l2_off, table, idx, new_host | copied, stale=stale, allocating=not reuse)
