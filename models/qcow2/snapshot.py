@@ -18,9 +18,16 @@ Hazards, each ordered as QEMU orders them:
 - COPIED is what lets a write go in place: it must be clear on every shared cluster, or
   an in-place write changes a snapshot too.
 
-Deviation from QEMU, on purpose: a snapshot operation that would overflow a refcount
-(refcount_bits 1 or 2) is refused before anything is written; QEMU fails half way and
-leaks the clusters it had counted so far.
+Deviations from QEMU, on purpose:
+
+- a snapshot operation that would overflow a refcount (refcount_bits 1 or 2) is refused
+  before anything is written; QEMU fails half way and leaks the clusters it had counted;
+- apply writes the snapshot's L1 into the active L1 with COPIED cleared (see `apply`):
+  QEMU 7.2 writes the flags as they were when the snapshot was taken, and a crash before
+  its final COPIED pass leaves a shared L2 table writable in place (verified with
+  blklogwrites: `qemu-img check` then reports "OFLAG_COPIED L2 cluster ... refcount=2" on
+  an image whose dirty bit is clear). The injected bug `snapshot-apply-stale-copied`
+  restores QEMU's behaviour.
 """
 
 from __future__ import annotations
@@ -133,7 +140,14 @@ def apply(img: "Qcow2Image", key: str) -> Snapshot:
     sn_l1 = _unpack(read_exact(img.file, sn.l1_table_offset, sn.l1_size * 8)) + [0] * (len(img.l1) - sn.l1_size)
     check_room(img, sn_l1, "snapshot apply")
     with _snapshot_sites(img):
-        update_refcounts(img, sn_l1[: sn.l1_size], sn.l1_table_offset, +1, active=False)
+        update_refcounts(img, list(sn_l1[: sn.l1_size]), sn.l1_table_offset, +1, active=False)
+        # Deviation from QEMU 7.2, which writes the snapshot's L1 as it read it *before* the
+        # increment, COPIED flags of the day the snapshot was taken included: until the final
+        # COPIED pass is synced, a crash leaves COPIED on L2 tables the snapshot shares, and a
+        # write after recovery changes the snapshot's L2 table in place. Every L2 table the
+        # snapshot reaches is shared now, so none may carry COPIED.
+        if not inject.on("snapshot-apply-stale-copied"):
+            sn_l1 = [e & ~_COPIED for e in sn_l1]
         # bdrv_pwrite_sync of the whole active L1: one write, then a flush.
         img._pwrite(img.hdr.l1_table_offset, _pack(sn_l1), WriteSite.SNAPSHOT_L1)
         img._file_flush()
