@@ -114,3 +114,30 @@ def judge_final(runner: "Runner", img: Qcow2Image, n: int) -> "Finding | None":
         if bad:
             return runner._finding(Verdict.SNAPSHOT_CHANGED, bad, n, "finish")
     return None
+
+
+def benign_copied(result) -> bool:
+    """Whether every corruption a check found is a COPIED flag out of step in the harmless direction.
+
+    QEMU writes a snapshot operation's L2 tables (COPIED flags) and refcount blocks in
+    separate, ordered writes, so a crash between them leaves, with the dirty bit clear,
+    either COPIED clear on a cluster whose refcount is 1 (costs one needless copy) or COPIED
+    set on a cluster whose refcount is above 1 only because of a leaked reference (its one
+    real reference may write in place). Both are repaired by `check -r leaks`. COPIED set
+    on a cluster with two real references is never benign: a write would change a snapshot.
+    """
+    from models.qcow2.check import Kind
+
+    if result.check_errors:
+        return False
+    leaked_to_one = {f.cluster for f in result.findings if f.kind is Kind.LEAK and f.reference == 1}
+    copied = [f for f in result.findings if f.kind in (Kind.COPIED_DATA, Kind.COPIED_L2)]
+    if len(copied) != result.corruptions:
+        return False
+    for f in copied:
+        entry = f.args[-2]
+        if entry >> 63 and not (f.refcount > 1 and f.cluster in leaked_to_one):
+            return False
+        if not entry >> 63 and f.refcount != 1:
+            return False
+    return True

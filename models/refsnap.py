@@ -88,6 +88,9 @@ class SnapshotsMixin:
             self._make_durable(done, None, None)  # type: ignore[attr-defined]
 
     # ---- queries for judging ------------------------------------------------------------------
+    def snapshot_in_flight(self) -> bool:
+        return self._snap_op is not None
+
     def snapshot_names(self) -> list[str]:
         return sorted(self._snaps)
 
