@@ -8,7 +8,8 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, rule
 
 from harness.config import CACHE_MODES, REFCOUNT_BITS, Config
-from harness.ops import Check, Crash, Discard, Flush, Read, Reopen, Repair, Write, WriteZeroes
+from harness.ops import (Check, Crash, Discard, Flush, Read, Reopen, Repair, SnapshotApply, SnapshotCreate,
+                         SnapshotDelete, Write, WriteZeroes)
 from harness.runner import Budget, Runner
 
 SECTOR = 512
@@ -130,6 +131,11 @@ class CrashMachine(RuleBasedStateMachine):
     @rule(mode=st.sampled_from(("leaks", "all")))
     def repair(self, mode) -> None:
         self._do(Repair(mode))
+
+    @rule(kind=st.sampled_from((SnapshotCreate, SnapshotCreate, SnapshotApply, SnapshotDelete)),
+          name=st.sampled_from(("s0", "s1")))
+    def snapshot(self, kind, name) -> None:
+        self._do(kind(name))
 
     def teardown(self) -> None:
         if self.runner is not None and not self.runner.findings:
