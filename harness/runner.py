@@ -409,6 +409,8 @@ class Runner:
 
     def _count_sites(self, state: CrashState, log: WriteLog) -> None:
         ops = log.ops
+        if self.model.snapshot_names() or self.model.snapshot_in_flight():
+            snapshots.crash_coverage(self, state.point)
         if state.point:
             last = ops[state.point - 1]
             self.stats.by_site["flush" if last.kind is OpKind.FLUSH else str(last.site)] += 1

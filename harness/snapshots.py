@@ -141,3 +141,22 @@ def benign_copied(result) -> bool:
         if not entry >> 63 and f.refcount != 1:
             return False
     return True
+
+
+def crash_coverage(runner: "Runner", point: int) -> None:
+    """Coverage of crashes inside snapshot work: the op the crash point falls in, when snapshots share clusters."""
+    from harness.faultfile import OpKind
+    from harness.ops import Discard, Write, WriteZeroes
+    from models.blockio import WriteSite
+
+    span = next((s for s in runner.spans if s.start < point <= s.end), None)
+    if span is None or span.op_index >= len(runner.ops):
+        return
+    op = runner.ops[span.op_index]
+    if isinstance(op, (SnapshotCreate, SnapshotApply, SnapshotDelete)):
+        runner.stats.coverage[f"crashed inside a snapshot {type(op).__name__[8:].lower()}"] += 1
+    elif isinstance(op, (Write, WriteZeroes, Discard)) and span.model_before.snapshot_names():
+        runner.stats.coverage["crashed inside a write while snapshots share clusters"] += 1
+        sites = {o.site for o in runner.ff.log.ops[span.start:point] if o.kind is OpKind.WRITE}
+        if WriteSite.L2_ALLOC in sites:
+            runner.stats.coverage["crashed inside an L2 allocation while snapshots share clusters (copy-on-write)"] += 1
