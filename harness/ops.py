@@ -211,6 +211,22 @@ def _fill_length(rng: random.Random, config: Config) -> int | None:
     return rng.choice(choices) // SECTOR * SECTOR
 
 
+def random_snapshot_op(rng: random.Random, names: list[str]) -> Op:
+    """Create a new snapshot, or apply or delete one created earlier in the sequence (`names`, updated).
+
+    A crash may undo a create, so apply/delete can still name a snapshot the image lacks: the
+    runner then skips it on both sides."""
+    r = rng.random()
+    if not names or r < 0.35:
+        names.append(f"s{len(names)}")
+        return SnapshotCreate(names[-1])
+    name = rng.choice(names)
+    if r < 0.6:
+        return SnapshotApply(name)
+    names.remove(name)
+    return SnapshotDelete(name)
+
+
 def random_op(rng: random.Random, config: Config, *, allow_crash: bool = True,
               recent: list[tuple[int, int]] | None = None) -> Op:
     recent = recent if recent is not None else []
@@ -257,4 +273,20 @@ def random_ops(rng: random.Random, config: Config, n: int) -> list[Op]:
         length = _fill_length(rng, config)
         if length:
             ops.insert(rng.randrange(len(ops) + 1), Write(0, length, rng.randrange(1 << 16)))
+    _insert_snapshot_ops(rng, ops)
     return ops
+
+
+def _insert_snapshot_ops(rng: random.Random, ops: list[Op]) -> None:
+    """One sequence in three gets 2 to 4 snapshot operations inserted among its ops.
+
+    They come from their own stream, seeded from the state of `rng` without drawing from it:
+    every other operation of every sequence stays exactly what it was without snapshots."""
+    state = rng.getstate()[1]
+    snap_rng = random.Random(f"qcrash-snapshots:{state[-1]}:{state[:8]}")
+    if snap_rng.random() >= 1 / 3:
+        return
+    names: list[str] = []
+    slots = sorted(snap_rng.randrange(len(ops) + 1) for _ in range(snap_rng.randint(2, 4)))
+    for shift, slot in enumerate(slots):
+        ops.insert(slot + shift, random_snapshot_op(snap_rng, names))
