@@ -27,6 +27,8 @@ class Verdict(enum.StrEnum):
     CHECK_FAILED = "check-failed"  # explicit check of a live image found problems
     QEMU_DISAGREES = "qemu-disagrees"  # real qemu-img check gave another verdict on the same image
     UNEXPECTED_EXCEPTION = "unexpected-exception"  # an exception that is not a qcow2 error
+    SNAPSHOT_CHANGED = "snapshot-changed"  # a snapshot reads differently than when taken, or the set is neither before nor after
+    SNAPSHOT_HALF_DONE = "snapshot-half-done"  # a crash left a snapshot apply half done within one L1 sector's span
 
 
 @dataclasses.dataclass(slots=True)
@@ -75,6 +77,8 @@ RULES = {
     Verdict.CHECK_FAILED: "a live image checks clean",
     Verdict.QEMU_DISAGREES: "qemu-img check agrees with qcrash's verdict",
     Verdict.UNEXPECTED_EXCEPTION: "no unexpected exception",
+    Verdict.SNAPSHOT_CHANGED: "a snapshot operation in flight is done or not done; every snapshot reads as when it was taken",
+    Verdict.SNAPSHOT_HALF_DONE: "a snapshot apply in flight is done or not done, never half",
 }
 
 

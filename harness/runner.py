@@ -21,7 +21,9 @@ from harness.config import Config
 from harness.crashstates import CrashImageBuilder, CrashState
 from harness.executor import Executor, Span
 from harness.judge import Judge, Where, exc_text, judge_clean_image, judge_closed_reads, read_view
-from harness.ops import Check, Crash, Op, Read, validate_op
+from harness import snapshots
+from harness.faultfile import HostOpKind
+from harness.ops import SNAPSHOT_OPS, Check, Crash, Op, Read, SnapshotCreate, validate_op
 from harness.oracle import Finding, Verdict
 from harness.points import Budget, choose_points, choose_states, crash_op_for, resolve_crash
 from harness.qemu_check import qemu_disagreement
@@ -121,6 +123,8 @@ class Runner:
             where = self._where(n)
             self._report(judge_clean_image(self.target, where, raw))
             self._report(judge_closed_reads(self.target, where, raw, self.model))
+            if not self.findings[before:]:
+                self._report(snapshots.judge_final(self.target, where, raw, self.model))
         except Exception as exc:  # noqa: BLE001
             self._report(self._where(n).finding(Verdict.UNEXPECTED_EXCEPTION, exc_text(exc), "finish"))
         return self.findings[before:]
@@ -134,11 +138,26 @@ class Runner:
                 self._report(self._where(n).finding(Verdict.CHECK_FAILED, result.text(), "run"))
         elif isinstance(op, Crash):
             self._crash(n, op)
+        elif isinstance(op, SNAPSHOT_OPS) and not self._snapshot_applies(op):
+            return
         else:
             self._guest(n, op)
 
+    def _snapshot_applies(self, op: Op) -> bool:
+        """A snapshot op the model refuses is a no-op on both sides: create of a held name, apply/delete of a missing one."""
+        held = op.name in self.model.snapshot_names()  # type: ignore[union-attr]
+        if isinstance(op, SnapshotCreate):
+            return not held
+        if not held:
+            self.stats.coverage["snapshot op on a missing name skipped"] += 1
+        return held
+
     def _guest(self, n: int, op: Op) -> None:
         issued = self.executor.issue(n, op)
+        if issued is None:
+            self.stats.coverage["snapshot refused (refcount would overflow)"] += 1
+            return
+        self.stats.coverage.update(issued.events)
         repaired = issued.summary
         if repaired is not None and (repaired.problems or repaired.corruptions_fixed or repaired.leaks_fixed):
             self._report(self._where(n).finding(Verdict.CHECK_FAILED, "repair of a healthy image found: "
@@ -173,12 +192,23 @@ class Runner:
             if key in seen:  # neighbouring states often build the same image
                 continue
             seen.add(key)
+            self._snapshot_coverage(state.point)
             judged = self.judge.judge(self._where(span.op_index, state), image, self.model, log, deep=self._deep(),
                                       key=key)
             if judged.finding:
                 self.findings.append(judged.finding)
                 break
         self.stats.phase_seconds["sweep"] += time.perf_counter() - t0
+
+    def _snapshot_coverage(self, point: int) -> None:
+        """Count crashes inside snapshot work (only while the model holds snapshots or one is in flight)."""
+        if not (self.model.snapshot_names() or self.model.snapshot_in_flight()):
+            return
+        span = self.executor.span_at(point)
+        if span is None or span.op_index >= len(self.ops):
+            return
+        sites = {o.site for o in self.target.log.ops[span.start:point] if o.kind is HostOpKind.WRITE}
+        self.stats.coverage.update(snapshots.crash_coverage(self.ops[span.op_index], span.model_before, sites))
 
     def _deep(self) -> bool:
         every = self.budget.recovery_every
@@ -190,6 +220,7 @@ class Runner:
         state = self.resolve_crash(op)
         model = self.executor.model_at(state.point)
         image = self.executor.builder.build(state)
+        self._snapshot_coverage(state.point)
         judged = self.judge.judge(self._where(n, state), image, model, log, deep=True)
         if judged.finding:
             self.findings.append(judged.finding)
@@ -197,6 +228,8 @@ class Runner:
         assert judged.recovered is not None and judged.view is not None
         view = judged.view
         model.collapse(lambda off, length: read_view(view, off, length))
+        if model.snapshot_names() or model.snapshot_in_flight():
+            model.settle_snapshots(frozenset(self.target.snapshots(judged.recovered).names))
         self.executor.continue_from(model, judged.recovered)
         self.trace(f"op #{n}: crashed at [{state.id}], recovered, continuing")
 

@@ -20,6 +20,7 @@ from models.qcow2.check.result import CheckCounts, Finding, Kind
 from models.qcow2.errors import UnsupportedFeature
 from models.qcow2.geometry import set_refcount
 from models.qcow2.header import ParsedHeader
+from models.qcow2.snaptable import read_table
 from models.qcow2.structs import FIELD_OFFSET
 
 __all__ = ["CheckState", "CheckFailed", "RefcountIOError", "hash_x"]
@@ -79,6 +80,10 @@ class CheckState:
         self.l1_offset = hdr.l1_table_offset
         self.l1_size = hdr.l1_size
         self.l1 = list(struct.unpack(f">{self.l1_size}Q", read_exact(file, self.l1_offset, self.l1_size * 8)))
+        # The snapshot table (qcow2_check_read_snapshot_table): every snapshot's L1 is counted too.
+        self.snapshots, self.snapshots_size = read_table(
+            file, hdr.nb_snapshots, hdr.snapshots_offset, version=hdr.version, disk_size=hdr.size,
+            cluster_size=self.cs) if hdr.nb_snapshots else ([], 0)
         # The refcount-block cache (qcow2-cache.c): written back by flush_refblocks().
         self.refblocks = TableCache("refcount", self._read, self._write_refblock, self.cs, WriteSite.REPAIR,
                                     self.repair_flush)
