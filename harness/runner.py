@@ -23,7 +23,7 @@ from harness.executor import Executor, Span
 from harness.judge import Judge, Where, exc_text, judge_clean_image, judge_closed_reads, read_view
 from harness import snapshots
 from harness.faultfile import HostOpKind
-from harness.ops import SNAPSHOT_OPS, Check, Crash, Op, Read, SnapshotCreate, validate_op
+from harness.ops import SNAPSHOT_OPS, Check, Crash, Op, Read, validate_op
 from harness.oracle import Finding, Verdict
 from harness.points import Budget, choose_points, choose_states, crash_op_for, resolve_crash
 from harness.qemu_check import qemu_disagreement
@@ -138,19 +138,10 @@ class Runner:
                 self._report(self._where(n).finding(Verdict.CHECK_FAILED, result.text(), "run"))
         elif isinstance(op, Crash):
             self._crash(n, op)
-        elif isinstance(op, SNAPSHOT_OPS) and not self._snapshot_applies(op):
-            return
+        elif isinstance(op, SNAPSHOT_OPS) and (skipped := snapshots.model_refuses(op, self.model)) is not None:
+            self.stats.coverage.update([skipped] if skipped else [])
         else:
             self._guest(n, op)
-
-    def _snapshot_applies(self, op: Op) -> bool:
-        """A snapshot op the model refuses is a no-op on both sides: create of a held name, apply/delete of a missing one."""
-        held = op.name in self.model.snapshot_names()  # type: ignore[union-attr]
-        if isinstance(op, SnapshotCreate):
-            return not held
-        if not held:
-            self.stats.coverage["snapshot op on a missing name skipped"] += 1
-        return held
 
     def _guest(self, n: int, op: Op) -> None:
         issued = self.executor.issue(n, op)

@@ -29,6 +29,19 @@ if TYPE_CHECKING:
 SECTOR = 512
 
 
+def model_refuses(op, model: "ReferenceDisk") -> str | None:
+    """Whether the model refuses a snapshot op, which is then a no-op on both sides.
+
+    None: it runs. Otherwise a coverage label ("" for a create of a name held already, not counted).
+    """
+    from harness.ops import SnapshotCreate
+
+    held = op.name in model.snapshot_names()
+    if isinstance(op, SnapshotCreate):
+        return "" if held else None
+    return None if held else "snapshot op on a missing name skipped"
+
+
 def judge(target: "Target", where: "Where", raw_recovered: bytes, pre: dict[int, bytes],
           model: "ReferenceDisk") -> "Finding | None":
     """The snapshot rules on a recovered crash image; None when there is nothing to judge or all hold."""
