@@ -3,11 +3,12 @@
 A crash state goes through (CRASH-CONTRACT.md):
 
 1. the raw image: dirty bit clear on disk => `check` finds no corruption; a read-only
-   open reads only allowed values and writes nothing;
+   open reads only allowed values and writes nothing (with a snapshot operation in flight,
+   a COPIED flag out of step that `check -r leaks` repairs fully is allowed);
 2. recovery by the state's path (`Budget.recovery_paths`; by default a read-write open,
    repairing when dirty, then `check -r leaks` when only leaks remain); afterwards check
    is clean, the dirty and corrupt bits clear, guest data allowed and equal to what the
-   read-only open saw;
+   read-only open saw; the snapshot rules hold (`harness.snapshots`);
 3. crashes of the recovery itself at sampled points of its own log: recovering again
    gives the same guest data and a clean check.
 
