@@ -47,6 +47,7 @@ class Where:
     op_index: int
     op_kind: str
     state: CrashState | None = None
+    start: int = 0  # the first host-op point of the op in flight (its span's start), for coverage
 
     def finding(self, verdict: Verdict, evidence: str, phase: str, sector: int | None = None) -> Finding:
         state = self.state
@@ -110,6 +111,8 @@ class Judge:
         self.stats.crash_states += 1
         self.stats.by_policy[str(where.state.policy)] += 1
         self._count_sites(where.state, log)
+        if model.snapshot_names() or model.snapshot_in_flight():
+            self._count_snapshot_crash(where, model, log)
         try:
             return self._judge(where, self.memo.facts(bytes(image), key), model, deep=deep)
         except Exception as exc:  # noqa: BLE001 - any crash of the implementation is a finding
@@ -128,6 +131,12 @@ class Judge:
             self.stats.coverage["refcount-table growth crashed"] += 1
         if WriteSite.DIRTY_BIT in sites:
             self.stats.coverage["dirty-bit write unsynced"] += 1
+
+    def _count_snapshot_crash(self, where: Where, model: ReferenceDisk, log: WriteLog) -> None:
+        assert where.state is not None
+        ops = log.ops[where.start:where.state.point]
+        sites = {op.site for op in ops if op.kind is HostOpKind.WRITE}
+        self.stats.coverage.update(snapshots.crash_coverage(where.op_kind, model, sites))
 
     def _judge(self, where: Where, raw: Facts, model: ReferenceDisk, *, deep: bool) -> Judged:
         assert where.state is not None

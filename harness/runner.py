@@ -22,7 +22,6 @@ from harness.crashstates import CrashImageBuilder, CrashState
 from harness.executor import Executor, Span
 from harness.judge import Judge, Where, exc_text, judge_clean_image, judge_closed_reads, read_view
 from harness import snapshots
-from harness.faultfile import HostOpKind
 from harness.ops import SNAPSHOT_OPS, Check, Crash, Op, Read, validate_op
 from harness.oracle import Finding, Verdict
 from harness.points import Budget, choose_points, choose_states, crash_op_for, resolve_crash
@@ -79,7 +78,7 @@ class Runner:
         at = self.executor.span_at(state.point) if state else None
         index = at.op_index if at else n
         kind = type(self.ops[index]).__name__ if index < len(self.ops) else "finish"
-        return Where(n, kind, state)
+        return Where(n, kind, state, at.start if at else 0)
 
     def _report(self, finding: Finding | None) -> None:
         if finding is not None:
@@ -183,23 +182,12 @@ class Runner:
             if key in seen:  # neighbouring states often build the same image
                 continue
             seen.add(key)
-            self._snapshot_coverage(state.point)
             judged = self.judge.judge(self._where(span.op_index, state), image, self.model, log, deep=self._deep(),
                                       key=key)
             if judged.finding:
                 self.findings.append(judged.finding)
                 break
         self.stats.phase_seconds["sweep"] += time.perf_counter() - t0
-
-    def _snapshot_coverage(self, point: int) -> None:
-        """Count crashes inside snapshot work (only while the model holds snapshots or one is in flight)."""
-        if not (self.model.snapshot_names() or self.model.snapshot_in_flight()):
-            return
-        span = self.executor.span_at(point)
-        if span is None or span.op_index >= len(self.ops):
-            return
-        sites = {o.site for o in self.target.log.ops[span.start:point] if o.kind is HostOpKind.WRITE}
-        self.stats.coverage.update(snapshots.crash_coverage(self.ops[span.op_index], span.model_before, sites))
 
     def _deep(self) -> bool:
         every = self.budget.recovery_every
@@ -211,7 +199,6 @@ class Runner:
         state = self.resolve_crash(op)
         model = self.executor.model_at(state.point)
         image = self.executor.builder.build(state)
-        self._snapshot_coverage(state.point)
         judged = self.judge.judge(self._where(n, state), image, model, log, deep=True)
         if judged.finding:
             self.findings.append(judged.finding)

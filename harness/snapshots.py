@@ -28,6 +28,10 @@ if TYPE_CHECKING:
 
 SECTOR = 512
 
+# Coverage the runner counts per snapshot operation (not per crash state: no judge counts them).
+OP_COVERAGE = ("refcount above 1 reached", "snapshot op on a missing name skipped",
+               "snapshot refused (refcount would overflow)")
+
 
 def model_refuses(op, model: "ReferenceDisk") -> str | None:
     """Whether the model refuses a snapshot op, which is then a no-op on both sides.
@@ -121,18 +125,18 @@ def shared_data_events(img: "Qcow2Image") -> tuple[str, ...]:
     return ("refcount above 1 reached",) if any(img.refcount(c) > 1 for c in clusters) else ()
 
 
-def crash_coverage(op, model_before: "ReferenceDisk", sites: set) -> list[str]:
-    """Coverage labels of a crash inside `op` (the guest op in flight), when snapshots exist or one is in flight.
+def crash_coverage(op_kind: str, model: "ReferenceDisk", sites: set) -> list[str]:
+    """Coverage labels of a crash inside an op of kind `op_kind` (the guest op in flight, judged with `model`).
 
-    `sites` are the write sites of the op's host writes up to the crash point.
+    Called only when snapshots exist or one is in flight; `sites` are the write sites of the
+    op's host writes up to the crash point.
     """
-    from harness.ops import SNAPSHOT_OPS, Discard, Write, WriteZeroes
     from models.blockio import WriteSite
 
-    if isinstance(op, SNAPSHOT_OPS):
-        return [f"crashed inside a snapshot {type(op).__name__[8:].lower()}"]
+    if op_kind in ("SnapshotCreate", "SnapshotApply", "SnapshotDelete"):
+        return [f"crashed inside a snapshot {op_kind[8:].lower()}"]
     out = []
-    if isinstance(op, (Write, WriteZeroes, Discard)) and model_before.snapshot_names():
+    if op_kind in ("Write", "WriteZeroes", "Discard") and model.snapshot_names():
         out.append("crashed inside a write while snapshots share clusters")
         if WriteSite.L2_ALLOC in sites:
             out.append("crashed inside an L2 allocation while snapshots share clusters (copy-on-write)")

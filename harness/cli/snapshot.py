@@ -131,11 +131,11 @@ def register(img_sub: argparse._SubParsersAction, install_error) -> None:
     p = install_error(img_sub.add_parser(
         "snapshot", help="list, create, apply or delete internal snapshots (qemu-img snapshot)",
         description="qemu-img snapshot [-q] [-l | -a SNAPSHOT | -c SNAPSHOT | -d SNAPSHOT] FILE"))
-    p.add_argument("-f", dest="format", default=None, metavar="FMT")
-    p.add_argument("-q", dest="quiet", action="store_true")
+    p.add_argument("-f", dest="format", default=None, metavar="FMT", help="image format (only qcow2)")
+    p.add_argument("-q", dest="quiet", action="store_true", help="quiet (accepted, as qemu-img's)")
     p.add_argument("-l", dest="list", action="store_true", help="list the snapshots")
     p.add_argument("-a", dest="apply", default=None, metavar="SNAPSHOT", help="revert the disk to a snapshot (id or name)")
     p.add_argument("-c", dest="create", default=None, metavar="SNAPSHOT", help="create a snapshot with this name")
     p.add_argument("-d", dest="delete", default=None, metavar="SNAPSHOT", help="delete the snapshot with this name")
-    p.add_argument("file", metavar="FILE")
+    p.add_argument("file", metavar="FILE", help="the qcow2 image")
     p.set_defaults(func=cmd_snapshot)
