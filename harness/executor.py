@@ -9,9 +9,10 @@ from harness import coverage
 from harness.config import Config
 from harness.crashstates import CrashImageBuilder
 from harness.faultfile import WriteLog
-from harness.ops import Discard, Flush, Op, Reopen, Repair, Write, WriteZeroes
+from harness.ops import (Discard, Flush, Op, Reopen, Repair, SnapshotApply, SnapshotCreate, SnapshotDelete, Write,
+                         WriteZeroes)
 from harness.stats import Stats
-from harness.targets import CheckSummary, Target
+from harness.targets import CheckSummary, SnapshotRefused, Target
 from models.blockio import CacheMode
 from models.payload import make_payload
 from models.refdisk import ReferenceDisk
@@ -38,6 +39,7 @@ class Issued:
     summary: CheckSummary | None = None  # what a live repair reported
     events: tuple[str, ...] = ()  # structural events it caused (harness.coverage)
     states_before: int = 0  # crash states judged before it: more at `complete` means it was crashed inside
+    labels: tuple[str, ...] = ()  # coverage labels the target reported (snapshot operations)
 
 
 class Executor:
@@ -64,8 +66,12 @@ class Executor:
             self._builder = CrashImageBuilder(log)
         return self._builder
 
-    def issue(self, n: int, op: Op) -> Issued:
-        """Begin op #n in the model and run it on the target; the caller sweeps its span, then calls `complete`."""
+    def issue(self, n: int, op: Op) -> Issued | None:
+        """Begin op #n in the model and run it on the target; the caller sweeps its span, then calls `complete`.
+
+        None: the target refused a snapshot operation before writing anything; the model is
+        as it was and neither side ran it.
+        """
         begin, call = self._plan(n, op)
         start = self.target.point()
         before = self.model.copy()
@@ -74,12 +80,19 @@ class Executor:
         dirty = options is not None and coverage.is_dirty(self.target.contents()[:coverage.DIRTY_OFFSET + 8])
         if begin:
             begin(self.model)
-        summary = call()
+        try:
+            result = call()
+        except SnapshotRefused:
+            assert self.target.point() == start, "a refused snapshot operation wrote to the image"
+            self.model = before
+            return None
         span = Span(n, start, self.target.point(), before, begin)
         self.spans.append(span)
         events = tuple(coverage.events_of(self.config, op, self.log.ops[start:span.end], options=options, dirty=dirty))
         coverage.count(self.stats.events, coverage.config_class(self.config), (coverage.OPS, *events))
-        return Issued(span, summary, events, self.stats.crash_states)
+        if isinstance(result, tuple):
+            return Issued(span, None, events, self.stats.crash_states, labels=result)
+        return Issued(span, result, events, self.stats.crash_states)
 
     def complete(self, issued: Issued) -> None:
         if issued.span.begin:
@@ -87,7 +100,7 @@ class Executor:
         if issued.events and self.stats.crash_states > issued.states_before:
             coverage.count(self.stats.events, coverage.config_class(self.config), issued.events, crashed=True)
 
-    def _plan(self, n: int, op: Op) -> tuple[Begin | None, Callable[[], CheckSummary | None]]:
+    def _plan(self, n: int, op: Op) -> tuple[Begin | None, Callable[[], CheckSummary | tuple[str, ...] | None]]:
         target = self.target
         if isinstance(op, Write):
             data = make_payload(n, op.offset, op.length, op.seed)
@@ -103,6 +116,13 @@ class Executor:
             return lambda m: m.begin_flush(n), lambda: self._reopen(op)
         if isinstance(op, Repair):
             return None, lambda: target.live_repair(op.mode)
+        if isinstance(op, SnapshotCreate):
+            return (lambda m: m.begin_snapshot_create(n, op.name),
+                    lambda: target.snapshot_create(op.name, date_sec=n))
+        if isinstance(op, SnapshotApply):
+            return lambda m: m.begin_snapshot_apply(n, op.name), lambda: target.snapshot_apply(op.name)
+        if isinstance(op, SnapshotDelete):
+            return lambda m: m.begin_snapshot_delete(n, op.name), lambda: target.snapshot_delete(op.name)
         raise TypeError(f"op #{n}: {type(op).__name__} is not a guest operation of the executor")
 
     def _reopen(self, op: Reopen) -> None:

@@ -23,7 +23,8 @@ from harness.config import Config, draw_config
 from harness.crashstates import Policy
 from harness import ranges
 from harness.ranges import Shape, Written, near_written, never_written, structured_range
-from harness.ops import Check, Crash, Discard, Flush, Op, Read, Reopen, Repair, Write, WriteZeroes
+from harness.ops import (Check, Crash, Discard, Flush, Op, Read, Reopen, Repair, SnapshotApply, SnapshotCreate,
+                         SnapshotDelete, Write, WriteZeroes)
 from models.blockio import CacheMode
 
 T = TypeVar("T")
@@ -154,7 +155,40 @@ def random_ops(src: Source, config: Config, n: int) -> list[Op]:
         # or refcount-table growth wherever in the sequence it lands.
         off, length = ranges.fill(src, Shape.of(config), Written())
         ops.insert(src.randrange(len(ops) + 1), Write(off, length, src.randrange(1 << 16)))
+    if isinstance(src, random.Random):  # (Choices replays draws; the state machine has its own snapshot rule)
+        _insert_snapshot_ops(src, ops)
     return ops
+
+
+def random_snapshot_op(rng: random.Random, names: list[str]) -> Op:
+    """Create a new snapshot, or apply or delete one created earlier in the sequence (`names`, updated).
+
+    A crash may undo a create, so apply/delete can still name a snapshot the image lacks: the
+    runner then skips it on both sides."""
+    r = rng.random()
+    if not names or r < 0.35:
+        names.append(f"s{len(names)}")
+        return SnapshotCreate(names[-1])
+    name = rng.choice(names)
+    if r < 0.6:
+        return SnapshotApply(name)
+    names.remove(name)
+    return SnapshotDelete(name)
+
+
+def _insert_snapshot_ops(rng: random.Random, ops: list[Op]) -> None:
+    """One sequence in three gets 2 to 4 snapshot operations inserted among its ops.
+
+    They come from their own stream, seeded from the state of `rng` without drawing from it:
+    every other operation of every sequence stays exactly what it was without snapshots."""
+    state = rng.getstate()[1]
+    snap_rng = random.Random(f"qcrash-snapshots:{state[-1]}:{state[:8]}")
+    if snap_rng.random() >= 1 / 3:
+        return
+    names: list[str] = []
+    slots = sorted(snap_rng.randrange(len(ops) + 1) for _ in range(snap_rng.randint(2, 4)))
+    for shift, slot in enumerate(slots):
+        ops.insert(slot + shift, random_snapshot_op(snap_rng, names))
 
 
 def generate(seed: int, config_overrides: dict[str, str], profile: str) -> tuple[Config, list[Op]]:

@@ -3,11 +3,12 @@
 A crash state goes through (CRASH-CONTRACT.md):
 
 1. the raw image: dirty bit clear on disk => `check` finds no corruption; a read-only
-   open reads only allowed values and writes nothing;
+   open reads only allowed values and writes nothing (with a snapshot operation in flight,
+   a COPIED flag out of step that `check -r leaks` repairs fully is allowed);
 2. recovery by the state's path (`Budget.recovery_paths`; by default a read-write open,
    repairing when dirty, then `check -r leaks` when only leaks remain); afterwards check
    is clean, the dirty and corrupt bits clear, guest data allowed and equal to what the
-   read-only open saw;
+   read-only open saw; the snapshot rules hold (`harness.snapshots`);
 3. crashes of the recovery itself at sampled points of its own log: recovering again
    gives the same guest data and a clean check.
 
@@ -21,6 +22,7 @@ import dataclasses
 import random
 import traceback
 
+from harness import snapshots
 from harness.crashstates import CrashImageBuilder, CrashState, Policy, enumerate_states
 from harness.faultfile import HostOpKind, WriteLog
 from harness.imagememo import Facts, Memo
@@ -45,6 +47,7 @@ class Where:
     op_index: int
     op_kind: str
     state: CrashState | None = None
+    start: int = 0  # the first host-op point of the op in flight (its span's start), for coverage
 
     def finding(self, verdict: Verdict, evidence: str, phase: str, sector: int | None = None) -> Finding:
         state = self.state
@@ -108,6 +111,8 @@ class Judge:
         self.stats.crash_states += 1
         self.stats.by_policy[str(where.state.policy)] += 1
         self._count_sites(where.state, log)
+        if model.snapshot_names() or model.snapshot_in_flight():
+            self._count_snapshot_crash(where, model, log)
         try:
             return self._judge(where, self.memo.facts(bytes(image), key), model, deep=deep)
         except Exception as exc:  # noqa: BLE001 - any crash of the implementation is a finding
@@ -127,6 +132,12 @@ class Judge:
         if WriteSite.DIRTY_BIT in sites:
             self.stats.coverage["dirty-bit write unsynced"] += 1
 
+    def _count_snapshot_crash(self, where: Where, model: ReferenceDisk, log: WriteLog) -> None:
+        assert where.state is not None
+        ops = log.ops[where.start:where.state.point]
+        sites = {op.site for op in ops if op.kind is HostOpKind.WRITE}
+        self.stats.coverage.update(snapshots.crash_coverage(where.op_kind, model, sites))
+
     def _judge(self, where: Where, raw: Facts, model: ReferenceDisk, *, deep: bool) -> Judged:
         assert where.state is not None
         touched = model.touched_sectors()  # one read set for every image of this state
@@ -142,6 +153,9 @@ class Judge:
         if bad:
             return Judged(bad)
         assert rec.image is not None
+        bad = snapshots.judge(self.target, where, rec.image, pre, model)
+        if bad:
+            return Judged(bad)
         if deep and rec.log is not None and len(rec.log):
             bad = self._crash_recovery(where, rec.log, pre, wanted, path)
             if bad:
@@ -164,7 +178,10 @@ class Judge:
             self.stats.coverage["qemu-img check agreed"] += 1
         if not hdr.dirty:
             result = memo.check(raw)
-            if result.corruptions or result.check_errors:
+            # A crash inside a snapshot operation may leave COPIED out of step where `check -r
+            # leaks` repairs it fully (CRASH-CONTRACT.md, Snapshots).
+            if (result.corruptions or result.check_errors) and not (model.snapshot_in_flight()
+                                                                    and result.copied_benign):
                 return where.finding(Verdict.CORRUPTION_WITHOUT_DIRTY, result.text(), "raw"), {}
             if result.leaks:
                 self.stats.coverage["leaks after crash"] += 1

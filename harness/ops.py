@@ -82,8 +82,32 @@ class Repair:
     mode: str = "all"
 
 
-Op = Union[Write, WriteZeroes, Discard, Read, Flush, Reopen, Crash, Check, Repair]
-OP_TYPES: dict[str, type] = {cls.__name__: cls for cls in (Write, WriteZeroes, Discard, Read, Flush, Reopen, Crash, Check, Repair)}
+@dataclasses.dataclass(frozen=True, slots=True)
+class SnapshotCreate:
+    """qemu-img snapshot -c NAME: take an internal snapshot of the guest view."""
+
+    name: str
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class SnapshotApply:
+    """qemu-img snapshot -a NAME: revert the guest view to a snapshot (a no-op if none has the name)."""
+
+    name: str
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class SnapshotDelete:
+    """qemu-img snapshot -d NAME: delete a snapshot (a no-op if none has the name)."""
+
+    name: str
+
+
+SNAPSHOT_OPS = (SnapshotCreate, SnapshotApply, SnapshotDelete)
+Op = Union[Write, WriteZeroes, Discard, Read, Flush, Reopen, Crash, Check, Repair, SnapshotCreate, SnapshotApply,
+           SnapshotDelete]
+OP_TYPES: dict[str, type] = {cls.__name__: cls for cls in (Write, WriteZeroes, Discard, Read, Flush, Reopen, Crash, Check,
+                                                           Repair, *SNAPSHOT_OPS)}
 GUEST_RANGE_OPS = (Write, WriteZeroes, Discard, Read)
 """The operations on a guest range (offset, length)."""
 
@@ -113,5 +137,9 @@ def validate_op(op: Op, config: Config, where: str = "op") -> None:
         if op.length == 0 or op.offset + op.length > config.virtual_size:
             raise OpError(f"{where}: {type(op).__name__} offset={op.offset} length={op.length}: "
                           f"must be non-empty and end within the virtual size {config.virtual_size}")
+    if isinstance(op, SNAPSHOT_OPS) and (not isinstance(op.name, str) or not op.name or op.name.isdigit()
+                                         or len(op.name.encode()) > 0xFFFF):
+        raise OpError(f"{where}: {type(op).__name__}.name = {op.name!r}: must be a non-empty, non-numeric string "
+                      "(numeric names would collide with snapshot ids) of at most 65535 bytes")
     if isinstance(op, Repair) and op.mode not in ("leaks", "all"):
         raise OpError(f"{where}: Repair.mode = {op.mode!r}: must be 'leaks' or 'all'")

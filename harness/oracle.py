@@ -32,6 +32,8 @@ class Verdict(enum.StrEnum):
     ERROR_LOST_DATA = "error-lost-data"  # data acknowledged before the failed call was lost
     ERROR_CORRUPTION = "error-corruption"  # after the error: clean dirty bit yet corruption, or the next open fails
     ERROR_REPAIR_STUCK = "error-repair-stuck"  # a repair met an error and the next repair cannot finish
+    SNAPSHOT_CHANGED = "snapshot-changed"  # a snapshot reads differently than when taken, or the set is neither before nor after
+    SNAPSHOT_HALF_DONE = "snapshot-half-done"  # a crash left a snapshot apply half done within one L1 sector's span
 
 
 @dataclasses.dataclass(slots=True)
@@ -85,6 +87,8 @@ RULES = {
     Verdict.ERROR_CORRUPTION: "after a host I/O error the image is consistent for the next open: leaks allowed, "
                               "no corruption",
     Verdict.ERROR_REPAIR_STUCK: "a repair that meets an error leaves an image the next repair completes",
+    Verdict.SNAPSHOT_CHANGED: "a snapshot operation in flight is done or not done; every snapshot reads as when it was taken",
+    Verdict.SNAPSHOT_HALF_DONE: "a snapshot apply in flight is done or not done, never half",
 }
 
 

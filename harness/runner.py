@@ -21,7 +21,8 @@ from harness.config import Config
 from harness.crashstates import CrashImageBuilder, CrashState
 from harness.executor import Executor, Span
 from harness.judge import Judge, Where, exc_text, judge_clean_image, judge_closed_reads, read_view
-from harness.ops import Check, Crash, Op, Read, validate_op
+from harness import snapshots
+from harness.ops import SNAPSHOT_OPS, Check, Crash, Op, Read, validate_op
 from harness.oracle import Finding, Verdict
 from harness.points import Budget, choose_points, choose_states, crash_op_for, resolve_crash
 from harness.qemu_check import qemu_disagreement
@@ -77,7 +78,7 @@ class Runner:
         at = self.executor.span_at(state.point) if state else None
         index = at.op_index if at else n
         kind = type(self.ops[index]).__name__ if index < len(self.ops) else "finish"
-        return Where(n, kind, state)
+        return Where(n, kind, state, at.start if at else 0)
 
     def _report(self, finding: Finding | None) -> None:
         if finding is not None:
@@ -121,6 +122,8 @@ class Runner:
             where = self._where(n)
             self._report(judge_clean_image(self.target, where, raw))
             self._report(judge_closed_reads(self.target, where, raw, self.model))
+            if not self.findings[before:]:
+                self._report(snapshots.judge_final(self.target, where, raw, self.model))
         except Exception as exc:  # noqa: BLE001
             self._report(self._where(n).finding(Verdict.UNEXPECTED_EXCEPTION, exc_text(exc), "finish"))
         return self.findings[before:]
@@ -134,11 +137,17 @@ class Runner:
                 self._report(self._where(n).finding(Verdict.CHECK_FAILED, result.text(), "run"))
         elif isinstance(op, Crash):
             self._crash(n, op)
+        elif isinstance(op, SNAPSHOT_OPS) and (skipped := snapshots.model_refuses(op, self.model)) is not None:
+            self.stats.coverage.update([skipped] if skipped else [])
         else:
             self._guest(n, op)
 
     def _guest(self, n: int, op: Op) -> None:
         issued = self.executor.issue(n, op)
+        if issued is None:
+            self.stats.coverage["snapshot refused (refcount would overflow)"] += 1
+            return
+        self.stats.coverage.update(issued.labels)
         repaired = issued.summary
         if repaired is not None and (repaired.problems or repaired.corruptions_fixed or repaired.leaks_fixed):
             self._report(self._where(n).finding(Verdict.CHECK_FAILED, "repair of a healthy image found: "
@@ -197,6 +206,8 @@ class Runner:
         assert judged.recovered is not None and judged.view is not None
         view = judged.view
         model.collapse(lambda off, length: read_view(view, off, length))
+        if model.snapshot_names() or model.snapshot_in_flight():
+            model.settle_snapshots(frozenset(self.target.snapshots(judged.recovered).names))
         self.executor.continue_from(model, judged.recovered)
         self.trace(f"op #{n}: crashed at [{state.id}], recovered, continuing")
 

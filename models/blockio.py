@@ -46,6 +46,11 @@ class WriteSite(enum.StrEnum):
     REFTABLE = "reftable"  # one refcount-table entry (refblock hookup)
     REFTABLE_GROW = "reftable-grow"  # a whole new, larger refcount table
     DATA = "data"  # guest data
+    SNAPSHOT_TABLE = "snapshot-table"  # a whole new snapshot table (qcow2_write_snapshots)
+    SNAPSHOT_HEADER = "snapshot-header"  # header bytes 60..71: nb_snapshots and snapshots_offset
+    SNAPSHOT_L1 = "snapshot-l1"  # a snapshot's L1 copy, or the active L1 rewritten by a snapshot operation
+    SNAPSHOT_L2 = "snapshot-l2"  # an L2 table whose COPIED flags a snapshot operation changed
+    SNAPSHOT_REFBLOCK = "snapshot-refblock"  # a refcount block written inside a snapshot operation
     REPAIR = "repair"  # a write made by check/repair
     CREATE = "create"  # writes that lay out a fresh image
     OTHER = "other"

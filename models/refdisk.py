@@ -79,6 +79,7 @@ import crcmod.predefined
 
 from models.blockio import SECTOR, CacheMode
 from models.payload import HEADER, MAGIC, SectorOrigin, describe, identify_sector, payload_sector
+from models.refsnap import SnapshotsMixin
 
 _ZERO_SECTOR = bytes(SECTOR)
 _MAX_READ_SECTORS = 2048  # judge() and collapse() read at most 1 MiB per read_fn call
@@ -242,7 +243,7 @@ class _Op:
     covers: frozenset[int] = frozenset()  # flush only: operations completed when it began
 
 
-class ReferenceDisk:
+class ReferenceDisk(SnapshotsMixin):
     """The source of truth for a virtual disk: what reads return now, and what a crash may leave.
 
     Guest operations mirror the image's: begin_write / begin_write_zeroes / begin_discard /
@@ -277,6 +278,8 @@ class ReferenceDisk:
         self._past: dict[int, tuple[int | _Maker, ...]] = {}  # fp, maker, fp, maker...: values lost for good
         self._ops: dict[int, _Op] = {}  # live operations
         self._used: dict[int, GuestOpKind] = {}  # every operation index ever begun
+        self._snaps = {}  # internal snapshots (models.refsnap): name -> sector values
+        self._snap_op = None  # the snapshot operation in flight, if any
 
     # ----------------------------------------------------------------- guest operations
 
@@ -345,10 +348,12 @@ class ReferenceDisk:
         if op.kind is GuestOpKind.FLUSH:
             del self._ops[op_index]
             self._make_durable(op.covers & self._ops.keys(), None, None)
-            return
-        self._ops[op_index] = replace(op, completed=True)
-        if self.cache_mode is not CacheMode.WRITEBACK and op.kind is not GuestOpKind.DISCARD:
-            self._make_durable({op_index}, op.first, op.stop)
+        else:
+            self._ops[op_index] = replace(op, completed=True)
+            if self.cache_mode is not CacheMode.WRITEBACK and op.kind is not GuestOpKind.DISCARD:
+                self._make_durable({op_index}, op.first, op.stop)
+        if self._snap_op is not None:
+            self._finish_snapshot(op_index)
 
     def write(self, offset: int, data: bytes | bytearray | memoryview, *, op_index: int | None = None) -> int:
         """begin_write then complete; returns the operation index (the next free one unless given)."""
@@ -527,6 +532,8 @@ class ReferenceDisk:
         new._past = dict(self._past)
         new._ops = dict(self._ops)
         new._used = dict(self._used)
+        new._snaps = dict(self._snaps)
+        new._snap_op = self._snap_op
         return new
 
     def digest(self) -> str:

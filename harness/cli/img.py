@@ -252,6 +252,8 @@ def cmd_create(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------- img info
 def image_info(path: str) -> dict:
     """The dictionary `qemu-img info --output=json` prints, in its key order."""
+    from harness.cli import snapshot as snapcli
+    from models.qcow2 import snapshot
     from models.qcow2 import spec as qspec
     from models.qcow2.image import Qcow2Image
 
@@ -259,6 +261,7 @@ def image_info(path: str) -> dict:
     try:
         img = Qcow2Image.open(f, readonly=True)
         hdr = img.hdr
+        snapshots = snapcli.info_entries(snapshot.list_snapshots(img))
         st = os.fstat(f.fd)
     finally:
         f.close()
@@ -272,6 +275,7 @@ def image_info(path: str) -> dict:
         data["corrupt"] = bool(incompat & qspec.IncompatFeature.CORRUPT)
         data["extended-l2"] = bool(incompat & qspec.IncompatFeature.EXTENDED_L2)
     return {
+        **({"snapshots": snapshots} if snapshots else {}),
         "virtual-size": hdr.size,
         "filename": path,
         "cluster-size": 1 << hdr.cluster_bits,
@@ -288,6 +292,10 @@ def format_info_human(info: dict) -> str:
              f"disk size: {size_to_str(info['actual-size'])}", f"cluster_size: {info['cluster-size']}"]
     if info["dirty-flag"]:
         lines.append("cleanly shut down: no")
+    if info.get("snapshots"):
+        from harness.cli import snapshot as snapcli
+
+        lines.append(snapcli.list_text_from_info(info["snapshots"]).rstrip("\n"))
     lines.append("Format specific information:")
     for key, value in info["format-specific"]["data"].items():
         shown = ("true" if value else "false") if isinstance(value, bool) else value
@@ -389,6 +397,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("-q", dest="quiet", action="store_true", help="quiet: no summary on stdout")
     p.add_argument("file", metavar="FILE", help="the image file")
     p.set_defaults(func=cmd_check)
+
+    from harness.cli import snapshot as snapcli
+
+    snapcli.register(img_sub, _install_error)
 
     p = _install_error(subparsers.add_parser(
         "io", help="qemu-io work-alike: run read/write/discard/flush/abort commands on an image",

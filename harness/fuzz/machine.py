@@ -16,6 +16,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, rule
 from harness import profiles
 from harness.config import Config, draw_config
 from harness.generate import DRAW_MAX, Choices, draw_op
+from harness.ops import Op, SnapshotApply, SnapshotCreate, SnapshotDelete
 from harness.ranges import Written
 from harness.runner import Budget, Runner
 
@@ -51,7 +52,9 @@ class CrashMachine(RuleBasedStateMachine):
         type(self).last_ops = self.runner.ops
 
     def _step(self, kind: str, draws: list[int]) -> None:
-        op = draw_op(kind, Choices(draws), self.runner.config, self.written)
+        self._run(draw_op(kind, Choices(draws), self.runner.config, self.written))
+
+    def _run(self, op: Op) -> None:
         findings = self.runner.step(op)
         if findings:
             raise AssertionError(self._report(findings[0]))
@@ -99,6 +102,11 @@ class CrashMachine(RuleBasedStateMachine):
     @rule(draws=DRAWS)
     def repair(self, draws) -> None:
         self._step("repair", draws)
+
+    @rule(kind=st.sampled_from((SnapshotCreate, SnapshotCreate, SnapshotApply, SnapshotDelete)),
+          name=st.sampled_from(("s0", "s1")))
+    def snapshot(self, kind, name) -> None:
+        self._run(kind(name))
 
     def teardown(self) -> None:
         if self.runner is not None and not self.runner.findings:

@@ -28,8 +28,8 @@ from models.blockio import CacheMode
 from models.qcow2.spec import IncompatFeature
 
 __all__ = [
-    "CheckSummary", "HeaderInfo", "OpenOptions", "ReadOnlyView", "Recovery", "RecoveryPath", "Target",
-    "TargetError", "UnknownTarget", "get_target", "register_target", "target_names",
+    "CheckSummary", "HeaderInfo", "OpenOptions", "ReadOnlyView", "Recovery", "RecoveryPath", "SnapshotReader",
+    "SnapshotRefused", "Target", "TargetError", "UnknownTarget", "get_target", "register_target", "target_names",
 ]
 
 
@@ -39,6 +39,10 @@ class TargetError(Exception):
 
 class UnknownTarget(TargetError, QcrashError):
     """`get_target` was given a name no target is registered under."""
+
+
+class SnapshotRefused(TargetError):
+    """A snapshot operation the implementation refuses before writing anything: both sides skip it."""
 
 
 class RecoveryPath(enum.StrEnum):
@@ -94,6 +98,10 @@ class CheckSummary:
     # Filled only when asked (`check(raw, past_eof=True)`, on recovered images: on a raw crash
     # image the tables may point anywhere).
     refcounts_past_eof: tuple[int, ...] = ()
+    # Every corruption is a COPIED flag out of step in the harmless direction that
+    # `check -r leaks` repairs fully (what a crash inside a snapshot operation may leave;
+    # CRASH-CONTRACT.md, Snapshots). Targets that cannot tell leave it False.
+    copied_benign: bool = False
 
     @property
     def problems(self) -> bool:
@@ -115,6 +123,15 @@ class ReadOnlyView:
     allocated: tuple[int, ...] = ()  # guest offsets of allocated clusters (foreign data hides there)
     changed: str | None = None  # the read-only open tried to change the file: what it did
     error: str | None = None  # the read-only open failed: the implementation's message
+
+
+@dataclass(frozen=True, slots=True)
+class SnapshotReader:
+    """The internal snapshots of an image (bytes), opened read-only: their names and their guest data."""
+
+    names: tuple[str, ...]
+    cluster_size: int
+    read: Callable[[str, int, int], bytes]  # (name, offset, length) -> guest bytes of that snapshot
 
 
 @dataclass(frozen=True, slots=True)
@@ -203,6 +220,28 @@ class Target(abc.ABC):
     @abc.abstractmethod
     def restart(self, image: bytes) -> None:
         """Continue on `image` (a recovered crash image), opened with the current options; the log starts afresh."""
+
+    # ---- internal snapshots (optional: the default refuses by name) ----------------------------
+    # Each live operation returns coverage labels of what it reached, and raises
+    # SnapshotRefused, before writing anything, for an operation the implementation refuses.
+    def snapshot_create(self, name: str, *, date_sec: int = 0) -> tuple[str, ...]:
+        """`qemu-img snapshot -c NAME` on the live image."""
+        raise self._unsupported("snapshot create")
+
+    def snapshot_apply(self, name: str) -> tuple[str, ...]:
+        """`qemu-img snapshot -a NAME` on the live image."""
+        raise self._unsupported("snapshot apply")
+
+    def snapshot_delete(self, name: str) -> tuple[str, ...]:
+        """`qemu-img snapshot -d NAME` on the live image."""
+        raise self._unsupported("snapshot delete")
+
+    def snapshots(self, raw: bytes) -> SnapshotReader:
+        """Judging: the snapshots of image bytes, read-only."""
+        raise self._unsupported("reading internal snapshots")
+
+    def _unsupported(self, what: str) -> TargetError:
+        return TargetError(f"{what} is not supported by the {self.name or type(self).__name__} target")
 
     # ---- judging: pure functions of image bytes -----------------------------------------------
     @abc.abstractmethod

@@ -144,8 +144,6 @@ def _refuse_unimplemented(path: str, hdr: Header, exts: list[HeaderExtension]) -
         raise UnsupportedFeature(path, FIELD_OFFSET["crypt_method"], "crypt_method", ["encryption"])
     if hdr.backing_file_offset:
         raise UnsupportedFeature(path, FIELD_OFFSET["backing_file_offset"], "backing_file_offset", ["backing file"])
-    if hdr.nb_snapshots:
-        raise UnsupportedFeature(path, FIELD_OFFSET["nb_snapshots"], "nb_snapshots", ["internal snapshots"])
 
 
 def _validate_table(path: str, field: str, name: str, offset: int, entries: int, entry_len: int, max_bytes: int, cs: int) -> None:

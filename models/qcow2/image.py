@@ -422,7 +422,9 @@ class Qcow2Image:
         buf[in_off : in_off + len(chunk)] = chunk
         reuse = ctype is ClusterType.ZERO_ALLOC and entry & spec.QCOW_OFLAG_COPIED
         new_host = host if reuse else self.alloc_clusters(1)
-        stale = new_host < self.file.size()
+        # A copy of a shared cluster holds other sectors' data: it must be durable before the
+        # L2 entry that exposes it (QEMU: l2 cache depends_on_flush after a COW), like reuse.
+        stale = new_host < self.file.size() or ctype is ClusterType.NORMAL
         self._pwrite(new_host, bytes(buf), WriteSite.DATA)
         copied = 0 if inject.on("copied-flag-wrong") else spec.QCOW_OFLAG_COPIED
         self._link_l2(l2_off, table, idx, new_host | copied, stale=stale, allocating=not reuse)
@@ -443,8 +445,9 @@ class Qcow2Image:
                 continue
             l2_off, table = self._l2_for_write(pos)
             new = spec.QCOW_OFLAG_ZERO
-            if ctype is ClusterType.NORMAL and entry & spec.QCOW_OFLAG_COPIED:
-                new |= host | spec.QCOW_OFLAG_COPIED
+            if ctype is ClusterType.NORMAL:
+                # Keep the cluster (QEMU without MAY_UNMAP); a shared one stays shared, without COPIED.
+                new |= host | (entry & spec.QCOW_OFLAG_COPIED)
             set_entry(table, self.geo.offset_to_l2_index(pos), new)
             self.l2cache.mark_dirty(l2_off)
         self._after_write()
@@ -465,7 +468,7 @@ class Qcow2Image:
             entry, ctype, host = self._lookup(pos)
             if ctype in (ClusterType.UNALLOCATED, ClusterType.ZERO_PLAIN):
                 continue
-            table = self.l2cache.get(l2_off)
+            l2_off, table = self._l2_for_write(pos)  # a table shared with a snapshot is copied first
             set_entry(table, self.geo.offset_to_l2_index(pos), spec.QCOW_OFLAG_ZERO if self.hdr.version >= 3 else 0)
             self.l2cache.mark_dirty(l2_off)
             self.free_cluster(host)

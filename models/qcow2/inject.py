@@ -30,6 +30,11 @@ BUGS: dict[str, str] = {
     "repair-forgets-table": "refcount rebuild forgets to count the L1 table",
     "l2-alloc-no-flush": "a new L2 table is linked into the L1 before the table itself is durable",
     "stale-l2-entry-read": "reads trust the stale host offset of an L2 entry whose zero flag is set",
+    "snapshot-copied-left-set": "snapshot create leaves COPIED set on shared data clusters (an in-place write changes the snapshot)",
+    "snapshot-delete-no-decrement": "snapshot delete frees the snapshot's L1 but never drops the references its tree held (leak)",
+    "snapshot-delete-double-decrement": "snapshot delete drops each data cluster's reference twice (use after free)",
+    "snapshot-apply-stale-copied": "snapshot apply writes the snapshot's L1 with the COPIED flags it had when taken (QEMU 7.2's qcow2_snapshot_goto)",
+    "snapshot-table-before-refcounts": "snapshot create publishes the snapshot table before the refcount increments are durable",
     # Bugs that show only at a structure edge (harness.ranges aims at these edges):
     "l2-crossing-write-one-table": "a write crossing an L2-table boundary maps its later clusters through the "
                                    "first table (no per-table clamp; the index wraps around)",

@@ -167,3 +167,27 @@ def test_runner_takes_a_target_instance_and_exposes_its_log_and_images() -> None
     assert runner.inner.getvalue() == target.contents()
     durable = runner.builder.build(CrashState(0, Policy.PREFIX))
     assert bytes(durable) == target.log.base
+
+
+def test_snapshot_ops_refused_or_unknown_are_no_ops_on_both_sides() -> None:
+    from harness.ops import SnapshotApply, SnapshotCreate, SnapshotDelete
+
+    runner = Runner(Config(**SMALL, refcount_bits=1), seed=1)
+    findings = runner.run([Write(0, 512, 1), SnapshotCreate("s0"), SnapshotApply("s0"), SnapshotDelete("nope"),
+                           Read(0, 512)])
+    assert not findings, findings
+    assert runner.stats.coverage["snapshot refused (refcount would overflow)"] == 1
+    assert runner.stats.coverage["snapshot op on a missing name skipped"] == 2
+    assert runner.model.snapshot_names() == []
+
+
+def test_snapshot_ops_are_swept_and_survive_a_crash_and_the_finish() -> None:
+    from harness.ops import SnapshotApply, SnapshotCreate
+
+    runner = Runner(Config(**SMALL, cache_mode="writethrough"), seed=2)
+    findings = runner.run([Write(0, 1024, 1), SnapshotCreate("s0"), Write(0, 512, 2), SnapshotApply("s0"),
+                           Crash(-1), Read(0, 1024)])
+    assert not findings, findings
+    assert runner.stats.coverage["crashed inside a snapshot create"] > 0
+    assert runner.stats.coverage["crashed inside a snapshot apply"] > 0
+    assert runner.model.snapshot_names() == ["s0"]

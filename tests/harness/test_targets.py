@@ -168,3 +168,46 @@ def test_restart_continues_on_given_bytes_with_a_fresh_log() -> None:
     target.restart(rec.image)
     assert target.point() == 0 and target.log.base == rec.image
     assert target.read(0, 512) == b"a" * 512
+
+
+# ---- internal snapshots through the seam (issue 16) --------------------------------------------
+def test_python_target_snapshot_ops_and_the_snapshot_reader() -> None:
+    target = live(cache_mode="writethrough")
+    target.write(0, b"a" * 512)
+    start = target.point()
+    assert target.snapshot_create("s0", date_sec=1) == ("refcount above 1 reached",), "the data cluster is shared now"
+    assert target.point() > start, "create writes through the logged file (crash points)"
+    target.write(0, b"b" * 512)
+    target.snapshot_apply("s0")
+    assert target.read(0, 512) == b"a" * 512
+    target.snapshot_create("s1")
+    target.snapshot_delete("s0")
+    target.close()
+    reader = target.snapshots(target.contents())
+    assert reader.names == ("s1",) and reader.cluster_size == 512
+    assert reader.read("s1", 0, 512) == b"a" * 512
+
+
+def test_python_target_refuses_a_refcount_overflow_before_writing() -> None:
+    from harness.targets import SnapshotRefused
+
+    target = live(refcount_bits=1)
+    target.write(0, b"a" * 512)
+    start = target.point()
+    with pytest.raises(SnapshotRefused, match="refcount"):
+        target.snapshot_create("s0")
+    assert target.point() == start
+
+
+def test_a_target_without_snapshots_refuses_them_by_name() -> None:
+    class Bare(PythonTarget):
+        name = "bare"
+        snapshot_create = Target.snapshot_create
+        snapshots = Target.snapshots
+
+    target = Bare()
+    target.create(Config(**SMALL))
+    with pytest.raises(TargetError, match="snapshot create is not supported by the bare target"):
+        target.snapshot_create("s0")
+    with pytest.raises(TargetError, match="not supported by the bare target"):
+        target.snapshots(target.contents())

@@ -452,13 +452,23 @@ def test_rule_feature_table_length_grown_past_cluster_0():
 @pytest.mark.parametrize("field, value, feature", [
     ("crypt_method", 1, "encryption"),
     ("crypt_method", 2, "encryption"),
-    ("nb_snapshots", 1, "internal snapshots"),
 ])
 def test_rule_unsupported_header_features_refused_by_name(field, value, feature):
     code, first = FIELD_CODES[field]
     open_fails(put(image(), field, value),
                exact(f"{NAME} at offset {first:#x}: {field}: unsupported qcow2 feature(s): {feature}"),
                exc_type=UnsupportedFeature)
+
+
+@pytest.mark.parametrize("nb, offset, rule", [
+    (65537, 0x10000, "Snapshot table too large"),  # QEMU 7.2: qcow2_validate_table
+    (1, 0x10001, "Snapshot table offset invalid"),
+])
+def test_rule_snapshot_table_validated(nb, offset, rule):
+    """Internal snapshots are implemented (issue 16): the table's count and offset are validated as QEMU does."""
+    buf = put(put(image(), "nb_snapshots", nb), "snapshots_offset", offset)
+    with pytest.raises(InvalidImage, match=rule):
+        Qcow2Image.open(MemoryFile(bytes(buf), name=NAME), readonly=True)
 
 
 def test_rule_backing_file_refused_by_name():

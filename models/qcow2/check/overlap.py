@@ -15,6 +15,8 @@ _OL_NAMES = {
     "l2": "active L2 table",
     "reftable": "refcount table",
     "refblock": "refcount block",
+    "snapshots": "snapshot table",
+    "inactive-l1": "inactive L1 table",
 }
 
 
@@ -38,7 +40,7 @@ def _metadata_clusters(s: CheckState) -> dict[str, set[int]]:
 
 
 def qcow2_check_metadata_overlap(s: CheckState, offset: int, size: int, ignore: frozenset[str] = frozenset()) -> str | None:
-    """The name of the metadata a write of [offset, offset + size) would hit, or None (no snapshots, no bitmaps)."""
+    """The name of the metadata a write of [offset, offset + size) would hit, or None (no inactive L2 tables, no bitmaps)."""
     if not size:
         return None
     if "header" not in ignore and offset < s.cs:
@@ -53,6 +55,10 @@ def qcow2_check_metadata_overlap(s: CheckState, offset: int, size: int, ignore: 
         return "l1"
     if "reftable" not in ignore and s.reftable and hits(s.reftable_offset, len(s.reftable) * 8):
         return "reftable"
+    if "snapshots" not in ignore and s.snapshots_size and hits(s.hdr.snapshots_offset, s.snapshots_size):
+        return "snapshots"
+    if "inactive-l1" not in ignore and any(sn.l1_size and hits(sn.l1_table_offset, sn.l1_size * 8) for sn in s.snapshots):
+        return "inactive-l1"
     tables = _metadata_clusters(s)
     for name in ("l2", "refblock"):
         if name not in ignore and any(c in tables[name] for c in written):

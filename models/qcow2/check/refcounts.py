@@ -20,7 +20,7 @@ from models.qcow2 import inject, spec
 from models.qcow2.check.imrt import Imrt, nonzero_refcounts
 from models.qcow2.check.overlap import pre_write_overlap_check
 from models.qcow2.check.result import FIX_ERRORS, FIX_LEAKS, CheckCounts, Finding, Kind
-from models.qcow2.check.state import BDRV_MAX_LENGTH, CheckFailed, CheckState, RefcountIOError, l1_bytes_in_file
+from models.qcow2.check.state import BDRV_MAX_LENGTH, CheckFailed, CheckState, RefcountIOError, hash_x, l1_bytes_in_file
 from models.qcow2.errors import InvalidImage
 
 __all__ = ["qcow2_check_refcounts", "run_check", "calculate_refcounts", "compare_refcounts", "check_oflag_copied"]
@@ -151,13 +151,16 @@ def fix_l2_entry_by_zero(s: CheckState, l2_offset: int, index: int) -> bool:
     return True
 
 
-def check_refcounts_l1(s: CheckState, imrt: Imrt, frag: bool, fix: int) -> None:
-    """Count the active L1 table, its L2 tables and their data clusters."""
-    if not s.l1_size:
+def check_refcounts_l1(s: CheckState, imrt: Imrt, frag: bool, fix: int, l1_offset: int | None = None,
+                       l1_size: int | None = None) -> None:
+    """Count an L1 table (the active one unless given: a snapshot's), its L2 tables and their data clusters."""
+    l1_offset = s.l1_offset if l1_offset is None else l1_offset
+    l1_size = s.l1_size if l1_size is None else l1_size
+    if not l1_size:
         return
-    qcow2_inc_refcounts_imrt(s, imrt, s.l1_offset, s.l1_size * 8)
+    qcow2_inc_refcounts_imrt(s, imrt, l1_offset, l1_size * 8)
     # Entries past the end of the file read as zero, like the zero entries skipped below.
-    entries = _u64s(read_exact(s.file, s.l1_offset, l1_bytes_in_file(s.file.size(), s.l1_offset, s.l1_size)))
+    entries = _u64s(read_exact(s.file, l1_offset, l1_bytes_in_file(s.file.size(), l1_offset, l1_size)))
     for i in _nonzero(entries):
         entry = entries[i]
         if entry & spec.L1E_RESERVED_MASK:
@@ -241,11 +244,28 @@ def calculate_refcounts(s: CheckState, fix: int, nb_clusters: int) -> tuple[Imrt
     imrt = Imrt(nb_clusters, s.rb_entries)
     qcow2_inc_refcounts_imrt(s, imrt, 0, s.cs)  # header
     check_refcounts_l1(s, imrt, True, fix)  # active L1, L2 tables, data
-    # (no snapshots: their L1 tables and the snapshot table count nothing)
+    _count_snapshots(s, imrt, fix)
     if not inject.on("repair-forgets-table"):
         qcow2_inc_refcounts_imrt(s, imrt, s.reftable_offset, len(s.reftable) * 8)
     rebuild = check_refblocks(s, imrt, fix)
     return imrt, rebuild
+
+
+def _count_snapshots(s: CheckState, imrt: Imrt, fix: int) -> None:
+    """Every snapshot's L1 table, L2 tables and data clusters (no fragmentation info), then the snapshot table."""
+    for sn in s.snapshots:
+        if not s.geo.is_aligned(sn.l1_table_offset):
+            s.emit(Kind.SNAPSHOT_L1, "ERROR snapshot {} ({}) l1_offset={}: L1 table is not cluster aligned; "
+                   "snapshot table entry corrupted", sn.id_str, sn.name, hash_x(sn.l1_table_offset))
+            s.res.corruptions += 1
+            continue
+        if sn.l1_size > spec.QCOW_MAX_L1_SIZE // 8:
+            s.emit(Kind.SNAPSHOT_L1, "ERROR snapshot {} ({}) l1_size={}: L1 table is too large; "
+                   "snapshot table entry corrupted", sn.id_str, sn.name, hash_x(sn.l1_size))
+            s.res.corruptions += 1
+            continue
+        check_refcounts_l1(s, imrt, False, fix, sn.l1_table_offset, sn.l1_size)
+    qcow2_inc_refcounts_imrt(s, imrt, s.hdr.snapshots_offset, s.snapshots_size)
 
 
 def _compare_candidates(s: CheckState, imrt: Imrt) -> list[int]:

@@ -51,6 +51,7 @@ class Kind(enum.StrEnum):
     REBUILD_FAILED = "rebuild-failed"
     CORRUPTION_SIGNAL = "corruption-signal"  # qcow2: Marking image as corrupt / Image is corrupt
     WRITE_FAILED = "write-failed"
+    SNAPSHOT_L1 = "snapshot-l1"  # ERROR snapshot ID (NAME) l1_offset=/l1_size=: snapshot table entry corrupted
 
 
 class Finding:
