@@ -17,7 +17,7 @@ from harness.fuzz import evidence as evidencemod
 from harness import profiles
 from harness.config import Config
 from harness.generate import generate
-from harness.ops import Op
+from harness.ops import SNAPSHOT_OPS, Op
 from harness.oracle import Finding
 from harness.runner import Runner, Stats
 from harness.shrink import crash_atoms, guest_op_count, shrink
@@ -86,7 +86,10 @@ def run_example(args: tuple) -> Outcome:
     if spec is not None and spec.name == "qemu":
         # Users bring a crashed QEMU image back by opening it or by `qemu-img check -r all`: judge both.
         budget = dataclasses.replace(budget, recovery_paths=QEMU_RECOVERY_PATHS)
-    runner = Runner(config, seed=seed, budget=budget, target=make_target(spec))
+    target = make_target(spec)
+    if not isinstance(target, str) and not target.supports_snapshots:
+        ops = [op for op in ops if not isinstance(op, SNAPSHOT_OPS)]
+    runner = Runner(config, seed=seed, budget=budget, target=target)
     try:
         findings = runner.run(ops)
     finally:

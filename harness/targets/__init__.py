@@ -20,6 +20,7 @@ import enum
 import importlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from harness.config import Config
 from harness.errors import QcrashError
@@ -222,6 +223,10 @@ class Target(abc.ABC):
         """Continue on `image` (a recovered crash image), opened with the current options; the log starts afresh."""
 
     # ---- internal snapshots (optional: the default refuses by name) ----------------------------
+    # Whether the snapshot methods below are implemented; the fuzz engine leaves snapshot ops
+    # out of sequences for a target without them (today: qemu), instead of reporting refusals.
+    supports_snapshots: ClassVar[bool] = False
+
     # Each live operation returns coverage labels of what it reached, and raises
     # SnapshotRefused, before writing anything, for an operation the implementation refuses.
     def snapshot_create(self, name: str, *, date_sec: int = 0) -> tuple[str, ...]:

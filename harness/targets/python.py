@@ -66,6 +66,7 @@ class PythonTarget(Target):
     """Today's models/qcow2: the live image over a FaultInjectingFile; judging on in-memory copies."""
 
     name = "python"
+    supports_snapshots = True
 
     def __init__(self) -> None:
         self._options = OpenOptions()
