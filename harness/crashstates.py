@@ -146,8 +146,8 @@ Tears = tuple[tuple[int, tuple[int, ...]], ...]
 # --------------------------------------------------------------------------- state and id
 
 
-def _format_ranges(values: Sequence[int]) -> str:
-    """Ascending distinct ints as ``0-3,5,7-8``."""
+def range_runs(values: Sequence[int]) -> list[str]:
+    """Ascending distinct ints as their runs: [0, 1, 2, 3, 5, 7, 8] -> ['0-3', '5', '7-8']."""
     parts = []
     i = 0
     while i < len(values):
@@ -156,7 +156,12 @@ def _format_ranges(values: Sequence[int]) -> str:
             j += 1
         parts.append(str(values[i]) if i == j else f"{values[i]}-{values[j]}")
         i = j + 1
-    return ",".join(parts)
+    return parts
+
+
+def _format_ranges(values: Sequence[int]) -> str:
+    """Ascending distinct ints as ``0-3,5,7-8`` (the form crash-state ids use)."""
+    return ",".join(range_runs(values))
 
 
 def _is_ascending(values: Sequence[int]) -> bool:

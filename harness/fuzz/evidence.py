@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from harness.crashstates import CrashState
+from harness.crashstates import CrashState, range_runs
 from harness.faultfile import HostOp, HostOpKind, WriteLog, sector_count
 
 # Readable names of the write sites (models.blockio.WriteSite values).
@@ -73,14 +73,7 @@ def _op_words(op: HostOp) -> str:
 
 def _ranges(values: list[int]) -> str:
     """[6, 7, 8, 10] -> '6-8 and 10'."""
-    runs: list[str] = []
-    i = 0
-    while i < len(values):
-        j = i
-        while j + 1 < len(values) and values[j + 1] == values[j] + 1:
-            j += 1
-        runs.append(str(values[i]) if i == j else f"{values[i]}-{values[j]}")
-        i = j + 1
+    runs = range_runs(values)
     return runs[0] if len(runs) == 1 else ", ".join(runs[:-1]) + " and " + runs[-1]
 
 
