@@ -31,6 +31,10 @@ SECTOR = 512
 # Coverage the runner counts per snapshot operation (not per crash state: no judge counts them).
 OP_COVERAGE = ("refcount above 1 reached", "snapshot op on a missing name skipped",
                "snapshot refused (refcount would overflow)")
+# Coverage of crashes inside snapshot work (crash_coverage below); reports list these and OP_COVERAGE.
+CRASH_COVERAGE = ("crashed inside a snapshot create", "crashed inside a snapshot apply",
+                  "crashed inside a snapshot delete", "crashed inside a write while snapshots share clusters",
+                  "crashed inside an L2 allocation while snapshots share clusters (copy-on-write)")
 
 
 def model_refuses(op, model: "ReferenceDisk") -> str | None:

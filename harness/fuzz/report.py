@@ -9,6 +9,7 @@ from collections import Counter
 from pathlib import Path
 
 from harness import __version__, coverage
+from harness.snapshots import CRASH_COVERAGE, OP_COVERAGE
 from harness.fuzz import plots
 from harness.fuzz.corpus import atomic_write, atomic_write_json
 from harness.oracle import digest
@@ -17,6 +18,7 @@ from harness.oracle import digest
 COVERAGE_KEYS = (
     "dirty at open", "clean at open", "repaired on open", "refcount rebuild", "leaks after crash", "leaks repaired",
     "recovery crashed", "refcount-table growth crashed", "torn metadata write", "dirty-bit write unsynced",
+    *OP_COVERAGE, *CRASH_COVERAGE,
 )
 SUMMARY_FORMAT = "qcrash-summary"
 SUMMARY_VERSION = 2  # 2: format fields, target, finding details with report-relative files, shard timelines

@@ -191,3 +191,19 @@ def test_snapshot_ops_are_swept_and_survive_a_crash_and_the_finish() -> None:
     assert runner.stats.coverage["crashed inside a snapshot create"] > 0
     assert runner.stats.coverage["crashed inside a snapshot apply"] > 0
     assert runner.model.snapshot_names() == ["s0"]
+
+
+def test_the_report_lists_every_snapshot_coverage_label() -> None:
+    """A fuzz summary keeps the snapshot situations the runner counts (shared clusters, copy-on-write, ops)."""
+    from harness.fuzz.report import COVERAGE_KEYS
+    from harness.ops import SnapshotCreate, SnapshotDelete
+    from harness.snapshots import CRASH_COVERAGE, OP_COVERAGE
+
+    runner = Runner(Config(**SMALL, cache_mode="writethrough"), seed=2)
+    findings = runner.run([Write(0, 1024, 1), SnapshotCreate("s0"), Write(0, 512, 2), Write(65536, 512, 3),
+                           SnapshotDelete("s0"), Read(0, 1024)])
+    assert not findings, findings
+    seen = {k for k, v in runner.stats.coverage.items() if v}
+    assert {"refcount above 1 reached", "crashed inside a snapshot create", "crashed inside a snapshot delete",
+            "crashed inside a write while snapshots share clusters"} <= seen, seen
+    assert set(OP_COVERAGE) | set(CRASH_COVERAGE) <= set(COVERAGE_KEYS)
