@@ -18,7 +18,7 @@ import time
 from typing import Callable
 
 from harness.config import Config
-from harness.crashstates import CrashImageBuilder, CrashState
+from harness.crashstates import CrashState
 from harness.executor import Executor, Span
 from harness.judge import Judge, Where, exc_text, judge_clean_image, judge_closed_reads, read_view
 from harness import snapshots
@@ -28,7 +28,7 @@ from harness.points import Budget, choose_points, choose_states, crash_op_for, r
 from harness.qemu_check import qemu_disagreement
 from harness.stats import Stats
 from harness.targets import Target, TargetError, get_target
-from models.blockio import SECTOR, MemoryFile
+from models.blockio import SECTOR
 from models.qcow2.errors import Qcow2Error
 from models.refdisk import ReferenceDisk
 
@@ -56,16 +56,6 @@ class Runner:
     @property
     def model(self) -> ReferenceDisk:
         return self.executor.model
-
-    @property
-    def builder(self) -> CrashImageBuilder:
-        """Crash images of the current host-op log."""
-        return self.executor.builder
-
-    @property
-    def inner(self) -> MemoryFile:
-        """A snapshot of the live image file (`.getvalue()`), for callers that predate `target.contents()`."""
-        return MemoryFile(self.target.contents())
 
     @property
     def ff(self) -> Target:

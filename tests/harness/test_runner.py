@@ -155,7 +155,7 @@ def dataclasses_replace(obj, **changes):
 
 
 def test_runner_takes_a_target_instance_and_exposes_its_log_and_images() -> None:
-    """What the shrinker and the finding files read: the log (`ff`), crash images (`builder`), the live file (`inner`)."""
+    """What the shrinker and the finding files read: the log (`ff`), crash images (`executor.builder`), the target."""
     from harness.crashstates import CrashState, Policy
     from harness.targets.python import PythonTarget
 
@@ -164,8 +164,7 @@ def test_runner_takes_a_target_instance_and_exposes_its_log_and_images() -> None
     assert runner.target is target
     assert runner.step(Write(0, 512, 1)) == []
     assert runner.ff.point() == len(target.log) > 0
-    assert runner.inner.getvalue() == target.contents()
-    durable = runner.builder.build(CrashState(0, Policy.PREFIX))
+    durable = runner.executor.builder.build(CrashState(0, Policy.PREFIX))
     assert bytes(durable) == target.log.base
 
 
