@@ -4,7 +4,7 @@ Before a host write lands, its range (rounded out to whole clusters) is compared
 active metadata: the header (cluster 0), the L1 table, the refcount table, every L2 table
 the L1 points at and every refcount block the refcount table points at. A hit is a fatal
 corruption event: the image is marked corrupt and the write refused (see
-`Qcow2Image._signal_corruption`). Each write site skips its own kind, as QEMU's callers
+`HostIO.signal_corruption`). Each write site skips its own kind, as QEMU's callers
 pass an `ign` mask: an L2 write-back may land on an active L2 table, never on a refcount
 block. Header updates (dirty bit, header rewrite, refcount-table switch) and refcount-table
 hookups are not checked, as in QEMU.
