@@ -1,8 +1,6 @@
-"""Helpers shared by the in-process tests of `qcrash img` and `qcrash io`: run a command line, an image path fixture, create an image, read the dirty bit, and qemu-io's timing line."""
+"""Helpers shared by the in-process tests of `qcrash img` and `qcrash io`: run a command line, create an image, read the dirty bit, and qemu-io's timing line."""
 
 from __future__ import annotations
-
-import pytest
 
 from harness.cli import main
 
@@ -23,11 +21,6 @@ def run(capsys, *argv: str) -> tuple[int, str, str]:
 
 def lines(text: str) -> list[str]:
     return text.splitlines()
-
-
-@pytest.fixture
-def img(tmp_path):
-    return tmp_path / "t.qcow2"
 
 
 def create(path, size="128M", *opts):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from harness.cli import img as cli_img
-from tests.unit._cli_img_tools import img  # noqa: F401  (the image path fixture)
 from tests.unit._cli_img_tools import create, run
 
 

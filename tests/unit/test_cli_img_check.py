@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import struct
 
-from tests.unit._cli_img_tools import img  # noqa: F401  (the image path fixture)
 from tests.unit._cli_img_tools import create, dirty_bit, lines, run
 
 

@@ -6,7 +6,6 @@ import pytest
 
 from models.blockio import MemoryFile
 from models.qcow2.image import Qcow2Image
-from tests.unit._cli_img_tools import img  # noqa: F401  (the image path fixture)
 from tests.unit._cli_img_tools import MiB, create, run
 
 

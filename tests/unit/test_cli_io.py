@@ -8,7 +8,6 @@ import struct
 
 import pytest
 
-from tests.unit._cli_img_tools import img  # noqa: F401  (the image path fixture)
 from tests.unit._cli_img_tools import TIMING, create, dirty_bit, lines, run
 
 
