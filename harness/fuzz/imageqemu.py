@@ -5,7 +5,8 @@ Compared, per image (each tool on its own copy):
 - **open for check**: does `qemu-img check` open the image (no "Could not open")? does
   qcrash's check (the library step `check`)?
 - **read-write use**: does `qemu-io -c "write -P 0x11 0 512"` succeed, and does it mark
-  the image corrupt? does the library's `open-rw` step succeed, or refuse with an overlap?
+  the image corrupt? does the library's `open-rw` step succeed, and does it log a fatal
+  corruption event ("Marking image as corrupt": an overlap, an unaligned table, ...)?
 
 A difference is a *disagreement* with a short, normalised reason, so the run can list each
 kind once with a count. The CLI check (`python -m harness img check`, `io -c write`) is
@@ -118,7 +119,7 @@ def disagreements(steps: dict[str, Step], q: QemuView) -> list[str]:
     rw = steps.get("open-rw")
     if rw is not None and rw.cls in ("result", "named"):
         ours_ok = rw.cls == "result"
-        ours_corrupt = "Preventing invalid write on metadata" in rw.detail
+        ours_corrupt = rw.corrupt
         if ours_ok != q.write_ok:
             if q.write_ok:
                 out.append(f"write: qemu-io writes, qcrash refuses: {_norm(rw.detail.split(': ', 1)[-1])}")

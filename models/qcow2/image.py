@@ -360,6 +360,9 @@ class Qcow2Image:
             return l2_off, self.l2cache.get(l2_off)
         old = bytes(self.l2cache.get(l2_off)) if l2_off else None
         new_off = self.alloc_clusters(1)
+        if new_off == 0:  # as QEMU's l2_allocate, before anything is written: the refcounts are broken
+            corruption_event(self, "Preventing invalid allocation of L2 table at offset 0")
+            raise CorruptImage(self.path, 0, "L2 table allocation", 0, "Preventing invalid allocation of L2 table at offset 0")
         self.refcache.flush()  # the new table is counted on disk before anything points at it
         table = self.l2cache.get_empty(new_off)
         if old is not None:
