@@ -48,3 +48,29 @@ def test_open_rw_step_reports_a_corruption_event_it_logged() -> None:
     assert step.cls == "named" and step.corrupt
     clean = imagecase.run_library(bytes(fresh()), steps=("open-rw",))[0]
     assert clean.cls == "result" and not clean.corrupt
+
+
+@pytest.mark.parametrize("size, name", [(0, b""), (8, bytes(8))])
+def test_empty_backing_file_name_is_no_backing_file_as_qemu(size: int, name: bytes) -> None:
+    raw = fresh(65536)
+    struct.pack_into(">QI", raw, 8, 0x200, size)  # backing_file_offset, backing_file_size
+    raw[0x200:0x200 + len(name)] = name
+    f = MemoryFile(bytes(raw), name="t.qcow2")
+    img = Qcow2Image.open(f)
+    img.write(0, b"\x11" * 512)
+    img._update_header()  # a full header rewrite (qcow2_update_header) moves the empty name after the end marker
+    img.close()
+    again = Qcow2Image.open(MemoryFile(f.getvalue()), readonly=True)
+    assert again.read(0, 512) == b"\x11" * 512
+    offset, length = struct.unpack_from(">QI", f.getvalue(), 8)
+    assert length == 0 and offset > 104 and f.getvalue()[offset - 8:offset] == bytes(8)  # right after the end marker
+
+
+def test_non_empty_backing_file_name_is_refused_by_name() -> None:
+    from models.qcow2.errors import UnsupportedFeature
+
+    raw = fresh(65536)
+    struct.pack_into(">QI", raw, 8, 0x200, 4)
+    raw[0x200:0x204] = b"base"
+    with pytest.raises(UnsupportedFeature, match="backing file"):
+        Qcow2Image.open(MemoryFile(bytes(raw), name="t.qcow2"), readonly=True)
