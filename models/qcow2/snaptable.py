@@ -30,6 +30,7 @@ EXTRA_FIELDS: tuple[tuple[str, str, int, int], ...] = (
 )
 _ENTRY_FORMAT = ">" + "".join(code for _, code, _, _ in ENTRY_FIELDS)
 _EXTRA_FORMAT = ">" + "".join(code for _, code, _, _ in EXTRA_FIELDS)
+_ENTRY, _EXTRA = struct.Struct(_ENTRY_FORMAT), struct.Struct(_EXTRA_FORMAT)
 ENTRY_HEADER_SIZE = struct.calcsize(_ENTRY_FORMAT)
 EXTRA_SIZE = struct.calcsize(_EXTRA_FORMAT)  # what QEMU 7.2 writes (sizeof(QCowSnapshotExtraData))
 assert ENTRY_HEADER_SIZE == 40 and EXTRA_SIZE == 24
@@ -109,11 +110,18 @@ class _Window:
     def __init__(self, file: BlockFile) -> None:
         self.file, self.start, self.buf = file, 0, b""
 
-    def read(self, pos: int, n: int) -> bytes:
+    def span(self, pos: int, n: int) -> tuple[bytes, int]:
+        """A buffer holding bytes [pos, pos + n) and where they start in it (for struct.unpack_from)."""
         if not (self.start <= pos and pos + n <= self.start + len(self.buf)):
             # Never ask for bytes at or past 2^63 that the caller did not ask for (read_exact refuses them).
             self.start, self.buf = pos, read_exact(self.file, pos, max(n, min(self.CHUNK, _INT64_MAX + 1 - pos)))
-        return self.buf[pos - self.start: pos - self.start + n]
+        return self.buf, pos - self.start
+
+    def read(self, pos: int, n: int) -> bytes:
+        if not n:
+            return b""
+        buf, at = self.span(pos, n)
+        return buf[at: at + n]
 
 
 def read_table(file: BlockFile, nb_snapshots: int, offset: int, *, disk_size: int) -> tuple[list[Snapshot], int]:
@@ -139,11 +147,11 @@ def read_entries(file: BlockFile, nb_snapshots: int, offset: int, *, disk_size: 
         before = pos
         table_length += -table_length % 8
         pos += -pos % 8
-        fields = dict(zip((f for f, _, _, _ in ENTRY_FIELDS),
-                          struct.unpack(_ENTRY_FORMAT, win.read(pos, ENTRY_HEADER_SIZE))))
         entry = pos
+        buf, at = win.span(pos, ENTRY_HEADER_SIZE)
+        l1_off, l1_size, id_size, name_size, date_sec, date_nsec, vm_clock, vm_state, extra_size = \
+            _ENTRY.unpack_from(buf, at)
         pos += ENTRY_HEADER_SIZE
-        extra_size = fields["extra_data_size"]
         kept_extra = extra_size
         if extra_size > MAX_EXTRA_DATA:
             if not repair:
@@ -155,16 +163,20 @@ def read_entries(file: BlockFile, nb_snapshots: int, offset: int, *, disk_size: 
                              f"({extra_size} > {MAX_EXTRA_DATA})")
             out.extra_dropped += 1
             kept_extra = MAX_EXTRA_DATA
-        known = win.read(pos, min(EXTRA_SIZE, extra_size))
-        unknown = win.read(pos + len(known), max(0, kept_extra - EXTRA_SIZE))
+        if extra_size >= EXTRA_SIZE:
+            buf, at = win.span(pos, EXTRA_SIZE)
+            vm_large, snap_disk, icount = _EXTRA.unpack_from(buf, at)
+        else:
+            known = win.read(pos, extra_size)
+            vm_large, snap_disk, icount = _EXTRA.unpack(known + bytes(EXTRA_SIZE - extra_size))
+        unknown = win.read(pos + EXTRA_SIZE, kept_extra - EXTRA_SIZE) if kept_extra > EXTRA_SIZE else b""
         pos += extra_size
-        vm_large, snap_disk, icount = struct.unpack(_EXTRA_FORMAT, known + bytes(EXTRA_SIZE - len(known)))
-        raw_id = win.read(pos, fields["id_str_size"])
-        raw_name = win.read(pos + len(raw_id), fields["name_size"])
-        pos += len(raw_id) + len(raw_name)
+        raw_id = win.read(pos, id_size)
+        raw_name = win.read(pos + id_size, name_size)
+        pos += id_size + name_size
         if extra_size < V3_MIN_EXTRA:  # only v3 requires it: the caller decides
             out.incomplete.append(i)
-        table_length += ENTRY_HEADER_SIZE + kept_extra + len(raw_id) + len(raw_name)
+        table_length += ENTRY_HEADER_SIZE + kept_extra + id_size + name_size
         if table_length > MAX_TABLE_SIZE or pos - offset > _INT_MAX:
             left = nb_snapshots - i
             if not repair:
@@ -179,13 +191,10 @@ def read_entries(file: BlockFile, nb_snapshots: int, offset: int, *, disk_size: 
             pos = before
             break
         out.snapshots.append(Snapshot(
-            id_str=raw_id.decode("utf-8", "replace"), name=raw_name.decode("utf-8", "replace"),
-            l1_table_offset=fields["l1_table_offset"], l1_size=fields["l1_size"],
-            disk_size=snap_disk if extra_size >= 16 else disk_size,
-            date_sec=fields["date_sec"], date_nsec=fields["date_nsec"], vm_clock_nsec=fields["vm_clock_nsec"],
-            vm_state_size=vm_large if extra_size >= 8 else fields["vm_state_size"],
-            icount=(icount if icount < 1 << 63 else icount - (1 << 64)) if extra_size >= 24 else -1,
-            unknown_extra=unknown))
+            raw_id.decode("utf-8", "replace"), raw_name.decode("utf-8", "replace"), l1_off, l1_size,
+            snap_disk if extra_size >= 16 else disk_size, date_sec, date_nsec, vm_clock,
+            vm_large if extra_size >= 8 else vm_state,
+            (icount if icount < 1 << 63 else icount - (1 << 64)) if extra_size >= 24 else -1, unknown))
     out.size = pos - offset
     return out
 
