@@ -6,7 +6,7 @@ every snapshot's L1 table (QEMU's "inactive L1"), every L2 table the active L1 p
 and every refcount block the refcount table points at (the L2 tables only snapshots reach
 are not compared: "inactive L2" is outside the cached template). A hit is a fatal
 corruption event: the image is marked corrupt and the write refused (see
-`Qcow2Image._signal_corruption`). Each write site skips its own kind, as QEMU's callers
+`HostIO.signal_corruption`). Each write site skips its own kind, as QEMU's callers
 pass an `ign` mask: an L2 write-back may land on an active L2 table, never on a refcount
 block. Header updates (dirty bit, header rewrite, refcount-table switch) and refcount-table
 hookups are not checked, as in QEMU. Of a snapshot operation's writes only the new snapshot

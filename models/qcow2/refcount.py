@@ -8,7 +8,7 @@ Hazards this module guards against, each ordered before the write that would exp
 - a grown refcount table and its new blocks are flushed before the header switches
   to them, and the old table is freed only after the switch is durable;
 - a freed cluster is not handed out again until the L2 update that freed it is
-  durable (`_recently_freed`), or a crash could show the new owner's data through
+  durable (`recently_freed`), or a crash could show the new owner's data through
   the old L2 entry.
 """
 
@@ -20,54 +20,13 @@ from models.blockio import WriteSite
 from models.qcow2 import inject, spec
 from models.qcow2.cache import TableCache
 from models.qcow2.errors import CorruptImage
+from models.qcow2.freesearch import find_free
 from models.qcow2.geometry import Geometry, get_refcount, set_refcount
-
-
-_MAX_REFTABLE_ENTRIES = spec.QCOW_MAX_REFTABLE_SIZE // 8
-
-
-def _first_zero(block: bytes | bytearray, start: int, order: int, entries: int) -> int | None:
-    """Index of the first refcount-0 entry at or after `start` in a refcount block, or None."""
-    if order >= 3:
-        width = 1 << (order - 3)
-        zero = bytes(width)
-        pos = start * width
-        end = entries * width
-        while pos < end:
-            found = block.find(zero, pos, end)
-            if found < 0:
-                return None
-            if found % width == 0:
-                return found // width
-            pos = found + (width - found % width)  # realign: a zero run straddling two entries
-        return None
-    # Sub-byte widths: test the (partial) first byte entry by entry, then skip whole bytes
-    # whose entries are all non-zero with a table lookup per byte.
-    per_byte = 8 >> order
-    idx = start
-    while idx < entries and idx % per_byte:
-        if get_refcount(block, idx, order) == 0:
-            return idx
-        idx += 1
-    first_zero = _SUB_BYTE_FIRST_ZERO[order]
-    for pos in range(idx // per_byte, entries // per_byte):
-        k = first_zero[block[pos]]
-        if k >= 0:
-            return pos * per_byte + k
-    return None
-
-
-def _sub_byte_table(order: int) -> tuple[int, ...]:
-    bits = 1 << order
-    mask = (1 << bits) - 1
-    return tuple(next((k for k in range(8 // bits) if not (b >> (k * bits)) & mask), -1) for b in range(256))
-
-
-_SUB_BYTE_FIRST_ZERO = {order: _sub_byte_table(order) for order in range(3)}
+from models.qcow2.hostio import HostIO
 
 
 class RefcountHost(Protocol):
-    """What the refcount code needs from the image it serves: its tables and its one write choke point."""
+    """What the refcount code needs from the image it serves: its tables, its one write choke point and its host I/O."""
 
     geo: Geometry
     path: str
@@ -80,9 +39,7 @@ class RefcountHost(Protocol):
 
     def _file_flush(self) -> None: ...
 
-    def _host_size(self) -> int: ...
-
-    def _switch_reftable(self, offset: int, clusters: int) -> None: ...
+    io: HostIO
 
 
 class Refcounts:
@@ -94,8 +51,8 @@ class Refcounts:
         self.refcache = host.refcache
         self.l2cache = host.l2cache
         self.free_cluster_index = 0
-        self._recently_freed: set[int] = set()
-        self._reserved: tuple[int, int] = (0, 0)  # [start, end) of the range alloc_clusters is placing
+        self.recently_freed: set[int] = set()
+        self.reserved: tuple[int, int] = (0, 0)  # [start, end) of the range alloc_clusters is placing
 
     @property
     def reftable(self) -> list[int]:
@@ -118,73 +75,21 @@ class Refcounts:
     def _has_refblock(self, ri: int) -> bool:
         return ri < len(self.reftable) and bool(self.reftable[ri] & spec.REFT_OFFSET_MASK)
 
-    def _find_free(self, n: int) -> int:
-        """First run of `n` clusters with refcount 0 that were not freed since the last flush.
-
-        Bounded: between runs, `_skip_used` jumps over whole refcount blocks at byte-search
-        speed (and over a block already seen full in O(1): a hostile reftable may point all
-        its entries at one block of maximal counts), and a search that would need a
-        refcount table beyond QEMU's 8 MiB limit fails with a named error (EFBIG).
-        """
-        c = self.free_cluster_index
-        run_start, run_len = c, 0
-        lo, hi = self._reserved
-        full: set[int] = set()
-        while run_len < n:
-            if lo <= c < hi:
-                c, run_len = hi, 0
-                continue
-            if run_len == 0:
-                c = self._skip_used(c, full)
-                if lo <= c < hi:
-                    continue
-            if self.refcount(c) == 0 and c not in self._recently_freed:
-                if run_len == 0:
-                    run_start = c
-                run_len += 1
-            else:
-                run_len = 0
-            c += 1
-        return run_start
-
-    def _skip_used(self, c: int, full: set[int]) -> int:
-        """The first cluster >= c whose refcount is 0 (clusters skipped are in use, so the result is the same)."""
-        geo = self.geo
-        rbe = geo.refblock_entries
-        while True:
-            ri = c // rbe
-            if ri >= _MAX_REFTABLE_ENTRIES:
-                raise CorruptImage(self.host.path, None, "free cluster search", c,
-                                   "no free cluster within the largest refcount table QEMU allows (8 MiB): "
-                                   "refcount blocks full of used clusters (EFBIG)")
-            if ri >= len(self.reftable):
-                return c
-            block_off = self.reftable[ri] & spec.REFT_OFFSET_MASK
-            if not block_off:
-                return c
-            if block_off not in full:
-                idx = _first_zero(self.refcache.get(block_off), c - ri * rbe, geo.refcount_order, rbe)
-                if idx is not None:
-                    return ri * rbe + idx
-                if c == ri * rbe:
-                    full.add(block_off)
-            c = (ri + 1) * rbe
-
     # -- allocation -------------------------------------------------------------------------
     def alloc_clusters(self, n: int = 1) -> int:
         """Allocate `n` contiguous clusters (refcounts raised in the cache); return the host offset."""
         while True:
-            start = self._find_free(n)
+            start = find_free(self, n)
             hint = self.free_cluster_index
             # As QEMU's alloc_clusters_noref: the hint moves past the range first, so refcount
             # blocks made for the range land after it.
             self.free_cluster_index = start + n
             # Refcount blocks made for the range (and any table growth) must not land inside it.
-            self._reserved = (start, start + n)
+            self.reserved = (start, start + n)
             try:
                 self._ensure_refblocks(start, n)
             finally:
-                self._reserved = (0, 0)
+                self.reserved = (0, 0)
             if not any(self.refcount(c) for c in range(start, start + n)):
                 break
             self.free_cluster_index = hint  # the range was taken after all: search again
@@ -204,7 +109,7 @@ class Refcounts:
         if ri >= len(self.reftable):
             self._grow_reftable(ri, avoid_end)
             return
-        c = self._find_free(1)
+        c = find_free(self, 1)
         home = self.geo.reftable_index(c)
         block_off = self.geo.cluster_to_offset(c)
         if home == ri:
@@ -236,7 +141,7 @@ class Refcounts:
         geo = self.geo
         cs, rbe = geo.cluster_size, geo.refblock_entries
         old_entries = len(self.reftable)
-        start = max(old_entries * rbe, geo.size_to_clusters(self.host._host_size()), avoid_end)
+        start = max(old_entries * rbe, geo.size_to_clusters(self.host.io.host_size()), avoid_end)
         new_entries = max(min_index + 1, old_entries * 2)
         while True:
             table_clusters = geo.size_to_clusters(new_entries * 8)
@@ -268,7 +173,7 @@ class Refcounts:
         self.host._file_flush()
         old_off, old_clusters = self.host.reftable_offset, geo.size_to_clusters(old_entries * 8)
         self.reftable = new_table
-        self.host._switch_reftable(table_off, table_clusters)
+        self.host.io.switch_reftable(table_off, table_clusters)
         for c in range(geo.offset_to_cluster(old_off), geo.offset_to_cluster(old_off) + old_clusters):
             self._update_refcount(c, -1)
 
@@ -292,7 +197,7 @@ class Refcounts:
             if inject.on("reuse-before-free-durable"):
                 self.free_cluster_index = min(self.free_cluster_index, target)
             else:
-                self._recently_freed.add(target)
+                self.recently_freed.add(target)
 
     def free_cluster(self, host_offset: int) -> None:
         """Drop one reference; the refcount block is written only after the L2 change that freed it."""
@@ -304,6 +209,6 @@ class Refcounts:
 
     def release_recently_freed(self) -> None:
         """Called once the L2 updates that freed clusters are durable: they may be reused now."""
-        if self._recently_freed:
-            self.free_cluster_index = min(self.free_cluster_index, min(self._recently_freed))
-            self._recently_freed.clear()
+        if self.recently_freed:
+            self.free_cluster_index = min(self.free_cluster_index, min(self.recently_freed))
+            self.recently_freed.clear()

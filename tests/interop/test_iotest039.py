@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import struct
 import subprocess
 import sys
@@ -12,11 +11,10 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import requires_qemu
+from tests.interop._tools import ENV
 
 pytestmark = [pytest.mark.qemu, requires_qemu]
 
-REPO = str(Path(__file__).resolve().parents[2])
-ENV = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), "LC_ALL": "C"}
 SIZE = "128M"
 KILLED = {137, -9}  # qcrash's documented status for `sigraise 9`; a SIGKILLed qemu-io
 

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
 import struct
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,28 +15,14 @@ from harness.cli.img import parse_size
 from models.blockio import OsFile
 from models.qcow2.image import Qcow2Image
 from tests.conftest import requires_qemu
+from tests.interop._tools import qcrash, sh
 
 pytestmark = [pytest.mark.qemu, requires_qemu]
 
-REPO = str(Path(__file__).resolve().parents[2])
-ENV = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), "LC_ALL": "C"}
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 
 
 # --------------------------------------------------------------------------- running the tools
-def sh(*cmd, rc: int | None = 0) -> subprocess.CompletedProcess:
-    proc = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, env=ENV, timeout=300)
-    if rc is not None:
-        assert proc.returncode == rc, f"{cmd}: rc={proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
-    return proc
-
-
-def qcrash(*args, rc: int | None = 0) -> subprocess.CompletedProcess:
-    proc = sh(sys.executable, "-m", "harness", *args, rc=rc)
-    assert "Traceback" not in proc.stderr, proc.stderr
-    return proc
-
-
 def qemu_img(*args, rc: int | None = 0) -> subprocess.CompletedProcess:
     return sh("qemu-img", *args, rc=rc)
 

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
@@ -15,25 +13,11 @@ from models.blockio import OsFile
 from models.qcow2 import snapshot
 from models.qcow2.image import Qcow2Image
 from tests.conftest import requires_qemu
+from tests.interop._tools import qcrash, sh
 
 pytestmark = [pytest.mark.qemu, requires_qemu]
 
-REPO = str(Path(__file__).resolve().parents[2])
-ENV = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), "LC_ALL": "C", "TZ": "UTC"}
 MiB = 1 << 20
-
-
-def sh(*cmd, rc: int | None = 0) -> subprocess.CompletedProcess:
-    proc = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, env=ENV, timeout=600)
-    if rc is not None:
-        assert proc.returncode == rc, f"{cmd}: rc={proc.returncode}\n{proc.stdout}\n{proc.stderr}"
-    return proc
-
-
-def qcrash(*args, rc: int | None = 0) -> subprocess.CompletedProcess:
-    proc = sh(sys.executable, "-m", "harness", *args, rc=rc)
-    assert "Traceback" not in proc.stderr, proc.stderr
-    return proc
 
 
 def fast_dir(tmp_path: Path) -> Path:

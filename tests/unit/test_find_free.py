@@ -1,4 +1,4 @@
-"""The bounded free-cluster search: `_first_zero` agrees with a plain scan, and refcount blocks full of maximal counts end in a result or a named error."""
+"""The bounded free-cluster search: `first_zero` agrees with a plain scan, and refcount blocks full of maximal counts end in a result or a named error."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from models.blockio import MemoryFile
 from models.qcow2.errors import Qcow2Error
 from models.qcow2.geometry import get_refcount
 from models.qcow2.image import Qcow2Image
-from models.qcow2.refcount import _first_zero
+from models.qcow2.freesearch import first_zero
 
 
 @pytest.mark.parametrize("order", range(7))
@@ -23,7 +23,7 @@ def test_first_zero_matches_a_plain_scan(order):
         block = bytearray(rng.choice([0, 1, 0xFF, 0x10]) if rng.random() < 0.9 else rng.randrange(256) for _ in range(nbytes))
         start = rng.randrange(entries)
         want = next((i for i in range(start, entries) if get_refcount(block, i, order) == 0), None)
-        assert _first_zero(block, start, order, entries) == want
+        assert first_zero(block, start, order, entries) == want
 
 
 def test_reftable_of_full_blocks_gives_a_result_or_a_named_error():

@@ -58,7 +58,7 @@ def test_empty_backing_file_name_is_no_backing_file_as_qemu(size: int, name: byt
     f = MemoryFile(bytes(raw), name="t.qcow2")
     img = Qcow2Image.open(f)
     img.write(0, b"\x11" * 512)
-    img._update_header()  # a full header rewrite (qcow2_update_header) moves the empty name after the end marker
+    img.io.update_header()  # a full header rewrite (qcow2_update_header) moves the empty name after the end marker
     img.close()
     again = Qcow2Image.open(MemoryFile(f.getvalue()), readonly=True)
     assert again.read(0, 512) == b"\x11" * 512

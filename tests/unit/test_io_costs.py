@@ -140,7 +140,7 @@ def test_partial_write_into_a_new_cluster_at_eof_costs_the_same(lazy, expected):
 
 def test_write_into_a_reused_cluster_flushes_data_before_the_l2_entry():
     """A freed cluster below EOF may hold another guest offset's old data: the data write is flushed before the
-    L2 entry that exposes it (qcrash's rule, stricter than QEMU's; see the module docstring of image.py)."""
+    L2 entry that exposes it (qcrash's rule, stricter than QEMU's; see the module docstring of cluster_write.py)."""
     img, counted = open_counted(lazy=True, mode="writeback")
     img.write(0, b"\x01" * CS)
     img.write(CS, b"\x02" * CS)
