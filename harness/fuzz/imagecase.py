@@ -38,6 +38,7 @@ class Step:
     detail: str = ""
     seconds: float = 0.0
     ended: str = ""  # for an over-time step that finished: the class it ended with
+    corrupt: bool = False  # open-rw: a fatal corruption event ("Marking image as corrupt") happened
 
 
 class _OverTime(BaseException):
@@ -145,9 +146,13 @@ def planned_writes(size: int, cs: int) -> list[tuple[int, int, int]]:
     return out
 
 
-def step_open_rw(raw: bytes, name: str, max_size: int) -> str:
+def step_open_rw(raw: bytes, name: str, max_size: int, log: list[str] | None = None) -> str:
+    """Open read-write (a dirty image is repaired), write `planned_writes`, read them back, flush, close.
+
+    `log` collects what the image logs (QEMU's stderr lines: corruption events included).
+    """
     mem = MemoryFile(raw, name=name, max_size=max_size)
-    img = Qcow2Image.open(mem)
+    img = Qcow2Image.open(mem, log=None if log is None else log.append)
     try:
         for off, length, byte in planned_writes(img.size, img.geo.cluster_size):
             data = bytes([byte]) * length
@@ -179,13 +184,18 @@ def run_library(raw: bytes, *, name: str = "case.qcow2", time_limit: float = 2.0
                 steps: tuple[str, ...] = STEPS) -> list[Step]:
     """Every library step on the same bytes; each starts from the unmodified image."""
     max_size = max(64 << 20, 4 * len(raw))
+    rw_log: list[str] = []
     fns = {
         "open-ro": lambda: step_open_ro(raw, name),
         "check": lambda: step_check(raw, name),
-        "open-rw": lambda: step_open_rw(raw, name, max_size),
+        "open-rw": lambda: step_open_rw(raw, name, max_size, rw_log),
         "repair": lambda: step_repair(raw, name, max_size),
     }
-    return [run_step(s, fns[s], time_limit=time_limit, hard_limit=hard_limit) for s in steps]
+    out = [run_step(s, fns[s], time_limit=time_limit, hard_limit=hard_limit) for s in steps]
+    for step in out:
+        if step.name == "open-rw":
+            step.corrupt = any("Marking image as corrupt" in line for line in rw_log)
+    return out
 
 
 def failures(steps: list[Step]) -> list[Step]:

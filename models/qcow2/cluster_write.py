@@ -14,7 +14,9 @@ from models.blockio import WriteSite, read_exact
 from models.qcow2 import inject, spec
 from models.qcow2.dirty import mark_dirty
 from models.qcow2.entries import ClusterType, set_entry
+from models.qcow2.errors import CorruptImage
 from models.qcow2.guestmap import chunks, l2_table_offset, lookup
+from models.qcow2.overlap import corruption_event
 
 if TYPE_CHECKING:
     from models.qcow2.image import Qcow2Image
@@ -28,6 +30,9 @@ def l2_for_write(img: "Qcow2Image", guest: int) -> tuple[int, bytearray]:
         return l2_off, img.l2cache.get(l2_off)
     old = bytes(img.l2cache.get(l2_off)) if l2_off else None
     new_off = img.alloc_clusters(1)
+    if new_off == 0:  # as QEMU's l2_allocate, before anything is written: the refcounts are broken
+        corruption_event(img, "Preventing invalid allocation of L2 table at offset 0")
+        raise CorruptImage(img.path, 0, "L2 table allocation", 0, "Preventing invalid allocation of L2 table at offset 0")
     img.refcache.flush()  # the new table is counted on disk before anything points at it
     table = img.l2cache.get_empty(new_off)
     if old is not None:

@@ -85,14 +85,17 @@ def read_header(file: BlockFile, *, writable: bool, check_mode: bool = False) ->
     if hdr.l1_size < need:
         raise bad("l1_size", f"L1 table is too small (the virtual size {hdr.size:#x} needs {need} entries)")
     exts, names = _read_extensions(file, hdr)
+    backing = b""
     if hdr.backing_file_offset:
         limit = min(_MAX_BACKING_NAME, cs - hdr.backing_file_offset)
         if hdr.backing_file_size > limit:
             raise bad("backing_file_size", f"Backing file name too long (at most {limit} bytes here)")
+        # QEMU reads the name as a C string: an empty one (size 0, or a NUL first) means no backing file.
+        backing = read_exact(file, hdr.backing_file_offset, hdr.backing_file_size).split(b"\0", 1)[0]
     if hdr.version >= 3 and hdr.autoclear_features & spec.AutoclearFeature.RAW_EXTERNAL and not (
             hdr.incompatible_features & spec.IncompatFeature.EXTERNAL_DATA_FILE):
         raise bad("autoclear_features", "data-file-raw requires a data file")
-    _refuse_unimplemented(path, hdr, exts)
+    _refuse_unimplemented(path, hdr, exts, backing)
     return ParsedHeader(hdr, exts, names)
 
 
@@ -134,7 +137,7 @@ def _feature_names(file: BlockFile, hdr: Header) -> dict[tuple[int, int], str]:
         return {}
 
 
-def _refuse_unimplemented(path: str, hdr: Header, exts: list[HeaderExtension]) -> None:
+def _refuse_unimplemented(path: str, hdr: Header, exts: list[HeaderExtension], backing: bytes) -> None:
     """Images QEMU opens but qcrash does not implement: refused by name, after every QEMU rule has passed."""
     unsupported = hdr.incompatible_features & ~int(spec.INCOMPAT_SUPPORTED) & _QEMU_INCOMPAT_MASK
     if unsupported:
@@ -142,7 +145,7 @@ def _refuse_unimplemented(path: str, hdr: Header, exts: list[HeaderExtension]) -
         raise UnsupportedFeature(path, FIELD_OFFSET["incompatible_features"], "incompatible_features", names)
     if hdr.crypt_method:
         raise UnsupportedFeature(path, FIELD_OFFSET["crypt_method"], "crypt_method", ["encryption"])
-    if hdr.backing_file_offset:
+    if backing:
         raise UnsupportedFeature(path, FIELD_OFFSET["backing_file_offset"], "backing_file_offset", ["backing file"])
 
 
@@ -238,6 +241,10 @@ def cluster0_bytes(hdr: Header, extensions: list[HeaderExtension]) -> bytes:
     if hdr.version >= 3 and cs > 4096:
         out += feature_table_extension().pack()
     out += bytes(8)  # end marker
+    if hdr.backing_file_offset:
+        # Only an empty backing file name gets this far: qcow2_update_header writes it (0 bytes)
+        # right after the end marker and points the header there, so the extensions never run into it.
+        out[8:20] = len(out).to_bytes(8, "big") + bytes(4)
     if len(out) > cs:
         # qcow2_update_header fails with ENOSPC: the header (with its unknown fields) and
         # the extensions no longer fit in cluster 0 (e.g. header_length 0xfff8).

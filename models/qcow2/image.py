@@ -82,6 +82,8 @@ class Qcow2Image:
             dirty.repair_dirty(file, log)
             parsed = read_header(file, writable=True)
         img = cls(file, parsed, readonly=readonly, cache_mode=CacheMode(cache_mode), lazy_refcounts=lazy_refcounts, log=log)
+        if not check_mode:
+            img.overlap.load_snapshots()  # qcow2_read_snapshots: QEMU's open refuses a table it cannot read
         if not readonly and img.hdr.version >= 3 and img.hdr.autoclear_features & ~int(spec.AUTOCLEAR_MASK):
             img.hdr.autoclear_features &= int(spec.AUTOCLEAR_MASK)
             img.io.update_header()

@@ -1,17 +1,24 @@
 """QEMU's metadata overlap protection (qcow2_check_metadata_overlap, the "cached" template) and its fatal corruption events.
 
 Before a host write lands, its range (rounded out to whole clusters) is compared with the
-active metadata: the header (cluster 0), the L1 table, the refcount table, every L2 table
-the L1 points at and every refcount block the refcount table points at. A hit is a fatal
+metadata: the header (cluster 0), the L1 table, the refcount table, the snapshot table,
+every snapshot's L1 table (QEMU's "inactive L1"), every L2 table the active L1 points at
+and every refcount block the refcount table points at (the L2 tables only snapshots reach
+are not compared: "inactive L2" is outside the cached template). A hit is a fatal
 corruption event: the image is marked corrupt and the write refused (see
 `HostIO.signal_corruption`). Each write site skips its own kind, as QEMU's callers
 pass an `ign` mask: an L2 write-back may land on an active L2 table, never on a refcount
 block. Header updates (dirty bit, header rewrite, refcount-table switch) and refcount-table
-hookups are not checked, as in QEMU.
+hookups are not checked, as in QEMU. Of a snapshot operation's writes only the new snapshot
+table is checked: its L1 writes share one write site across QEMU's differently masked
+calls, and its cache write-backs happen while the L1 lists are being swapped.
 
 The L2 and refcount-block cluster sets are cached and rebuilt only after a write that can
-change them (L1 entry, refcount-table entry, table growth or switch): a guest data write
-costs a few comparisons and two set lookups.
+change them (L1 entry, refcount-table entry, table growth or switch, a snapshot operation's
+L1 write, a new active L1 list); the snapshot table and its L1 ranges are read once (`load_snapshots`, which the
+open calls, so a table QEMU's open refuses is refused there too) and again only after the
+header is switched to a new table. A guest data write costs a few comparisons and two set
+lookups.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ from models.blockio import WriteSite
 from models.qcow2 import inject, spec
 from models.qcow2.errors import InvalidImage
 from models.qcow2.header import cluster0_bytes
+from models.qcow2.snaptable import read_table
 
 if TYPE_CHECKING:
     from models.qcow2.image import Qcow2Image
@@ -33,6 +41,8 @@ OL_NAMES = {
     "l2": "active L2 table",
     "reftable": "refcount table",
     "refblock": "refcount block",
+    "snapshots": "snapshot table",
+    "inactive-l1": "inactive L1 table",
 }
 
 _ALL: frozenset[str] = frozenset()
@@ -45,9 +55,13 @@ _IGNORE: dict[WriteSite, frozenset[str] | None] = {
     WriteSite.REFBLOCK_ALLOC: frozenset({"refblock"}),
     WriteSite.L1: frozenset({"l1"}),
     WriteSite.REFTABLE_GROW: _ALL,
+    WriteSite.SNAPSHOT_TABLE: _ALL,  # qcow2_write_snapshots checks the new table's clusters against everything
 }
 # Writes after which the L2 / refcount-block sets may have changed.
-_CHANGES_TABLES = frozenset({WriteSite.L1, WriteSite.REFTABLE, WriteSite.REFTABLE_GROW, WriteSite.REFTABLE_SWITCH})
+_CHANGES_TABLES = frozenset({WriteSite.L1, WriteSite.REFTABLE, WriteSite.REFTABLE_GROW, WriteSite.REFTABLE_SWITCH,
+                             WriteSite.SNAPSHOT_L1})
+# Writes after which the snapshot table (and so the inactive L1 tables) may be another.
+_CHANGES_SNAPSHOTS = frozenset({WriteSite.SNAPSHOT_HEADER})
 
 
 class OverlapGuard:
@@ -56,6 +70,9 @@ class OverlapGuard:
     def __init__(self, image: "Qcow2Image") -> None:
         self.image = image
         self._tables: tuple[frozenset[int], frozenset[int]] | None = None
+        self._l1_id = 0
+        # (first, last) host clusters of the snapshot table, then of each non-empty snapshot L1 table.
+        self._snapshots: tuple[tuple[int, int] | None, list[tuple[int, int]]] | None = None
 
     def invalidate(self) -> None:
         self._tables = None
@@ -63,9 +80,25 @@ class OverlapGuard:
     def after_write(self, site: WriteSite) -> None:
         if site in _CHANGES_TABLES:
             self._tables = None
+        if site in _CHANGES_SNAPSHOTS:
+            self._snapshots = None
+
+    def load_snapshots(self) -> tuple[tuple[int, int] | None, list[tuple[int, int]]]:
+        """The snapshot table's clusters and its L1 tables' (qcow2_read_snapshots: a bad table raises its named error)."""
+        if self._snapshots is None:
+            img = self.image
+            hdr, bits = img.hdr, img.geo.cluster_bits
+            table, size = read_table(img.file, hdr.nb_snapshots, hdr.snapshots_offset, disk_size=hdr.size) \
+                if hdr.nb_snapshots else ([], 0)
+            span = (lambda start, length: (start >> bits, (start + length - 1) >> bits))  # noqa: E731
+            self._snapshots = (span(hdr.snapshots_offset, size) if size else None,
+                               [span(sn.l1_table_offset, sn.l1_size * 8) for sn in table if sn.l1_size])
+        return self._snapshots
 
     def _sets(self) -> tuple[frozenset[int], frozenset[int]]:
-        if self._tables is None:
+        if self._tables is None or self._l1_id != id(self.image.l1):
+            # A snapshot apply replaces the active L1 list itself (hence the identity check).
+            self._l1_id = id(self.image.l1)
             bits = self.image.geo.cluster_bits
             l2 = frozenset((e & spec.L1E_OFFSET_MASK) >> bits for e in self.image.l1 if e & spec.L1E_OFFSET_MASK)
             rb = frozenset((e & spec.REFT_OFFSET_MASK) >> bits for e in self.image.reftable if e & spec.REFT_OFFSET_MASK)
@@ -87,6 +120,12 @@ class OverlapGuard:
             return "l1"
         if "reftable" not in ignore and img.reftable and _hits(first, last, img.reftable_offset, len(img.reftable) * 8, bits):
             return "reftable"
+        if "snapshots" not in ignore or "inactive-l1" not in ignore:
+            table, l1s = self.load_snapshots()
+            if "snapshots" not in ignore and table and first <= table[1] and table[0] <= last:
+                return "snapshots"
+            if "inactive-l1" not in ignore and any(first <= hi and lo <= last for lo, hi in l1s):
+                return "inactive-l1"
         l2, rb = self._sets()
         clusters = range(first, last + 1)
         if "l2" not in ignore and l2 and any(c in l2 for c in clusters):

@@ -41,7 +41,7 @@ from models.blockio import WriteSite, read_exact
 from models.qcow2 import inject, spec
 from models.qcow2.entries import ClusterType, get_entry, l2_cluster_type, set_entry
 from models.qcow2.errors import CorruptImage, ImageNotWritable, InvalidRequest, UnsupportedFeature
-from models.qcow2.snaptable import Snapshot, read_table, table_bytes
+from models.qcow2.snaptable import Snapshot, read_table, table_bytes, validate_l1
 
 if TYPE_CHECKING:
     from models.qcow2.image import Qcow2Image
@@ -67,8 +67,7 @@ def _read(img: "Qcow2Image") -> tuple[list[Snapshot], int]:
     hdr = img.hdr
     if not hdr.nb_snapshots:
         return [], 0
-    return read_table(img.file, hdr.nb_snapshots, hdr.snapshots_offset, version=hdr.version, disk_size=hdr.size,
-                      cluster_size=img.geo.cluster_size)
+    return read_table(img.file, hdr.nb_snapshots, hdr.snapshots_offset, disk_size=hdr.size)
 
 
 def find(snapshots: list[Snapshot], *, id_str: str | None = None, name: str | None = None) -> int:
@@ -131,6 +130,7 @@ def apply(img: "Qcow2Image", key: str) -> Snapshot:
     if i < 0:
         raise SnapshotNotFound(f"{img.path}: snapshot apply {key!r}: no snapshot with this id or name (ENOENT)")
     sn = snapshots[i]
+    validate_l1(img.path, sn, img.geo.cluster_size)
     if sn.disk_size != img.hdr.size:
         raise SnapshotRefused(f"{img.path}: snapshot apply {key!r}: qcow2: Loading snapshots with different disk "
                               f"size is not implemented (snapshot {sn.disk_size}, image {img.hdr.size})")
@@ -166,6 +166,7 @@ def delete(img: "Qcow2Image", *, id_str: str | None = None, name: str | None = N
     if i < 0:
         raise SnapshotNotFound(f"{img.path}: snapshot delete id={id_str!r} name={name!r}: snapshot not found (ENOENT)")
     sn = snapshots[i]
+    validate_l1(img.path, sn, img.geo.cluster_size)
     with _snapshot_sites(img):
         _write_table(img, snapshots[:i] + snapshots[i + 1:])
         sn_l1 = _unpack(read_exact(img.file, sn.l1_table_offset, sn.l1_size * 8))
@@ -194,6 +195,7 @@ def snapshot_l1(img: "Qcow2Image", key: str) -> list[int]:
     if i < 0:
         raise SnapshotNotFound(f"{img.path}: snapshot {key!r}: no snapshot with this id or name")
     sn = snapshots[i]
+    validate_l1(img.path, sn, img.geo.cluster_size)
     sn_l1 = _unpack(read_exact(img.file, sn.l1_table_offset, sn.l1_size * 8))
     return sn_l1 + [0] * max(0, len(img.l1) - len(sn_l1))
 

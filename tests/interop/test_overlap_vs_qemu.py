@@ -83,3 +83,23 @@ def test_write_aimed_at_metadata_is_refused_and_marks_corrupt_as_qemu(tmp_path, 
     checkmod.repair(f, checkmod.Fix.ALL)
     f.close()
     assert incompat(theirs) & 2 == 0 and incompat(ours) & 2 == 0
+
+
+def test_l2_allocation_at_offset_0_is_refused_and_marks_corrupt_as_qemu(tmp_path):
+    from tests.unit.test_hostile_open_rw import fresh, refblock_past_eof
+
+    raw = fresh()
+    refblock_past_eof(raw)
+    theirs = tmp_path / "theirs.qcow2"
+    theirs.write_bytes(bytes(raw))
+    q = run("qemu-io", "-f", "qcow2", "-c", "write -P 0x11 0 512", str(theirs))
+    message = ("qcow2: Marking image as corrupt: Preventing invalid allocation of L2 table at offset 0; "
+               "further corruption events will be suppressed")
+    assert message in q.stderr
+    log: list[str] = []
+    f = MemoryFile(bytes(raw), name=str(theirs))
+    img = Qcow2Image.open(f, log=log.append)
+    with pytest.raises(InvalidImage, match="Preventing invalid allocation of L2 table at offset 0"):
+        img.write(0, b"\x11" * 512)
+    assert log == [message]
+    assert f.getvalue() == theirs.read_bytes()

@@ -22,6 +22,7 @@ from models.qcow2.check.overlap import pre_write_overlap_check
 from models.qcow2.check.result import FIX_ERRORS, FIX_LEAKS, CheckCounts, Finding, Kind
 from models.qcow2.check.state import BDRV_MAX_LENGTH, CheckFailed, CheckState, RefcountIOError, hash_x, l1_bytes_in_file
 from models.qcow2.errors import InvalidImage
+from models.qcow2.snapcheck import check_read_snapshot_table
 
 __all__ = ["qcow2_check_refcounts", "run_check", "calculate_refcounts", "compare_refcounts", "check_oflag_copied"]
 
@@ -480,14 +481,20 @@ def qcow2_check_refcounts(s: CheckState, fix: int) -> None:
 
 
 def run_check(s: CheckState, fix: int) -> tuple[CheckCounts, str | None]:
-    """qcow2_co_check_locked() without the snapshot-table part: (counts, strerror or None)."""
+    """qcow2_co_check_locked() (without rewriting the snapshot table): (counts, strerror or None)."""
     s.writable = bool(fix)
     s.res = CheckCounts()
     s.rebuilt = False
     s.past_eof_clusters = set()
     s.l2_budget = max(_MIN_L2_BUDGET, 4 * (s.file.size() // 8))
+    snap = check_read_snapshot_table(s, fix)  # counted apart, as QEMU's snapshot_res
+    if snap.error is not None:
+        snap.add_to(s.res)
+        return s.res, snap.error
     try:
         qcow2_check_refcounts(s, fix)
     except CheckFailed as exc:
+        snap.add_to(s.res)
         return s.res, os.strerror(exc.errno)
+    snap.add_to(s.res)
     return s.res, None

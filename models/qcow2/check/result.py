@@ -52,6 +52,7 @@ class Kind(enum.StrEnum):
     CORRUPTION_SIGNAL = "corruption-signal"  # qcow2: Marking image as corrupt / Image is corrupt
     WRITE_FAILED = "write-failed"
     SNAPSHOT_L1 = "snapshot-l1"  # ERROR snapshot ID (NAME) l1_offset=/l1_size=: snapshot table entry corrupted
+    SNAPSHOT_TABLE = "snapshot-table"  # the check's reading of the snapshot table (models/qcow2/snapcheck.py)
 
 
 class Finding:

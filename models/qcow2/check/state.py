@@ -20,7 +20,7 @@ from models.qcow2.check.result import CheckCounts, Finding, Kind
 from models.qcow2.errors import UnsupportedFeature
 from models.qcow2.geometry import set_refcount
 from models.qcow2.header import ParsedHeader
-from models.qcow2.snaptable import read_table
+from models.qcow2.snaptable import Snapshot
 from models.qcow2.structs import FIELD_OFFSET
 
 __all__ = ["BDRV_MAX_LENGTH", "CheckState", "CheckFailed", "RefcountIOError", "hash_x", "l1_bytes_in_file"]
@@ -89,10 +89,9 @@ class CheckState:
         # Only the part of the L1 table inside the file is decoded (the rest reads as zeros:
         # no L2 table), in C: a hostile header can claim 4M entries beyond the end of a tiny file.
         self.l1 = decode_refblock(read_exact(file, self.l1_offset, l1_bytes_in_file(file.size(), self.l1_offset, self.l1_size)), 6)
-        # The snapshot table (qcow2_check_read_snapshot_table): every snapshot's L1 is counted too.
-        self.snapshots, self.snapshots_size = read_table(
-            file, hdr.nb_snapshots, hdr.snapshots_offset, version=hdr.version, disk_size=hdr.size,
-            cluster_size=self.cs) if hdr.nb_snapshots else ([], 0)
+        # The snapshot table: each check run reads it first (models/qcow2/snapcheck.py).
+        self.snapshots: list[Snapshot] = []
+        self.snapshots_size = 0
         # The refcount-block cache (qcow2-cache.c): written back by flush_refblocks().
         self.refblocks = TableCache("refcount", self._read, self._write_refblock, self.cs, WriteSite.REPAIR,
                                     self.repair_flush)
