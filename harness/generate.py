@@ -14,6 +14,7 @@ draw here, or drawing one more value, changes every example after it.
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import itertools
 import random
 from typing import Protocol, Sequence, TypeVar
@@ -150,10 +151,13 @@ def random_op(src: Source, config: Config, *, allow_crash: bool = True, written:
 def random_ops(src: Source, config: Config, n: int) -> list[Op]:
     written = Written()
     ops = [random_op(src, config, written=written) for _ in range(n)]
-    if src.random() < 0.3:
-        # Sometimes one long write from the disk's start, so allocation reaches a new refcount block
-        # or refcount-table growth wherever in the sequence it lands.
-        off, length = ranges.fill(src, Shape.of(config), Written())
+    shape = Shape.of(config)
+    growth = ranges.growth_in_reach(shape)
+    if src.random() < 0.3 or growth:
+        # One long write from the disk's start, so allocation reaches a new refcount block or
+        # refcount-table growth wherever in the sequence it lands: sometimes, and always when this
+        # geometry lets one write grow the table (few configurations do, and only a fill gets there).
+        off, length = ranges.fill(src, shape, Written(), growth=growth)
         ops.insert(src.randrange(len(ops) + 1), Write(off, length, src.randrange(1 << 16)))
     if isinstance(src, random.Random):  # (Choices replays draws; the state machine has its own snapshot rule)
         _insert_snapshot_ops(src, ops)
@@ -191,10 +195,32 @@ def _insert_snapshot_ops(rng: random.Random, ops: list[Op]) -> None:
         ops.insert(slot + shift, random_snapshot_op(snap_rng, names))
 
 
+def edge_geometry(config: Config) -> Config:
+    """`config` moved to the geometry whose refcount edges come soonest: 512 B clusters and the widest
+    refcounts the version allows, on a disk big enough for one write to grow the refcount table.
+
+    v3 with 64-bit refcounts: a refcount block counts 64 clusters (32 KiB of host file) and the
+    one-cluster refcount table 4096 (2 MiB), so a 2 MiB disk holds the fill that grows it. v2 is
+    held to 16-bit refcounts: its table covers 8 MiB, past the fill limit (ranges.FILL_LIMIT);
+    its edge examples reach new refcount blocks (every 256 KiB) but not table growth.
+    """
+    bits = 64 if config.version == 3 else 16
+    return dataclasses.replace(config, cluster_size=512, refcount_bits=bits,
+                               virtual_size=max(config.virtual_size, 2 << 20))
+
+
+def _edge_example(seed: int, share: float) -> bool:
+    """Whether example `seed` is an edge example; its own stream, so every other draw stays as it was."""
+    return share > 0 and random.Random(f"qcrash-edge:{seed}").random() < share
+
+
 def generate(seed: int, config_overrides: dict[str, str], profile: str) -> tuple[Config, list[Op]]:
-    """Example `seed` of `qcrash fuzz` under `profile`: its configuration (pinned axes applied) and operations."""
+    """Example `seed` of `qcrash fuzz` under `profile`: its configuration (a share moved to the edge
+    geometry, then pinned axes applied) and operations."""
     rng = random.Random(seed)
     config = draw_config(rng)
+    if _edge_example(seed, profiles.get(profile).edge_examples):
+        config = edge_geometry(config)
     if config_overrides:
         config = config.pinned(config_overrides)
     lo, hi = profiles.get(profile).ops
