@@ -97,9 +97,10 @@ def table(events: dict[str, int]) -> dict[str, dict[str, dict[str, int]]]:
 
 
 def applies(cls: str, event: str) -> bool:
-    """v2 images have no lazy refcounts and their zero writes are v2 ones; v3 zero writes are v3 ones."""
+    """v2 images have no lazy refcounts and no dirty bit (so no switch while dirty), and their zero writes
+    are v2 ones; v3 zero writes are v3 ones."""
     if cls.startswith("v2"):
-        return event not in (ZERO_V3, LAZY_SWITCH)
+        return event not in (ZERO_V3, LAZY_SWITCH, CACHE_SWITCH)
     return event != ZERO_V2
 
 

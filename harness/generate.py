@@ -148,19 +148,33 @@ def random_op(src: Source, config: Config, *, allow_crash: bool = True, written:
     return draw_op(kind, src, config, written if written is not None else Written())
 
 
+# Ops after a refcount-table growth fill, at most. The fill leaves a host file of 2 MiB and more
+# (thousands of clusters), which makes every crash state of every later op many times dearer to
+# judge (above all a snapshot op or a lazy-refcounts rebuild): one such example ran for minutes
+# with the fill early in 17 ops. Near the end, an edge example costs about one long op more.
+GROWTH_TAIL = 2
+
+
 def random_ops(src: Source, config: Config, n: int) -> list[Op]:
     written = Written()
     ops = [random_op(src, config, written=written) for _ in range(n)]
     shape = Shape.of(config)
     growth = ranges.growth_in_reach(shape)
+    grow: Write | None = None
     if src.random() < 0.3 or growth:
         # One long write from the disk's start, so allocation reaches a new refcount block or
         # refcount-table growth wherever in the sequence it lands: sometimes, and always when this
         # geometry lets one write grow the table (few configurations do, and only a fill gets there).
         off, length = ranges.fill(src, shape, Written(), growth=growth)
-        ops.insert(src.randrange(len(ops) + 1), Write(off, length, src.randrange(1 << 16)))
+        fill = Write(off, length, src.randrange(1 << 16))
+        if growth:
+            grow = fill
+        else:
+            ops.insert(src.randrange(len(ops) + 1), fill)
     if isinstance(src, random.Random):  # (Choices replays draws; the state machine has its own snapshot rule)
         _insert_snapshot_ops(src, ops)
+    if grow is not None:
+        ops.insert(src.randrange(max(0, len(ops) - GROWTH_TAIL), len(ops) + 1), grow)
     return ops
 
 

@@ -100,3 +100,9 @@ def test_markdown_says_a_partial_discard_has_nothing_to_crash_and_sums_all_class
     assert "never crashed inside" not in text.split("discard of a partial cluster")[1].split("\n")[0]
     # A never-reached refcount edge says how big a host file it takes in that class.
     assert "needs a host file over 2 MiB even at 512 B clusters, 64-bit refcounts" in text
+
+
+def test_v2_classes_list_no_switch_while_dirty():
+    rows = coverage.table({"v2 cluster 2-16 KiB|guest ops": 1, "v3 cluster 2-16 KiB|guest ops": 1})
+    assert coverage.CACHE_SWITCH not in rows["v2 cluster 2-16 KiB"]  # v2 has no dirty bit
+    assert coverage.CACHE_SWITCH in rows["v3 cluster 2-16 KiB"]
