@@ -223,6 +223,9 @@ def edge_geometry(config: Config) -> Config:
                                virtual_size=max(config.virtual_size, 2 << 20))
 
 
+EDGE_AXES = frozenset({"version", "cluster_size", "refcount_bits", "virtual_size"})
+
+
 def _edge_example(seed: int, share: float) -> bool:
     """Whether example `seed` is an edge example; its own stream, so every other draw stays as it was."""
     return share > 0 and random.Random(f"qcrash-edge:{seed}").random() < share
@@ -233,7 +236,8 @@ def generate(seed: int, config_overrides: dict[str, str], profile: str) -> tuple
     geometry, then pinned axes applied) and operations."""
     rng = random.Random(seed)
     config = draw_config(rng)
-    if _edge_example(seed, profiles.get(profile).edge_examples):
+    # A geometry axis pinned by the user is what they want to test: edge examples then keep the drawn one.
+    if _edge_example(seed, profiles.get(profile).edge_examples) and not EDGE_AXES & config_overrides.keys():
         config = edge_geometry(config)
     if config_overrides:
         config = config.pinned(config_overrides)
