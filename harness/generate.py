@@ -166,11 +166,10 @@ def random_ops(src: Source, config: Config, n: int) -> list[Op]:
         # refcount-table growth wherever in the sequence it lands: sometimes, and always when this
         # geometry lets one write grow the table (few configurations do, and only a fill gets there).
         off, length = ranges.fill(src, shape, Written(), growth=growth)
-        fill = Write(off, length, src.randrange(1 << 16))
         if growth:
-            grow = fill
-        else:
-            ops.insert(src.randrange(len(ops) + 1), fill)
+            grow = Write(off, length, src.randrange(1 << 16))
+        else:  # (the slot is drawn before the payload seed, as always: the seeded digests pin that order)
+            ops.insert(src.randrange(len(ops) + 1), Write(off, length, src.randrange(1 << 16)))
     if isinstance(src, random.Random):  # (Choices replays draws; the state machine has its own snapshot rule)
         _insert_snapshot_ops(src, ops)
     if grow is not None:
