@@ -27,6 +27,7 @@ from harness.errors import QcrashError
 from harness.ops import Crash, Discard, Flush, Op, Reopen, Write, WriteZeroes
 from harness.runner import Budget, Runner
 from harness.stats import Stats
+from models.blockio import SECTOR
 
 CLUSTER_CLASSES = (512, 4096, 65536)
 # Every point of the last op, every state of every default policy (subsets and torn exhaustive
@@ -72,6 +73,22 @@ def _crash(config: Config) -> list[Op]:
     return _default(config) + [Crash(-1, "drop-unsynced", 0)]
 
 
+def _edge(config: Config) -> list[Op]:
+    """Letters at the structure edges the fuzzer's ranges aim at (harness.ranges), where this geometry has them."""
+    from harness.ranges import Shape, fill_clusters
+
+    shape, cs = Shape.of(config), config.cluster_size
+    letters: list[Op] = []
+    if shape.l2_span < config.virtual_size:  # the last cluster of the first L2 table and the first of the second
+        letters.append(Write(shape.l2_span - cs, 2 * cs))
+    letters += [Write(config.virtual_size - cs, cs),  # the last cluster of the disk, then its last sector alone:
+                Discard(config.virtual_size - SECTOR, SECTOR)]  # a partial cluster reaching the disk end
+    block = fill_clusters(shape, shape.base_clusters, shape.refblock_span)
+    if block * cs <= config.virtual_size:  # a write long enough that allocation needs a new refcount block
+        letters.append(Write(0, block * cs))
+    return letters + [Flush(), Reopen()]
+
+
 ALPHABETS: dict[str, tuple[str, Callable[[Config], list[Op]]]] = {
     "default": ("write, write -z and discard of the first and of the last cluster of the disk, flush, reopen (8 letters)",
                 _default),
@@ -80,6 +97,9 @@ ALPHABETS: dict[str, tuple[str, Callable[[Config], list[Op]]]] = {
                _switch),
     "crash": ("default, plus a crash that drops unflushed writes and continues on the recovered image (9 letters)",
               _crash),
+    "edge": ("structure edges: a write across the first L2-table boundary (where the disk has two tables), "
+             "write of the last cluster, discard of the disk's last sector, a write from 0 long enough to need a new "
+             "refcount block (where the disk holds it), flush, reopen (4-6 letters)", _edge),
 }
 
 

@@ -14,6 +14,7 @@ draw here, or drawing one more value, changes every example after it.
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import itertools
 import random
 from typing import Protocol, Sequence, TypeVar
@@ -147,16 +148,32 @@ def random_op(src: Source, config: Config, *, allow_crash: bool = True, written:
     return draw_op(kind, src, config, written if written is not None else Written())
 
 
+# Ops after a refcount-table growth fill, at most. The fill leaves a host file of 2 MiB and more
+# (thousands of clusters), which makes every crash state of every later op many times dearer to
+# judge (above all a snapshot op or a lazy-refcounts rebuild): one such example ran for minutes
+# with the fill early in 17 ops. Near the end, an edge example costs about one long op more.
+GROWTH_TAIL = 2
+
+
 def random_ops(src: Source, config: Config, n: int) -> list[Op]:
     written = Written()
     ops = [random_op(src, config, written=written) for _ in range(n)]
-    if src.random() < 0.3:
-        # Sometimes one long write from the disk's start, so allocation reaches a new refcount block
-        # or refcount-table growth wherever in the sequence it lands.
-        off, length = ranges.fill(src, Shape.of(config), Written())
-        ops.insert(src.randrange(len(ops) + 1), Write(off, length, src.randrange(1 << 16)))
+    shape = Shape.of(config)
+    growth = ranges.growth_in_reach(shape)
+    grow: Write | None = None
+    if src.random() < 0.3 or growth:
+        # One long write from the disk's start, so allocation reaches a new refcount block or
+        # refcount-table growth wherever in the sequence it lands: sometimes, and always when this
+        # geometry lets one write grow the table (few configurations do, and only a fill gets there).
+        off, length = ranges.fill(src, shape, Written(), growth=growth)
+        if growth:
+            grow = Write(off, length, src.randrange(1 << 16))
+        else:  # (the slot is drawn before the payload seed, as always: the seeded digests pin that order)
+            ops.insert(src.randrange(len(ops) + 1), Write(off, length, src.randrange(1 << 16)))
     if isinstance(src, random.Random):  # (Choices replays draws; the state machine has its own snapshot rule)
         _insert_snapshot_ops(src, ops)
+    if grow is not None:
+        ops.insert(src.randrange(max(0, len(ops) - GROWTH_TAIL), len(ops) + 1), grow)
     return ops
 
 
@@ -191,10 +208,36 @@ def _insert_snapshot_ops(rng: random.Random, ops: list[Op]) -> None:
         ops.insert(slot + shift, random_snapshot_op(snap_rng, names))
 
 
+def edge_geometry(config: Config) -> Config:
+    """`config` moved to the geometry whose refcount edges come soonest: 512 B clusters and the widest
+    refcounts the version allows, on a disk big enough for one write to grow the refcount table.
+
+    v3 with 64-bit refcounts: a refcount block counts 64 clusters (32 KiB of host file) and the
+    one-cluster refcount table 4096 (2 MiB), so a 2 MiB disk holds the fill that grows it. v2 is
+    held to 16-bit refcounts: its table covers 8 MiB, past the fill limit (ranges.FILL_LIMIT);
+    its edge examples reach new refcount blocks (every 256 KiB) but not table growth.
+    """
+    bits = 64 if config.version == 3 else 16
+    return dataclasses.replace(config, cluster_size=512, refcount_bits=bits,
+                               virtual_size=max(config.virtual_size, 2 << 20))
+
+
+EDGE_AXES = frozenset({"version", "cluster_size", "refcount_bits", "virtual_size"})
+
+
+def _edge_example(seed: int, share: float) -> bool:
+    """Whether example `seed` is an edge example; its own stream, so every other draw stays as it was."""
+    return share > 0 and random.Random(f"qcrash-edge:{seed}").random() < share
+
+
 def generate(seed: int, config_overrides: dict[str, str], profile: str) -> tuple[Config, list[Op]]:
-    """Example `seed` of `qcrash fuzz` under `profile`: its configuration (pinned axes applied) and operations."""
+    """Example `seed` of `qcrash fuzz` under `profile`: its configuration (a share moved to the edge
+    geometry, then pinned axes applied) and operations."""
     rng = random.Random(seed)
     config = draw_config(rng)
+    # A geometry axis pinned by the user is what they want to test: edge examples then keep the drawn one.
+    if _edge_example(seed, profiles.get(profile).edge_examples) and not EDGE_AXES & config_overrides.keys():
+        config = edge_geometry(config)
     if config_overrides:
         config = config.pinned(config_overrides)
     lo, hi = profiles.get(profile).ops

@@ -34,6 +34,10 @@ class Profile:
     # Fraction of fuzz examples (seeded per example) whose error points are swept too (harness.errorpoints):
     # 0 keeps a profile's runs exactly as they were before error points joined the fuzz flow.
     error_examples: float = 0.0
+    # Fraction of fuzz examples (seeded per example, from a stream of their own) whose configuration
+    # takes the geometry with the nearest refcount edges (harness.generate.edge_geometry): few drawn
+    # configurations let one sequence grow the refcount table, and this makes the growth reliable.
+    edge_examples: float = 0.0
 
 
 _SUPPRESS = ("too_slow", "data_too_large")  # HealthCheck names: long stateful examples are the point
@@ -70,6 +74,7 @@ PROFILES: Mapping[str, Profile] = MappingProxyType({p.name: p for p in (
         hypothesis=MappingProxyType({"max_examples": 2000, "deadline": None}),
         keeps_database=True,
         error_examples=0.25,
+        edge_examples=0.08,
     ),
 )})
 

@@ -17,6 +17,7 @@ ranges written before and at ranges never written. Every choice goes through a
 from __future__ import annotations
 
 import dataclasses
+import math
 
 from harness.config import Config
 from models.blockio import SECTOR
@@ -66,8 +67,10 @@ class Written:
         self.l2_tables.update(range(offset // shape.l2_span, (offset + length - 1) // shape.l2_span + 1))
 
     def host_clusters(self, shape: Shape) -> int:
-        """An estimate of the host file in clusters (frees and reuse ignored: an upper bound, roughly)."""
-        return shape.base_clusters + len(self.l2_tables) + len(self.clusters)
+        """An estimate of the host file in clusters: data, L2 tables and the refcount blocks counting them
+        (frees and reuse ignored: an upper bound, roughly)."""
+        counted = shape.base_clusters + len(self.l2_tables) + len(self.clusters)
+        return counted + (counted - 1) // (shape.refblock_span - 1)  # a fresh image's one block is in base
 
     def end(self) -> int:
         """The guest offset just past everything written (0 when nothing was)."""
@@ -134,17 +137,42 @@ def _hot(src, shape: Shape, written: Written) -> tuple[int, int]:
     return base, src.choice((cs, SECTOR * src.randint(1, 8), cs * src.randint(1, 3)))
 
 
-def fill(src, shape: Shape, written: Written) -> tuple[int, int]:
+def fill_clusters(shape: Shape, used: int, edge: int) -> int:
+    """Data clusters a sequential write into never-written space needs so the host file (`used` clusters
+    now) grows past host cluster `edge`.
+
+    Each data cluster also costs a share of an L2 table and of the refcount block counting both,
+    so fewer data clusters than `edge - used` get there; two more make sure the edge is crossed
+    (an estimate low by one would stop just short of it: see tests/unit/test_generate.py).
+    """
+    per = (1 + 1 / (shape.cluster_size // 8)) * shape.refblock_span / (shape.refblock_span - 1)
+    return math.ceil(max(0, edge - used) / per) + 2
+
+
+def edges(shape: Shape, used: int) -> tuple[int, int]:
+    """The next host clusters that need a new refcount block and that grow the refcount table, past `used`."""
+    return (-(-(used + 1) // shape.refblock_span) * shape.refblock_span,
+            -(-(used + 1) // shape.reftable_span) * shape.reftable_span)
+
+
+def growth_in_reach(shape: Shape) -> bool:
+    """Whether one fill from a fresh image can grow the refcount table: the disk and the request limit
+    both hold the data clusters it takes (a one-cluster table covers cluster_size**3 / refcount_bits
+    bytes of host file, 2 MiB at 512 B clusters with 64-bit refcounts, 128 MiB at 2 KiB)."""
+    need = fill_clusters(shape, shape.base_clusters, shape.reftable_span)
+    return need * shape.cluster_size <= min(shape.size, FILL_LIMIT)
+
+
+def fill(src, shape: Shape, written: Written, *, growth: bool = False) -> tuple[int, int]:
     """A sequential write into never-written space, long enough that allocation needs a new refcount block
-    or grows the refcount table (from the estimated host size), when the disk allows."""
+    or grows the refcount table (from the estimated host size), when the disk allows; `growth` aims at
+    the table growth only."""
     cs = shape.cluster_size
     used = written.host_clusters(shape)
-    next_block = -(-(used + 1) // shape.refblock_span) * shape.refblock_span
-    next_table = -(-(used + 1) // shape.reftable_span) * shape.reftable_span
+    next_block, next_table = edges(shape, used)
     limit = min(shape.size, FILL_LIMIT) // cs
-    # Data and its L2 tables both take host clusters: a little extra makes sure the edge is crossed.
-    needs = [t - used + 2 + (t - used) // (cs // 8) for t in (next_block, next_table, next_table)]
-    needs = [n for n in needs if n <= limit]
+    aims = (next_table,) if growth else (next_block, next_table, next_table)
+    needs = [n for n in (fill_clusters(shape, used, t) for t in aims) if n <= limit]
     if not needs:  # the disk (or the request limit) is too small to reach the edge
         return shape.clamp(*_hot(src, shape, written))
     clusters = src.choice(needs)

@@ -87,3 +87,22 @@ def test_fuzz_summary_reports_events_per_class(tmp_path):
     assert table and all(set(rows) >= {coverage.L2_ALLOC, coverage.REFTABLE_GROW} for rows in table.values())
     assert sum(r[coverage.L2_ALLOC]["reached"] for r in table.values()) >= 1
     assert "## Structural events reached and crashed inside" in (tmp_path / "summary.md").read_text()
+
+
+def test_markdown_says_a_partial_discard_has_nothing_to_crash_and_sums_all_classes():
+    text = "\n".join(coverage.markdown(coverage.table({
+        "v3 cluster 512 B-1 KiB|guest ops": 3, "v3 cluster 512 B-1 KiB|discard of a partial cluster": 2,
+        "v2 cluster 2-16 KiB|guest ops": 1, "v2 cluster 2-16 KiB|discard of a partial cluster": 1,
+        "v2 cluster 2-16 KiB|discard of a partial cluster|crashed": 1})))
+    assert "### all classes" in text
+    assert "| discard of a partial cluster | 3 | 1 (whole clusters the same discards covered) |" in text
+    assert "| discard of a partial cluster | 2 | 0 (reached; no host writes by construction" in text
+    assert "never crashed inside" not in text.split("discard of a partial cluster")[1].split("\n")[0]
+    # A never-reached refcount edge says how big a host file it takes in that class.
+    assert "needs a host file over 2 MiB even at 512 B clusters, 64-bit refcounts" in text
+
+
+def test_v2_classes_list_no_switch_while_dirty():
+    rows = coverage.table({"v2 cluster 2-16 KiB|guest ops": 1, "v3 cluster 2-16 KiB|guest ops": 1})
+    assert coverage.CACHE_SWITCH not in rows["v2 cluster 2-16 KiB"]  # v2 has no dirty bit
+    assert coverage.CACHE_SWITCH in rows["v3 cluster 2-16 KiB"]

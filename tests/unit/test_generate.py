@@ -7,9 +7,11 @@ import random
 import pytest
 
 from harness.config import Config, draw_config
-from harness.generate import DRAW_MAX, OP_MIX, Choices, draw_op, generate, op_kind, random_ops
+from harness.coverage import REFBLOCK, REFTABLE_GROW
+from harness.generate import (DRAW_MAX, OP_MIX, Choices, _edge_example, draw_op, edge_geometry, generate, op_kind,
+                              random_ops)
 from harness.ops import Discard, Read, Write, WriteZeroes, validate_op
-from harness.ranges import Shape, Written, fill, structured_range
+from harness.ranges import Shape, Written, fill, growth_in_reach, structured_range
 from models.blockio import SECTOR
 
 SMALL = Config(cluster_size=512, refcount_bits=16, virtual_size=1 << 20, lazy_refcounts=False)
@@ -78,12 +80,58 @@ def test_writes_reach_a_new_refcount_block_by_the_host_estimate() -> None:
     assert len(blocks) >= 3, "writes never needed a second or third refcount block"
 
 
-def test_fill_reaches_the_next_refcount_block_and_table_growth() -> None:
-    cfg = Config(cluster_size=512, refcount_bits=64, virtual_size=4 << 20)
+def _events_of_write(cfg: Config, offset: int, length: int) -> set[str]:
+    from harness.points import Budget
+    from harness.runner import Runner
+
+    runner = Runner(cfg, seed=1, budget=Budget(sweep=False))
+    assert runner.run([Write(offset, length, 1)]) == []
+    return {key.split("|")[1] for key in runner.stats.events}
+
+
+@pytest.mark.parametrize("bits,size", [(64, 2 << 20), (64, 4 << 20), (32, 4 << 20)])
+def test_fill_grows_the_refcount_table_in_the_model_and_no_sooner_than_needed(bits: int, size: int) -> None:
+    cfg = Config(cluster_size=512, refcount_bits=bits, virtual_size=size, lazy_refcounts=False)
     shape = Shape.of(cfg)
-    lengths = {fill(Choices([k]), shape, Written())[1] // 512 for k in range(3)}
-    assert any(n >= shape.refblock_span for n in lengths)
-    assert any(n >= shape.reftable_span - shape.base_clusters for n in lengths)
+    assert growth_in_reach(shape)
+    off, n = fill(Choices([0]), shape, Written(), growth=True)
+    assert REFTABLE_GROW in _events_of_write(cfg, off, n)
+    # The estimate is tight: ten clusters fewer stop short of the edge (so the fill is not just "write everything").
+    assert REFTABLE_GROW not in _events_of_write(cfg, off, n - 10 * 512)
+
+
+def test_fill_reaches_a_new_refcount_block_in_the_model() -> None:
+    cfg = Config(cluster_size=512, refcount_bits=64, virtual_size=4 << 20, lazy_refcounts=False)
+    off, n = fill(Choices([0]), Shape.of(cfg), Written())
+    assert n < Shape.of(cfg).reftable_span * 512 and REFBLOCK in _events_of_write(cfg, off, n)
+
+
+def test_growth_is_in_reach_only_where_one_fill_gets_there() -> None:
+    # 2 KiB clusters with 64-bit refcounts: the one-cluster table covers 128 MiB of host file.
+    assert not growth_in_reach(Shape.of(Config(cluster_size=2048, refcount_bits=64, virtual_size=8 << 20)))
+    # 512 B clusters with 16-bit refcounts: 8 MiB, more than the fill limit.
+    assert not growth_in_reach(Shape.of(Config(version=2, cluster_size=512, virtual_size=8 << 20, lazy_refcounts=False)))
+    assert not growth_in_reach(Shape.of(Config(cluster_size=512, refcount_bits=64, virtual_size=1 << 20)))
+
+
+def test_edge_examples_move_a_share_of_nightly_configs_to_the_growth_geometry() -> None:
+    edge = [s for s in range(400) if _edge_example(s, 0.08)]
+    assert 10 <= len(edge) <= 60
+    for seed in edge[:20]:
+        config, ops = generate(seed, {}, "nightly")
+        assert config.cluster_size == 512 and config.validate() == []
+        if config.version == 3:
+            assert growth_in_reach(Shape.of(config))
+            assert any(isinstance(op, Write) and op.length >= 3900 * 512 for op in ops), "no growth fill"
+    # Pinned axes still win, and dev and ci draw no edge examples.
+    pinned = generate(edge[0], {"cluster_size": "65536"}, "nightly")[0]
+    assert pinned == generate(edge[0], {"cluster_size": "65536"}, "dev")[0], "a pinned geometry axis keeps the draw"
+    assert all(generate(s, {}, "dev")[0] == generate(s, {}, "ci")[0] for s in edge[:5])
+
+
+def test_edge_geometry_keeps_v2_at_16_bit_refcounts() -> None:
+    v2 = edge_geometry(Config(version=2, cluster_size=65536, virtual_size=1 << 20, lazy_refcounts=False))
+    assert (v2.cluster_size, v2.refcount_bits, v2.virtual_size) == (512, 16, 2 << 20) and v2.validate() == []
 
 
 def test_discards_zeroes_and_reads_aim_at_written_and_never_written_ranges() -> None:
