@@ -153,7 +153,7 @@ class Judge:
         if bad:
             return Judged(bad)
         assert rec.image is not None
-        bad = snapshots.judge(self.target, where, rec.image, pre, model)
+        bad = snapshots.judge(self.target, where, rec.image, pre, model, lambda: self.memo.snapshots(recovered))
         if bad:
             return Judged(bad)
         if deep and rec.log is not None and len(rec.log):
