@@ -345,6 +345,7 @@ def compare_refcounts(s: CheckState, imrt: Imrt, fix: int) -> tuple[bool, int]:
         findings.append(Finding(kind, cluster, refcount1, refcount2, _COMPARE_LINE[kind], (cluster, refcount1, refcount2)))
         if kind is _REPAIRED:
             s.set_refcount(cluster, refcount2)
+    s.write_pending_zeros()
     return rebuild, highest
 
 

@@ -12,7 +12,7 @@ import os
 import struct
 from typing import Callable, MutableSequence
 
-from models.blockio import BlockFile, WriteSite, read_exact
+from models.blockio import BlockFile, MemoryFile, WriteSite, read_exact
 from models.qcow2 import inject, spec
 from models.qcow2.cache import TableCache
 from models.qcow2.check.imrt import decode_refblock
@@ -26,6 +26,7 @@ from models.qcow2.structs import FIELD_OFFSET
 __all__ = ["BDRV_MAX_LENGTH", "CheckState", "CheckFailed", "RefcountIOError", "hash_x", "l1_bytes_in_file"]
 
 _INCOMPAT = FIELD_OFFSET["incompatible_features"]
+_REFT_OFFSET_MASK = spec.REFT_OFFSET_MASK
 # QEMU's BDRV_MAX_LENGTH: any request ending past it fails with EIO ("offset(...) exceeds maximum(...)").
 BDRV_MAX_LENGTH = (1 << 63) - (1 << 30)
 
@@ -106,6 +107,9 @@ class CheckState:
         self.rebuilt = False
         self.past_eof_clusters: set[int] = set()
         self.l2_budget = 0
+        # Zeroed clusters not yet written (start, end), when the file is in memory: see discard_cluster.
+        self.discard_runs = isinstance(file, MemoryFile)
+        self._pending_zeros: list[int] = []
 
     # ---------------------------------------------------------------- reporting
 
@@ -128,6 +132,7 @@ class CheckState:
         self.signaled_corruption = True
 
     def _mark_corrupt(self) -> None:
+        self.write_pending_zeros()
         self.corrupt_bit = True
         if self.hdr.version < 3:
             return  # a v2 header has no feature bits to write
@@ -145,6 +150,7 @@ class CheckState:
     # ---------------------------------------------------------------- on-disk refcounts
 
     def _read(self, offset: int, length: int) -> bytes:
+        self.write_pending_zeros()
         return read_exact(self.file, offset, length)
 
     def decoded_refblock(self, offset: int):
@@ -196,13 +202,26 @@ class CheckState:
         return read
 
     def set_refcount(self, cluster: int, value: int) -> None:
-        """update_refcount() for one cluster whose refblock exists (the only case a fix needs)."""
+        """update_refcount() for one cluster whose refblock exists (the only case a fix needs).
+
+        A dirty image's repair sets hundreds of thousands of these: the common widths are
+        written inline, not through geometry.set_refcount.
+        """
         index, entry = divmod(cluster, self.rb_entries)
-        offset = self.reftable[index] & spec.REFT_OFFSET_MASK
-        view = self.decoded_refblock(offset)
-        set_refcount(self.refblocks.get(offset), entry, self.order, value)
-        view[entry] = value
-        self.refblocks.mark_dirty(offset)
+        offset = self.reftable[index] & _REFT_OFFSET_MASK
+        view = self._decoded.get(offset)
+        if view is None:
+            view = self.decoded_refblock(offset)
+        order = self.order
+        if order == 3:
+            view[entry] = value  # the decoded view of an 8-bit block is the cached block itself
+        else:
+            if order == 4:
+                self.refblocks.get(offset)[2 * entry:2 * entry + 2] = value.to_bytes(2, "big")
+            else:
+                set_refcount(self.refblocks.get(offset), entry, order, value)
+            view[entry] = value
+        self.refblocks.dirty.add(offset)
         if value == 0:
             freed = self.geo.cluster_to_offset(cluster)
             if freed != offset and freed in self.refblocks.tables:
@@ -222,14 +241,39 @@ class CheckState:
         sees). The cluster is referenced by nothing, so this is safe at any crash point. One
         write per cluster, as QEMU's discard requests: the repair's write log (and so the
         crash points sampled inside a repair) depends on it.
+
+        Except on an in-memory file (`discard_runs`), which keeps no log and whose writes no
+        one observes but through its final bytes: there adjacent zeroed clusters are written
+        as one run, before anything else touches the file (`write_pending_zeros`). Hazard:
+        every other access the check makes while a run is pending must write it first; the
+        check reads and writes through `_read`, `_write_refblock`, `_mark_corrupt` and, after
+        compare_refcounts, anything (which writes the run before returning).
         """
         length = min(self.cs, self.file.size() - offset)
-        if length > 0:
-            self.file.pwrite(offset, self._zero_cluster if length == self.cs else self._zero_cluster[:length], WriteSite.REPAIR)
+        if length <= 0:
+            return
+        if self.discard_runs:
+            pending = self._pending_zeros
+            if pending and pending[1] == offset:
+                pending[1] = offset + length
+                return
+            self.write_pending_zeros()
+            pending[:] = offset, offset + length
+            return
+        self.file.pwrite(offset, self._zero_cluster if length == self.cs else self._zero_cluster[:length], WriteSite.REPAIR)
+
+    def write_pending_zeros(self) -> None:
+        """Write the pending run of zeroed clusters (see discard_cluster)."""
+        pending = self._pending_zeros
+        if pending:
+            start, end = pending
+            pending.clear()
+            self.file.pwrite(start, bytes(end - start), WriteSite.REPAIR)
 
     def _write_refblock(self, offset: int, data: bytes, site: WriteSite) -> None:
         from models.qcow2.check.overlap import pre_write_overlap_check
 
+        self.write_pending_zeros()
         if not pre_write_overlap_check(self, offset, self.cs, frozenset({"refblock"})):
             raise self.fail(Kind.WRITE_FAILED, "ERROR: Could not write refcount block; metadata overlap check failed: Input/output error")
         self.file.pwrite(offset, data, site)
