@@ -231,6 +231,35 @@ class CheckState:
                 self.generation += 1
             self.discard_cluster(freed)
 
+    def set_refcounts(self, offset: int, base: int, repairs: list[tuple[int, int]]) -> None:
+        """set_refcount() for ascending clusters of the one refcount block at `offset` (first cluster `base`).
+
+        The caller has made sure no cluster freed here is a cached refcount block other
+        than this one (set_refcount would drop it from the cache): the entries are
+        written, then the freed clusters discarded in ascending order, as one set_refcount
+        after another would.
+        """
+        view = self.decoded_refblock(offset)
+        block = self.refblocks.get(offset)
+        order = self.order
+        if order == 3:
+            for cluster, value in repairs:
+                view[cluster - base] = value  # the decoded view of an 8-bit block is the cached block itself
+        else:
+            for cluster, value in repairs:
+                view[cluster - base] = value
+            if order == 4:
+                for cluster, value in repairs:
+                    block[2 * (cluster - base):2 * (cluster - base) + 2] = value.to_bytes(2, "big")
+            else:
+                for cluster, value in repairs:
+                    set_refcount(block, cluster - base, order, value)
+        self.refblocks.dirty.add(offset)
+        cs = self.cs
+        for cluster, value in repairs:
+            if value == 0:
+                self.discard_cluster(cluster * cs)
+
     def raw_refblock(self, offset: int) -> bytearray:
         return self.refblocks.get(offset)
 
