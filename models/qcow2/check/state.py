@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import errno
 import os
-import struct
 from typing import Callable, MutableSequence
 
 from models.blockio import BlockFile, MemoryFile, WriteSite, read_exact
@@ -84,7 +83,8 @@ class CheckState:
         self.corrupt_bit = bool(hdr.incompatible_features & spec.IncompatFeature.CORRUPT)
         rt_entries = hdr.refcount_table_clusters * self.cs // 8
         self.reftable_offset = hdr.refcount_table_offset
-        self.reftable = list(struct.unpack(f">{rt_entries}Q", read_exact(file, self.reftable_offset, rt_entries * 8)))
+        # An array of u64, decoded in C: with 2 MiB clusters one reftable cluster holds 262,144 entries.
+        self.reftable: MutableSequence[int] = decode_refblock(read_exact(file, self.reftable_offset, rt_entries * 8), 6)
         self.l1_offset = hdr.l1_table_offset
         self.l1_size = hdr.l1_size
         # Only the part of the L1 table inside the file is decoded (the rest reads as zeros:
