@@ -66,16 +66,20 @@ class Memo:
         self.hits = 0
         self.misses = 0
 
-    def facts(self, data: bytes, key: bytes | None = None) -> Facts:
-        """The facts of `data` (`key`, its digest, when the caller has it already)."""
+    def facts(self, data: bytes | bytearray, key: bytes | None = None) -> Facts:
+        """The facts of `data` (`key`, its digest, when the caller has it already).
+
+        A bytearray is copied to bytes only when the image is new to the memo (with 2 MiB
+        clusters an image is tens of MiB, and most crash images repeat).
+        """
         if not self.enabled:
-            return Facts(data, b"")
+            return Facts(bytes(data), b"")
         key = key or digest(data)
         found = self._entries.get(key)
         if found is not None:
             self._entries.move_to_end(key)
             return found
-        facts = Facts(data, key)
+        facts = Facts(bytes(data), key)
         self._entries[key] = facts
         self._bytes += facts.cost
         self._evict()

@@ -13,7 +13,7 @@ from typing import Iterator, MutableSequence
 
 from models.blockio import BlockFile, WriteSite, read_exact
 from models.qcow2 import spec
-from models.qcow2.check.imrt import decode_refblock
+from models.qcow2.check.imrt import decode_refblock, nonzero_entries
 from models.qcow2.check.refcounts import _u64s
 from models.qcow2.check.result import Finding, Kind
 from models.qcow2.check.state import l1_bytes_in_file
@@ -124,7 +124,9 @@ def _past_eof_blocks(file: BlockFile, parsed: ParsedHeader | None) -> Iterator[t
     n = hdr.refcount_table_clusters * cs // 8
     table = _u64s(read_exact(file, hdr.refcount_table_offset, n * 8))
     rbe = geo.refblock_entries
-    for ri in range(geo.reftable_index(eof_cluster), n):
+    start = geo.reftable_index(eof_cluster)
+    # Only the non-zero entries, found in C (a 2 MiB-cluster reftable holds 262,144 entries).
+    for ri in nonzero_entries(table, start):
         block_off = table[ri] & spec.REFT_OFFSET_MASK
         if not block_off or not geo.is_aligned(block_off) or block_off >= size:
             continue

@@ -179,7 +179,7 @@ def check_refblocks(s: CheckState, imrt: Imrt, fix: int) -> bool:
     """Count the refcount blocks; returns whether the refcount structure must be rebuilt."""
     rebuild = False
     res, geo = s.res, s.geo
-    for i in itertools.compress(range(len(s.reftable)), s.reftable):
+    for i in s.reftable_used():
         raw_entry = s.reftable[i]
         offset = raw_entry & spec.REFT_OFFSET_MASK
         cluster = geo.offset_to_cluster(offset)

@@ -7,14 +7,16 @@ only the refusals of what it does not implement.
 
 from __future__ import annotations
 
+import array
 import errno
+import itertools
 import os
 from typing import Callable, MutableSequence
 
 from models.blockio import BlockFile, MemoryFile, WriteSite, read_exact
 from models.qcow2 import inject, spec
 from models.qcow2.cache import TableCache
-from models.qcow2.check.imrt import decode_refblock
+from models.qcow2.check.imrt import decode_refblock, nonzero_entries
 from models.qcow2.check.result import CheckCounts, Finding, Kind
 from models.qcow2.errors import UnsupportedFeature
 from models.qcow2.geometry import set_refcount
@@ -107,6 +109,8 @@ class CheckState:
         self.rebuilt = False
         self.past_eof_clusters: set[int] = set()
         self.l2_budget = 0
+        self._used_for: object = None  # the reftable `_used` was computed for (see reftable_used)
+        self._used: list[int] = []
         # Zeroed clusters not yet written (start, end), when the file is in memory: see discard_cluster.
         self.discard_runs = isinstance(file, MemoryFile)
         self._pending_zeros: list[int] = []
@@ -170,6 +174,17 @@ class CheckState:
         if self.refblock_unreadable(offset):
             raise RefcountIOError()  # QEMU's read of the block fails with EIO, no corruption event
         return offset
+
+    def reftable_used(self) -> list[int]:
+        """Indices of the non-zero refcount-table entries, ascending (found in C; recomputed after a rebuild swaps the table)."""
+        table = self.reftable
+        if self._used_for is not table:
+            if isinstance(table, array.array):
+                self._used = nonzero_entries(table)
+            else:
+                self._used = list(itertools.compress(range(len(table)), table))
+            self._used_for = table
+        return self._used
 
     def refblock_unreadable(self, offset: int) -> bool:
         """Whether a refcount block at `offset` ends past BDRV_MAX_LENGTH, where QEMU's read fails with EIO."""
@@ -317,8 +332,24 @@ class CheckState:
         self._decoded.clear()
         self.generation += 1
 
+    def release(self) -> None:
+        """Break the state <-> refcount-block cache cycle (the cache calls back into the state) once the check is over.
+
+        Without this every check leaves a cycle holding its file until the cyclic
+        collector runs, which counts objects, not bytes: with 2 MiB clusters a sweep then
+        holds dozens of dead image copies.
+        """
+        cache = self.refblocks
+        cache.clear()
+        cache.read = cache.write_fn = cache.file_flush = _released  # type: ignore[assignment]
+        self._decoded.clear()
+
     def repair_flush(self) -> None:
         # Injected bug: "flush once at the end" leaves the switched header, the new
         # structures and the cleared dirty bit in one epoch, in any order after a crash.
         if not inject.on("rebuild-switch-before-durable"):
             self.file.flush()
+
+
+def _released(*_args: object) -> None:
+    raise RuntimeError("check state used after release()")
