@@ -239,10 +239,13 @@ class Judge:
         picks = self.rng.sample(points, min(len(points), self.budget.recovery_points))
         for point in sorted(picks):
             for sub in enumerate_states(log, point, Policy.SUBSETS, k=4, seed=self.seed, samples=2):
-                rec, recovered = self._recover(self.memo.facts(builder.build(sub)), path, record=False)
+                image = builder.build(sub)
+                rec, recovered = self._recover(self.memo.facts(image), path, record=False)
                 bad = self._judge_recovery(where, rec, recovered, pre, wanted, _recovery_crash(sub, path))
                 if bad:
                     return bad
+                if len(image) >= _COLLECT_ABOVE:
+                    gc.collect()  # each recovery leaves its opened images in cycles (see `judge`)
         return None
 
 
