@@ -23,11 +23,13 @@ Hazards, and why the memo is safe against them:
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from collections import OrderedDict
 from collections.abc import Iterable
 
-from harness.targets import CheckSummary, HeaderInfo, OpenOptions, ReadOnlyView, Recovery, RecoveryPath, Target
+from harness.targets import (CheckSummary, HeaderInfo, OpenOptions, ReadOnlyView, Recovery, RecoveryPath,
+                             SnapshotReader, Target)
 
 DEFAULT_MAX_BYTES = 48 << 20
 DEFAULT_MAX_ENTRIES = 64
@@ -64,16 +66,20 @@ class Memo:
         self.hits = 0
         self.misses = 0
 
-    def facts(self, data: bytes, key: bytes | None = None) -> Facts:
-        """The facts of `data` (`key`, its digest, when the caller has it already)."""
+    def facts(self, data: bytes | bytearray, key: bytes | None = None) -> Facts:
+        """The facts of `data` (`key`, its digest, when the caller has it already).
+
+        A bytearray is copied to bytes only when the image is new to the memo (with 2 MiB
+        clusters an image is tens of MiB, and most crash images repeat).
+        """
         if not self.enabled:
-            return Facts(data, b"")
+            return Facts(bytes(data), b"")
         key = key or digest(data)
         found = self._entries.get(key)
         if found is not None:
             self._entries.move_to_end(key)
             return found
-        facts = Facts(data, key)
+        facts = Facts(bytes(data), key)
         self._entries[key] = facts
         self._bytes += facts.cost
         self._evict()
@@ -114,6 +120,26 @@ class Memo:
         return self._get(facts, ("read_only", sectors, allocated),
                          lambda: self.target.read_only(facts.data, sectors, allocated=allocated),
                          lambda view: 600 * len(view.sectors))
+
+    def snapshots(self, facts: Facts) -> SnapshotReader:
+        """The image's snapshot reader; with the memo on, its `read_many` results are memoised too.
+
+        The full path (memo off) gets the target's reader without `read_many`, so the
+        snapshot rules read one sector at a time as they always did.
+        """
+        if not self.enabled:
+            return dataclasses.replace(self.target.snapshots(facts.data), read_many=None)
+        reader = self._get(facts, ("snapshots",), lambda: self.target.snapshots(facts.data),
+                           lambda _r: len(facts.data))  # the reader holds an open copy of the image
+        many = reader.read_many
+        if many is None:
+            return reader
+
+        def read_many(name: str, sectors: list[int]) -> dict[int, bytes]:
+            return self._get(facts, ("snapshot", name, tuple(sectors)), lambda: many(name, sectors),
+                             lambda got: 600 * len(got))
+
+        return dataclasses.replace(reader, read_many=read_many)
 
     def recover(self, facts: Facts, path: RecoveryPath, options: OpenOptions, *, record: bool) -> tuple[Recovery, Facts | None]:
         """The recovery of `facts`' image, and the facts of the recovered image (None when recovery failed).

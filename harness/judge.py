@@ -19,6 +19,7 @@ created (the phase says which verdict a failure of that phase is).
 from __future__ import annotations
 
 import dataclasses
+import gc
 import random
 import traceback
 
@@ -34,6 +35,7 @@ from harness.targets import HeaderInfo, ReadOnlyView, Recovery, RecoveryPath, Ta
 from models.blockio import SECTOR, WriteSite
 from models.refdisk import Mismatch, ReferenceDisk, SectorVerdict
 
+_COLLECT_ABOVE = 4 << 20  # image bytes from which judging a state ends with a garbage collection
 _METADATA_SITES = frozenset(WriteSite) - {WriteSite.DATA}
 _GROWTH_SITES = frozenset({WriteSite.REFTABLE_GROW, WriteSite.REFTABLE_SWITCH})
 _DATA_VERDICTS = {Mismatch.FOREIGN: Verdict.FOREIGN_DATA, Mismatch.STALE_OR_LOST: Verdict.DATA_LOST,
@@ -114,9 +116,16 @@ class Judge:
         if model.snapshot_names() or model.snapshot_in_flight():
             self._count_snapshot_crash(where, model, log)
         try:
-            return self._judge(where, self.memo.facts(bytes(image), key), model, deep=deep)
+            return self._judge(where, self.memo.facts(image, key), model, deep=deep)
         except Exception as exc:  # noqa: BLE001 - any crash of the implementation is a finding
             return Judged(where.finding(Verdict.UNEXPECTED_EXCEPTION, exc_text(exc), "raw"))
+        finally:
+            if len(image) >= _COLLECT_ABOVE:
+                # The images opened while judging sit in reference cycles (a table cache calls back
+                # into its image) that the cyclic collector frees only after enough *objects*
+                # were allocated; large images are few objects and many bytes, so without this a
+                # worker with 2 MiB clusters holds dozens of dead copies.
+                gc.collect()
 
     def _count_sites(self, state: CrashState, log: WriteLog) -> None:
         ops = log.ops
@@ -153,7 +162,7 @@ class Judge:
         if bad:
             return Judged(bad)
         assert rec.image is not None
-        bad = snapshots.judge(self.target, where, rec.image, pre, model)
+        bad = snapshots.judge(self.target, where, rec.image, pre, model, lambda: self.memo.snapshots(recovered))
         if bad:
             return Judged(bad)
         if deep and rec.log is not None and len(rec.log):
@@ -230,10 +239,13 @@ class Judge:
         picks = self.rng.sample(points, min(len(points), self.budget.recovery_points))
         for point in sorted(picks):
             for sub in enumerate_states(log, point, Policy.SUBSETS, k=4, seed=self.seed, samples=2):
-                rec, recovered = self._recover(self.memo.facts(bytes(builder.build(sub))), path, record=False)
+                image = builder.build(sub)
+                rec, recovered = self._recover(self.memo.facts(image), path, record=False)
                 bad = self._judge_recovery(where, rec, recovered, pre, wanted, _recovery_crash(sub, path))
                 if bad:
                     return bad
+                if len(image) >= _COLLECT_ABOVE:
+                    gc.collect()  # each recovery leaves its opened images in cycles (see `judge`)
         return None
 
 

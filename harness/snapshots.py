@@ -22,7 +22,9 @@ from harness.oracle import Verdict
 if TYPE_CHECKING:
     from harness.judge import Where
     from harness.oracle import Finding
-    from harness.targets import Target
+    from collections.abc import Callable
+
+    from harness.targets import SnapshotReader, Target
     from models.qcow2.image import Qcow2Image
     from models.refdisk import ReferenceDisk
 
@@ -51,19 +53,23 @@ def model_refuses(op, model: "ReferenceDisk") -> str | None:
 
 
 def judge(target: "Target", where: "Where", raw_recovered: bytes, pre: dict[int, bytes],
-          model: "ReferenceDisk") -> "Finding | None":
-    """The snapshot rules on a recovered crash image; None when there is nothing to judge or all hold."""
+          model: "ReferenceDisk", reader_of: "Callable[[], SnapshotReader] | None" = None) -> "Finding | None":
+    """The snapshot rules on a recovered crash image; None when there is nothing to judge or all hold.
+
+    `reader_of` gives the image's snapshot reader (the judge's memoised one); by default
+    `target.snapshots(raw_recovered)`.
+    """
     outcomes = model.snapshot_outcomes()
     if outcomes == [frozenset()] and not model.snapshot_names():
         return None
-    reader = target.snapshots(raw_recovered)
+    reader = reader_of() if reader_of is not None else target.snapshots(raw_recovered)
     found = frozenset(reader.names)
     if found not in outcomes:
         return where.finding(Verdict.SNAPSHOT_CHANGED, f"snapshots {sorted(found)} after the crash; allowed: "
                              + " or ".join(str(sorted(o)) for o in outcomes), "recovery")
     sectors = sorted(model.touched_sectors())
     for name in sorted(found):
-        bad = model.snapshot_mismatch(name, lambda off, length, key=name: reader.read(key, off, length), sectors)
+        bad = model.snapshot_mismatch(name, _sector_reader(reader, name, model, sectors), sectors)
         if bad:
             return where.finding(Verdict.SNAPSHOT_CHANGED, bad, "recovery")
     cs = reader.cluster_size
@@ -71,6 +77,30 @@ def judge(target: "Target", where: "Where", raw_recovered: bytes, pre: dict[int,
     if half:
         return where.finding(Verdict.SNAPSHOT_HALF_DONE, half, "raw")
     return None
+
+
+def _sector_reader(reader: "SnapshotReader", name: str, model: "ReferenceDisk", sectors: list[int]):
+    """`snapshot_mismatch`'s read function for one snapshot: from one read in runs when the reader offers it.
+
+    `snapshot_mismatch` reads exactly the touched sectors and the snapshot's own, one at a
+    time; they are read up front in runs. Should that fail, the reads go one by one, so an
+    error (or a mismatch before it) surfaces exactly where the one-by-one path finds it.
+    """
+    def one(off: int, length: int) -> bytes:
+        return reader.read(name, off, length)
+
+    if reader.read_many is None:
+        return one
+    try:
+        got = reader.read_many(name, sorted(set(sectors) | set(model.snapshot_view(name))))
+    except Exception:  # noqa: BLE001 - replayed one by one above
+        return one
+
+    def cached(off: int, length: int) -> bytes:
+        data = got.get(off // SECTOR) if length == SECTOR and off % SECTOR == 0 else None
+        return data if data is not None else one(off, length)
+
+    return cached
 
 
 def judge_final(target: "Target", where: "Where", raw: bytes, model: "ReferenceDisk") -> "Finding | None":

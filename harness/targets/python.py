@@ -186,7 +186,8 @@ class PythonTarget(Target):
         img = Qcow2Image.open(CopyOnWriteFile(bytes(raw)), readonly=True)
         names = tuple(sn.name for sn in snapshot.list_snapshots(img))
         return SnapshotReader(names, img.geo.cluster_size,
-                              lambda name, offset, length: snapshot.read(img, name, offset, length))
+                              lambda name, offset, length: snapshot.read(img, name, offset, length),
+                              lambda name, sectors: _snapshot_sectors(img, name, sectors))
 
     # ---- judging -----------------------------------------------------------------------------
     def inspect(self, raw: bytes) -> HeaderInfo:
@@ -342,6 +343,16 @@ def read_sectors(img: Qcow2Image, sectors: list[int], raw: bytes | None = None) 
             out[sectors[k]] = data[off:off + SECTOR]
         i = j + 1
     return out
+
+
+def _snapshot_sectors(img: Qcow2Image, name: str, sectors: list[int]) -> dict[int, bytes]:
+    """Sectors of a snapshot through its L1, one guest read per run (as `snapshot.read` swaps the L1 in)."""
+    active = img.l1
+    img.l1 = snapshot.snapshot_l1(img, name)
+    try:
+        return read_sectors(img, sectors)
+    finally:
+        img.l1 = active
 
 
 def _read_run(img: Qcow2Image, raw: bytes, offset: int, length: int) -> bytes:

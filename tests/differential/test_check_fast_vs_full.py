@@ -17,7 +17,7 @@ import pytest
 
 from harness.crashstates import CrashImageBuilder, Policy, enumerate_states
 from harness.faultfile import FaultInjectingFile
-from models.blockio import CacheMode, MemoryFile
+from models.blockio import CacheMode, MemoryFile, WriteSite
 from models.qcow2 import Qcow2Image
 from models.qcow2 import check as fast
 from models.qcow2.errors import Qcow2Error
@@ -157,3 +157,42 @@ def test_vectorised_refblock_decoding_agrees_with_get_refcount(order: int) -> No
     assert list(decode_refblock(block, order)) == want
     limit = entries - 3
     assert nonzero_refcounts(block, order, limit) == [i for i in range(limit) if want[i]]
+
+
+def _repaired(image: bytes, fix: fast.Fix, recorded: bool) -> tuple:
+    """A repair on a recording file (one zero write per freed cluster) or a plain in-memory one (zeroed runs)."""
+    inner = MemoryFile(image, name="diff.qcow2")
+    f = FaultInjectingFile(inner) if recorded else inner
+    try:
+        result = fast.repair(f, fix)
+    except Qcow2Error as exc:
+        return ("raised", type(exc).__name__), 0
+    # Freed clusters: the repair's whole-cluster writes of zeros.
+    cs = 1 << int.from_bytes(image[20:24], "big")
+    freed = sum(len(op.data) == cs and op.data.count(0) == cs and op.site is WriteSite.REPAIR
+                for op in f.log.ops) if recorded else 0
+    findings = [(str(x.kind), x.cluster, x.refcount, x.reference, x.message) for x in result.findings]
+    counts = (result.corruptions, result.leaks, result.check_errors, result.corruptions_fixed, result.leaks_fixed,
+              result.error, result.rebuilt, fast.exit_code(result))
+    return (counts, findings, inner.getvalue()), freed
+
+
+@pytest.mark.parametrize("cfg", CONFIGS[:-2] + [CONFIGS[-2]], ids=lambda c: f"cs{c[0]}-rc{c[1]}-v{c[2]}-{'lazy' if c[3] else 'eager'}")
+def test_zeroed_runs_on_memory_files_equal_one_write_per_cluster(cfg: tuple) -> None:
+    # A repair on an in-memory file writes adjacent freed clusters' zeros as one run; on a
+    # recording file (whose write log is crashed) one write per cluster. Same result, same bytes.
+    seed = sum(cfg) % 9973
+    rng = random.Random(seed)
+    images = _crash_images(cfg, seed, per_config=4)
+    if cfg[0] < 1 << 21:
+        images += [_mutated(image, cfg[0], rng) for image in images for _ in range(2)]
+    zero_writes = 0
+    for image in images:
+        if not _header_ok(image):
+            continue
+        for fix in (fast.Fix.LEAKS, fast.Fix.ALL):
+            want, freed = _repaired(image, fix, recorded=True)
+            got, _ = _repaired(image, fix, recorded=False)
+            assert got == want, f"config {cfg}, fix {fix!r}: zeroed runs differ from one write per cluster"
+            zero_writes += freed
+    assert zero_writes > 0, "no repair freed a cluster, so the zeroed runs were not compared"

@@ -57,14 +57,17 @@ def check(file: BlockFile, fix: Fix = Fix.NONE, *, path: str | None = None,
     if fix & Fix.ERRORS:
         extend_to_references(file, parsed, findings, max_growth)
     state = CheckState(file, name, parsed, findings, max_growth)
-    res, error = run_check(state, int(fix))
-    result = CheckResult.from_counts(res, findings, fix)
-    result.error = error
-    result.rebuilt = state.rebuilt
-    result.consistent_after_fix = (bool(fix) and error is None and res.check_errors == 0 and res.corruptions == 0
-                                   and not _still_broken(state, findings))
-    if error is None and (res.corruptions_fixed or res.leaks_fixed):
-        result = _double_check(state, result, res)
+    try:
+        res, error = run_check(state, int(fix))
+        result = CheckResult.from_counts(res, findings, fix)
+        result.error = error
+        result.rebuilt = state.rebuilt
+        result.consistent_after_fix = (bool(fix) and error is None and res.check_errors == 0 and res.corruptions == 0
+                                       and not _still_broken(state, findings))
+        if error is None and (res.corruptions_fixed or res.leaks_fixed):
+            result = _double_check(state, result, res)
+    finally:
+        state.release()
     return result
 
 

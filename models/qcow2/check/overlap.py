@@ -32,7 +32,7 @@ def _metadata_clusters(s: CheckState) -> dict[str, set[int]]:
             if entry & spec.L1E_OFFSET_MASK:
                 l2.update(_clusters_of(s, entry & spec.L1E_OFFSET_MASK, s.cs))
         refblocks: set[int] = set()
-        for entry in s.reftable:
+        for entry in itertools.compress(s.reftable, s.reftable):  # non-zero entries only, skipped in C
             if entry & spec.REFT_OFFSET_MASK:
                 refblocks.update(_clusters_of(s, entry & spec.REFT_OFFSET_MASK, s.cs))
         s.ol_cache = {"l2": l2, "refblock": refblocks}

@@ -10,6 +10,7 @@ Functions take the open image state `s` first, as QEMU's take `bs`.
 from __future__ import annotations
 
 import array
+import bisect
 import errno
 import itertools
 import os
@@ -179,7 +180,7 @@ def check_refblocks(s: CheckState, imrt: Imrt, fix: int) -> bool:
     """Count the refcount blocks; returns whether the refcount structure must be rebuilt."""
     rebuild = False
     res, geo = s.res, s.geo
-    for i in itertools.compress(range(len(s.reftable)), s.reftable):
+    for i in s.reftable_used():
         raw_entry = s.reftable[i]
         offset = raw_entry & spec.REFT_OFFSET_MASK
         cluster = geo.offset_to_cluster(offset)
@@ -301,14 +302,98 @@ def compare_refcounts(s: CheckState, imrt: Imrt, fix: int) -> tuple[bool, int]:
     """Diff the IMRT against the on-disk refcounts, fixing what `fix` allows; returns (rebuild needed, highest cluster in use).
 
     The hottest loop of a crash sweep (a dirty 512-byte-cluster image can repair a million
-    clusters): the refcount block's decoded view is looked up once per block, not per cluster.
+    clusters): candidates go block by block; a block whose refcounts are readable is
+    diffed in one pass and its repairs applied together (`_compare_block`), and only a
+    block whose lookup fails, or whose repair frees a cached refcount block, goes through
+    the cluster-by-cluster loop (`_compare_clusters`), which is QEMU's loop as written.
     """
+    rebuild = False
+    highest = 0
+    rbe = s.rb_entries
+    candidates = _compare_candidates(s, imrt)
+    i, n = 0, len(candidates)
+    while i < n:
+        block_index = candidates[i] // rbe
+        j = bisect.bisect_left(candidates, (block_index + 1) * rbe, i)
+        block = candidates[i:j]
+        done = _compare_block(s, imrt, fix, block_index, block)
+        if done is None:
+            done = _compare_clusters(s, imrt, fix, block)
+        broken, top = done
+        rebuild = rebuild or broken
+        highest = max(highest, top)
+        i = j
+    s.write_pending_zeros()
+    return rebuild, highest
+
+
+def _compare_block(s: CheckState, imrt: Imrt, fix: int, block_index: int,
+                   clusters: list[int]) -> tuple[bool, int] | None:
+    """compare_refcounts on the candidates of one refcount block in one pass; None when the cluster loop must do it.
+
+    Equivalent to the loop because within one block the loop makes no other file access
+    than the freed clusters' zero writes, in ascending order, and keeps one decoded view;
+    the exceptions (a lookup that fails and signals per cluster, a freed cluster that is
+    itself a cached refcount block and is dropped) are left to the loop.
+    """
+    try:
+        offset = s.refblock_offset(block_index)
+    except RefcountIOError:
+        return None  # the loop emits one error per cluster (and signals every time, as QEMU)
+    base = block_index * s.rb_entries
+    counts = imrt.counts
+    if offset:
+        view = s.decoded_refblock(offset)
+        pairs = [(c, view[c - base], counts.get(c, 0)) for c in clusters]
+    else:
+        pairs = [(c, 0, counts.get(c, 0)) for c in clusters]
+    used = [c for c, r1, r2 in pairs if r1 or r2]
+    highest = used[-1] if used else 0
+    diff = [p for p in pairs if p[1] != p[2]]
+    if not diff:
+        return False, highest
+    fix_leaks, fix_errors = fix & FIX_LEAKS, fix & FIX_ERRORS
+    if any(r2 == 0 and r1 > 0 for _, r1, r2 in diff) and fix_leaks:
+        cached = s.refblocks.tables
+        cs = s.cs
+        if any(c * cs != offset and c * cs in cached for c, r1, r2 in diff if r2 == 0 and r1 > 0):
+            return None  # a freed cluster is a cached refcount block: dropped, and re-read later
+    res, findings = s.res, s.findings
+    rebuild = False
+    repairs = []
+    for cluster, refcount1, refcount2 in diff:
+        if refcount1 == 0:
+            rebuild = True  # never fixed here: the refcount block itself may be missing
+            kind = _REFCOUNT_ERROR
+            res.corruptions += 1
+        elif refcount1 > refcount2 and fix_leaks:
+            kind = _REPAIRED
+            res.leaks_fixed += 1
+            repairs.append((cluster, refcount2))
+        elif refcount1 < refcount2 and fix_errors:
+            kind = _REPAIRED
+            res.corruptions_fixed += 1
+            repairs.append((cluster, refcount2))
+        elif refcount1 < refcount2:
+            kind = _REFCOUNT_ERROR
+            res.corruptions += 1
+        else:
+            kind = _LEAK
+            res.leaks += 1
+        findings.append(Finding(kind, cluster, refcount1, refcount2, _COMPARE_LINE[kind], (cluster, refcount1, refcount2)))
+    if repairs:
+        s.set_refcounts(offset, base, repairs)
+    return rebuild, highest
+
+
+def _compare_clusters(s: CheckState, imrt: Imrt, fix: int, clusters: list[int]) -> tuple[bool, int]:
+    """compare_refcounts' loop over ascending clusters, one at a time (QEMU's loop)."""
     rebuild = False
     highest = 0
     res, counts, findings = s.res, imrt.counts, s.findings
     rbe = s.rb_entries
     view, base, generation = None, 0, -1
-    for cluster in _compare_candidates(s, imrt):
+    for cluster in clusters:
         if cluster - base >= rbe or cluster < base or generation != s.generation:
             block_index = cluster // rbe
             base = block_index * rbe

@@ -7,15 +7,16 @@ only the refusals of what it does not implement.
 
 from __future__ import annotations
 
+import array
 import errno
+import itertools
 import os
-import struct
 from typing import Callable, MutableSequence
 
-from models.blockio import BlockFile, WriteSite, read_exact
+from models.blockio import BlockFile, MemoryFile, WriteSite, read_exact
 from models.qcow2 import inject, spec
 from models.qcow2.cache import TableCache
-from models.qcow2.check.imrt import decode_refblock
+from models.qcow2.check.imrt import decode_refblock, nonzero_entries
 from models.qcow2.check.result import CheckCounts, Finding, Kind
 from models.qcow2.errors import UnsupportedFeature
 from models.qcow2.geometry import set_refcount
@@ -26,6 +27,7 @@ from models.qcow2.structs import FIELD_OFFSET
 __all__ = ["BDRV_MAX_LENGTH", "CheckState", "CheckFailed", "RefcountIOError", "hash_x", "l1_bytes_in_file"]
 
 _INCOMPAT = FIELD_OFFSET["incompatible_features"]
+_REFT_OFFSET_MASK = spec.REFT_OFFSET_MASK
 # QEMU's BDRV_MAX_LENGTH: any request ending past it fails with EIO ("offset(...) exceeds maximum(...)").
 BDRV_MAX_LENGTH = (1 << 63) - (1 << 30)
 
@@ -83,7 +85,8 @@ class CheckState:
         self.corrupt_bit = bool(hdr.incompatible_features & spec.IncompatFeature.CORRUPT)
         rt_entries = hdr.refcount_table_clusters * self.cs // 8
         self.reftable_offset = hdr.refcount_table_offset
-        self.reftable = list(struct.unpack(f">{rt_entries}Q", read_exact(file, self.reftable_offset, rt_entries * 8)))
+        # An array of u64, decoded in C: with 2 MiB clusters one reftable cluster holds 262,144 entries.
+        self.reftable: MutableSequence[int] = decode_refblock(read_exact(file, self.reftable_offset, rt_entries * 8), 6)
         self.l1_offset = hdr.l1_table_offset
         self.l1_size = hdr.l1_size
         # Only the part of the L1 table inside the file is decoded (the rest reads as zeros:
@@ -105,6 +108,11 @@ class CheckState:
         self.rebuilt = False
         self.past_eof_clusters: set[int] = set()
         self.l2_budget = 0
+        self._used_for: object = None  # the reftable `_used` was computed for (see reftable_used)
+        self._used: list[int] = []
+        # Zeroed clusters not yet written (start, end), when the file is in memory: see discard_cluster.
+        self.discard_runs = isinstance(file, MemoryFile)
+        self._pending_zeros: list[int] = []
 
     # ---------------------------------------------------------------- reporting
 
@@ -127,6 +135,7 @@ class CheckState:
         self.signaled_corruption = True
 
     def _mark_corrupt(self) -> None:
+        self.write_pending_zeros()
         self.corrupt_bit = True
         if self.hdr.version < 3:
             return  # a v2 header has no feature bits to write
@@ -144,6 +153,7 @@ class CheckState:
     # ---------------------------------------------------------------- on-disk refcounts
 
     def _read(self, offset: int, length: int) -> bytes:
+        self.write_pending_zeros()
         return read_exact(self.file, offset, length)
 
     def decoded_refblock(self, offset: int):
@@ -163,6 +173,17 @@ class CheckState:
         if self.refblock_unreadable(offset):
             raise RefcountIOError()  # QEMU's read of the block fails with EIO, no corruption event
         return offset
+
+    def reftable_used(self) -> list[int]:
+        """Indices of the non-zero refcount-table entries, ascending (found in C; recomputed after a rebuild swaps the table)."""
+        table = self.reftable
+        if self._used_for is not table:
+            if isinstance(table, array.array):
+                self._used = nonzero_entries(table)
+            else:
+                self._used = list(itertools.compress(range(len(table)), table))
+            self._used_for = table
+        return self._used
 
     def refblock_unreadable(self, offset: int) -> bool:
         """Whether a refcount block at `offset` ends past BDRV_MAX_LENGTH, where QEMU's read fails with EIO."""
@@ -195,13 +216,26 @@ class CheckState:
         return read
 
     def set_refcount(self, cluster: int, value: int) -> None:
-        """update_refcount() for one cluster whose refblock exists (the only case a fix needs)."""
+        """update_refcount() for one cluster whose refblock exists (the only case a fix needs).
+
+        A dirty image's repair sets hundreds of thousands of these: the common widths are
+        written inline, not through geometry.set_refcount.
+        """
         index, entry = divmod(cluster, self.rb_entries)
-        offset = self.reftable[index] & spec.REFT_OFFSET_MASK
-        view = self.decoded_refblock(offset)
-        set_refcount(self.refblocks.get(offset), entry, self.order, value)
-        view[entry] = value
-        self.refblocks.mark_dirty(offset)
+        offset = self.reftable[index] & _REFT_OFFSET_MASK
+        view = self._decoded.get(offset)
+        if view is None:
+            view = self.decoded_refblock(offset)
+        order = self.order
+        if order == 3:
+            view[entry] = value  # the decoded view of an 8-bit block is the cached block itself
+        else:
+            if order == 4:
+                self.refblocks.get(offset)[2 * entry:2 * entry + 2] = value.to_bytes(2, "big")
+            else:
+                set_refcount(self.refblocks.get(offset), entry, order, value)
+            view[entry] = value
+        self.refblocks.dirty.add(offset)
         if value == 0:
             freed = self.geo.cluster_to_offset(cluster)
             if freed != offset and freed in self.refblocks.tables:
@@ -210,6 +244,35 @@ class CheckState:
                 self._decoded.pop(freed, None)
                 self.generation += 1
             self.discard_cluster(freed)
+
+    def set_refcounts(self, offset: int, base: int, repairs: list[tuple[int, int]]) -> None:
+        """set_refcount() for ascending clusters of the one refcount block at `offset` (first cluster `base`).
+
+        The caller has made sure no cluster freed here is a cached refcount block other
+        than this one (set_refcount would drop it from the cache): the entries are
+        written, then the freed clusters discarded in ascending order, as one set_refcount
+        after another would.
+        """
+        view = self.decoded_refblock(offset)
+        block = self.refblocks.get(offset)
+        order = self.order
+        if order == 3:
+            for cluster, value in repairs:
+                view[cluster - base] = value  # the decoded view of an 8-bit block is the cached block itself
+        else:
+            for cluster, value in repairs:
+                view[cluster - base] = value
+            if order == 4:
+                for cluster, value in repairs:
+                    block[2 * (cluster - base):2 * (cluster - base) + 2] = value.to_bytes(2, "big")
+            else:
+                for cluster, value in repairs:
+                    set_refcount(block, cluster - base, order, value)
+        self.refblocks.dirty.add(offset)
+        cs = self.cs
+        for cluster, value in repairs:
+            if value == 0:
+                self.discard_cluster(cluster * cs)
 
     def raw_refblock(self, offset: int) -> bytearray:
         return self.refblocks.get(offset)
@@ -221,14 +284,39 @@ class CheckState:
         sees). The cluster is referenced by nothing, so this is safe at any crash point. One
         write per cluster, as QEMU's discard requests: the repair's write log (and so the
         crash points sampled inside a repair) depends on it.
+
+        Except on an in-memory file (`discard_runs`), which keeps no log and whose writes no
+        one observes but through its final bytes: there adjacent zeroed clusters are written
+        as one run, before anything else touches the file (`write_pending_zeros`). Hazard:
+        every other access the check makes while a run is pending must write it first; the
+        check reads and writes through `_read`, `_write_refblock`, `_mark_corrupt` and, after
+        compare_refcounts, anything (which writes the run before returning).
         """
         length = min(self.cs, self.file.size() - offset)
-        if length > 0:
-            self.file.pwrite(offset, self._zero_cluster if length == self.cs else self._zero_cluster[:length], WriteSite.REPAIR)
+        if length <= 0:
+            return
+        if self.discard_runs:
+            pending = self._pending_zeros
+            if pending and pending[1] == offset:
+                pending[1] = offset + length
+                return
+            self.write_pending_zeros()
+            pending[:] = offset, offset + length
+            return
+        self.file.pwrite(offset, self._zero_cluster if length == self.cs else self._zero_cluster[:length], WriteSite.REPAIR)
+
+    def write_pending_zeros(self) -> None:
+        """Write the pending run of zeroed clusters (see discard_cluster)."""
+        pending = self._pending_zeros
+        if pending:
+            start, end = pending
+            pending.clear()
+            self.file.pwrite(start, bytes(end - start), WriteSite.REPAIR)
 
     def _write_refblock(self, offset: int, data: bytes, site: WriteSite) -> None:
         from models.qcow2.check.overlap import pre_write_overlap_check
 
+        self.write_pending_zeros()
         if not pre_write_overlap_check(self, offset, self.cs, frozenset({"refblock"})):
             raise self.fail(Kind.WRITE_FAILED, "ERROR: Could not write refcount block; metadata overlap check failed: Input/output error")
         self.file.pwrite(offset, data, site)
@@ -243,8 +331,24 @@ class CheckState:
         self._decoded.clear()
         self.generation += 1
 
+    def release(self) -> None:
+        """Break the state <-> refcount-block cache cycle (the cache calls back into the state) once the check is over.
+
+        Without this every check leaves a cycle holding its file until the cyclic
+        collector runs, which counts objects, not bytes: with 2 MiB clusters a sweep then
+        holds dozens of dead image copies.
+        """
+        cache = self.refblocks
+        cache.clear()
+        cache.read = cache.write_fn = cache.file_flush = _released  # type: ignore[assignment]
+        self._decoded.clear()
+
     def repair_flush(self) -> None:
         # Injected bug: "flush once at the end" leaves the switched header, the new
         # structures and the cleared dirty bit in one epoch, in any order after a crash.
         if not inject.on("rebuild-switch-before-durable"):
             self.file.flush()
+
+
+def _released(*_args: object) -> None:
+    raise RuntimeError("check state used after release()")
