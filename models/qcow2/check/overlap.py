@@ -6,18 +6,9 @@ import itertools
 
 from models.qcow2 import spec
 from models.qcow2.check.state import CheckState
+from models.qcow2.overlap import OL_NAMES  # QEMU's names, one table for the image's guard and the check's
 
 __all__ = ["qcow2_check_metadata_overlap", "pre_write_overlap_check"]
-
-_OL_NAMES = {
-    "header": "qcow2_header",
-    "l1": "active L1 table",
-    "l2": "active L2 table",
-    "reftable": "refcount table",
-    "refblock": "refcount block",
-    "snapshots": "snapshot table",
-    "inactive-l1": "inactive L1 table",
-}
 
 
 def _clusters_of(s: CheckState, start: int, length: int) -> range:
@@ -71,5 +62,5 @@ def pre_write_overlap_check(s: CheckState, offset: int, size: int, ignore: froze
     hit = qcow2_check_metadata_overlap(s, offset, size, ignore)
     if hit is None:
         return True
-    s.signal_corruption(True, f"Preventing invalid write on metadata (overlaps with {_OL_NAMES[hit]})")
+    s.signal_corruption(True, f"Preventing invalid write on metadata (overlaps with {OL_NAMES[hit]})")
     return False
