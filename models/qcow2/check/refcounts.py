@@ -327,6 +327,24 @@ def compare_refcounts(s: CheckState, imrt: Imrt, fix: int) -> tuple[bool, int]:
     return rebuild, highest
 
 
+def _classify(res, refcount1: int, refcount2: int, fix_leaks: int, fix_errors: int):
+    """compare_refcounts' verdict on one cluster whose refcount (1) differs from its references (2), counted in res."""
+    if refcount1 == 0:
+        res.corruptions += 1  # never fixed here: the refcount block itself may be missing
+        return _REFCOUNT_ERROR
+    if refcount1 > refcount2 and fix_leaks:
+        res.leaks_fixed += 1
+        return _REPAIRED
+    if refcount1 < refcount2 and fix_errors:
+        res.corruptions_fixed += 1
+        return _REPAIRED
+    if refcount1 < refcount2:
+        res.corruptions += 1
+        return _REFCOUNT_ERROR
+    res.leaks += 1
+    return _LEAK
+
+
 def _compare_block(s: CheckState, imrt: Imrt, fix: int, block_index: int,
                    clusters: list[int]) -> tuple[bool, int] | None:
     """compare_refcounts on the candidates of one refcount block in one pass; None when the cluster loop must do it.
@@ -362,24 +380,11 @@ def _compare_block(s: CheckState, imrt: Imrt, fix: int, block_index: int,
     rebuild = False
     repairs = []
     for cluster, refcount1, refcount2 in diff:
+        kind = _classify(res, refcount1, refcount2, fix_leaks, fix_errors)
         if refcount1 == 0:
             rebuild = True  # never fixed here: the refcount block itself may be missing
-            kind = _REFCOUNT_ERROR
-            res.corruptions += 1
-        elif refcount1 > refcount2 and fix_leaks:
-            kind = _REPAIRED
-            res.leaks_fixed += 1
+        elif kind is _REPAIRED:
             repairs.append((cluster, refcount2))
-        elif refcount1 < refcount2 and fix_errors:
-            kind = _REPAIRED
-            res.corruptions_fixed += 1
-            repairs.append((cluster, refcount2))
-        elif refcount1 < refcount2:
-            kind = _REFCOUNT_ERROR
-            res.corruptions += 1
-        else:
-            kind = _LEAK
-            res.leaks += 1
         findings.append(Finding(kind, cluster, refcount1, refcount2, _COMPARE_LINE[kind], (cluster, refcount1, refcount2)))
     if repairs:
         s.set_refcounts(offset, base, repairs)
@@ -412,22 +417,9 @@ def _compare_clusters(s: CheckState, imrt: Imrt, fix: int, clusters: list[int]) 
             highest = cluster
         if refcount1 == refcount2:
             continue
+        kind = _classify(res, refcount1, refcount2, fix & FIX_LEAKS, fix & FIX_ERRORS)
         if refcount1 == 0:
             rebuild = True  # never fixed here: the refcount block itself may be missing
-            kind = _REFCOUNT_ERROR
-            res.corruptions += 1
-        elif refcount1 > refcount2 and fix & FIX_LEAKS:
-            kind = _REPAIRED
-            res.leaks_fixed += 1
-        elif refcount1 < refcount2 and fix & FIX_ERRORS:
-            kind = _REPAIRED
-            res.corruptions_fixed += 1
-        elif refcount1 < refcount2:
-            kind = _REFCOUNT_ERROR
-            res.corruptions += 1
-        else:
-            kind = _LEAK
-            res.leaks += 1
         findings.append(Finding(kind, cluster, refcount1, refcount2, _COMPARE_LINE[kind], (cluster, refcount1, refcount2)))
         if kind is _REPAIRED:
             s.set_refcount(cluster, refcount2)
