@@ -121,8 +121,9 @@ def _header_ok(image: bytes) -> bool:
     return True
 
 
-@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: f"cs{c[0]}-rc{c[1]}-v{c[2]}-{'lazy' if c[3] else 'eager'}")
-def test_fast_path_agrees_with_full_path(cfg: tuple) -> None:
+def _seeded_images(cfg: tuple) -> list[bytes]:
+    """The crash images both comparisons run on: seeded crash states of one workload, and (below 2 MiB
+    clusters) two seeded mutations of each."""
     seed = sum(cfg) % 9973  # deterministic, differs per configuration
     rng = random.Random(seed)
     images = _crash_images(cfg, seed, per_config=4)
@@ -131,6 +132,12 @@ def test_fast_path_agrees_with_full_path(cfg: tuple) -> None:
         # full of non-zero bytes count as a refcount block of millions of entries, which
         # the reference walks entry by entry for minutes.)
         images += [_mutated(image, cfg[0], rng) for image in images for _ in range(2)]
+    return images
+
+
+@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: f"cs{c[0]}-rc{c[1]}-v{c[2]}-{'lazy' if c[3] else 'eager'}")
+def test_fast_path_agrees_with_full_path(cfg: tuple) -> None:
+    images = _seeded_images(cfg)
     compared = 0
     for image in images:
         if not _header_ok(image):
@@ -181,11 +188,7 @@ def _repaired(image: bytes, fix: fast.Fix, recorded: bool) -> tuple:
 def test_zeroed_runs_on_memory_files_equal_one_write_per_cluster(cfg: tuple) -> None:
     # A repair on an in-memory file writes adjacent freed clusters' zeros as one run; on a
     # recording file (whose write log is crashed) one write per cluster. Same result, same bytes.
-    seed = sum(cfg) % 9973
-    rng = random.Random(seed)
-    images = _crash_images(cfg, seed, per_config=4)
-    if cfg[0] < 1 << 21:
-        images += [_mutated(image, cfg[0], rng) for image in images for _ in range(2)]
+    images = _seeded_images(cfg)
     zero_writes = 0
     for image in images:
         if not _header_ok(image):
