@@ -216,26 +216,13 @@ class CheckState:
         return read
 
     def set_refcount(self, cluster: int, value: int) -> None:
-        """update_refcount() for one cluster whose refblock exists (the only case a fix needs).
-
-        A dirty image's repair sets hundreds of thousands of these: the common widths are
-        written inline, not through geometry.set_refcount.
-        """
+        """update_refcount() for one cluster whose refblock exists (the only case a fix needs)."""
         index, entry = divmod(cluster, self.rb_entries)
         offset = self.reftable[index] & _REFT_OFFSET_MASK
         view = self._decoded.get(offset)
         if view is None:
             view = self.decoded_refblock(offset)
-        order = self.order
-        if order == 3:
-            view[entry] = value  # the decoded view of an 8-bit block is the cached block itself
-        else:
-            if order == 4:
-                self.refblocks.get(offset)[2 * entry:2 * entry + 2] = value.to_bytes(2, "big")
-            else:
-                set_refcount(self.refblocks.get(offset), entry, order, value)
-            view[entry] = value
-        self.refblocks.dirty.add(offset)
+        self._store(offset, view, ((entry, value),))
         if value == 0:
             freed = self.geo.cluster_to_offset(cluster)
             if freed != offset and freed in self.refblocks.tables:
@@ -245,6 +232,27 @@ class CheckState:
                 self.generation += 1
             self.discard_cluster(freed)
 
+    def _store(self, offset: int, view: MutableSequence[int], entries) -> None:
+        """Write (index, value) entries into the cached refcount block at `offset` and its decoded `view`.
+
+        A dirty image's repair sets hundreds of thousands of these: the common widths are
+        written inline, not through geometry.set_refcount. (A decoded view exists only while
+        its block is cached: both are dropped and cleared together.)
+        """
+        order = self.order
+        if order == 3:
+            for index, value in entries:
+                view[index] = value  # the decoded view of an 8-bit block is the cached block itself
+        else:
+            block = self.refblocks.get(offset)
+            for index, value in entries:
+                view[index] = value
+                if order == 4:
+                    block[2 * index:2 * index + 2] = value.to_bytes(2, "big")
+                else:
+                    set_refcount(block, index, order, value)
+        self.refblocks.mark_dirty(offset)
+
     def set_refcounts(self, offset: int, base: int, repairs: list[tuple[int, int]]) -> None:
         """set_refcount() for ascending clusters of the one refcount block at `offset` (first cluster `base`).
 
@@ -253,22 +261,7 @@ class CheckState:
         written, then the freed clusters discarded in ascending order, as one set_refcount
         after another would.
         """
-        view = self.decoded_refblock(offset)
-        block = self.refblocks.get(offset)
-        order = self.order
-        if order == 3:
-            for cluster, value in repairs:
-                view[cluster - base] = value  # the decoded view of an 8-bit block is the cached block itself
-        else:
-            for cluster, value in repairs:
-                view[cluster - base] = value
-            if order == 4:
-                for cluster, value in repairs:
-                    block[2 * (cluster - base):2 * (cluster - base) + 2] = value.to_bytes(2, "big")
-            else:
-                for cluster, value in repairs:
-                    set_refcount(block, cluster - base, order, value)
-        self.refblocks.dirty.add(offset)
+        self._store(offset, self.decoded_refblock(offset), [(cluster - base, value) for cluster, value in repairs])
         cs = self.cs
         for cluster, value in repairs:
             if value == 0:
