@@ -90,6 +90,18 @@ def _recovery_crash(sub: CrashState, path: RecoveryPath) -> _Phase:
     return _Phase("recovery-crash", v, v, v, f" (recovery crashed at [{sub.id}]{how})")
 
 
+def _collect_after(image: bytes | bytearray) -> None:
+    """Collect garbage after judging a large image.
+
+    The images opened while judging sit in reference cycles (a table cache calls back into
+    its image) that the cyclic collector frees only after enough *objects* were allocated;
+    large images are few objects and many bytes, so without this a worker with 2 MiB
+    clusters holds dozens of dead copies.
+    """
+    if len(image) >= _COLLECT_ABOVE:
+        gc.collect()
+
+
 class Judge:
     """Judges crash images of one run; counts what it saw in `stats` and draws from the run's rng."""
 
@@ -120,12 +132,7 @@ class Judge:
         except Exception as exc:  # noqa: BLE001 - any crash of the implementation is a finding
             return Judged(where.finding(Verdict.UNEXPECTED_EXCEPTION, exc_text(exc), "raw"))
         finally:
-            if len(image) >= _COLLECT_ABOVE:
-                # The images opened while judging sit in reference cycles (a table cache calls back
-                # into its image) that the cyclic collector frees only after enough *objects*
-                # were allocated; large images are few objects and many bytes, so without this a
-                # worker with 2 MiB clusters holds dozens of dead copies.
-                gc.collect()
+            _collect_after(image)
 
     def _count_sites(self, state: CrashState, log: WriteLog) -> None:
         ops = log.ops
@@ -244,8 +251,7 @@ class Judge:
                 bad = self._judge_recovery(where, rec, recovered, pre, wanted, _recovery_crash(sub, path))
                 if bad:
                     return bad
-                if len(image) >= _COLLECT_ABOVE:
-                    gc.collect()  # each recovery leaves its opened images in cycles (see `judge`)
+                _collect_after(image)
         return None
 
 
