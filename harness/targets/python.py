@@ -347,12 +347,8 @@ def read_sectors(img: Qcow2Image, sectors: list[int], raw: bytes | None = None) 
 
 def _snapshot_sectors(img: Qcow2Image, name: str, sectors: list[int]) -> dict[int, bytes]:
     """Sectors of a snapshot through its L1, one guest read per run (as `snapshot.read` swaps the L1 in)."""
-    active = img.l1
-    img.l1 = snapshot.snapshot_l1(img, name)
-    try:
+    with snapshot.loaded(img, name):
         return read_sectors(img, sectors)
-    finally:
-        img.l1 = active
 
 
 def _read_run(img: Qcow2Image, raw: bytes, offset: int, length: int) -> bytes:

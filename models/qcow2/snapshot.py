@@ -180,10 +180,17 @@ def delete(img: "Qcow2Image", *, id_str: str | None = None, name: str | None = N
 # ---- reading a snapshot (qemu-img convert -l) ----------------------------------------------
 def read(img: "Qcow2Image", key: str, offset: int, length: int) -> bytes:
     """Guest bytes of a snapshot, by id or name, through its L1 (QEMU's snapshot_load_tmp, read-only)."""
+    with loaded(img, key):
+        return img.read(offset, length)
+
+
+@contextlib.contextmanager
+def loaded(img: "Qcow2Image", key: str) -> Iterator[None]:
+    """Reads of `img` inside go through the snapshot's L1 (by id or name), then the active L1 is back."""
     active = img.l1
     img.l1 = snapshot_l1(img, key)
     try:
-        return img.read(offset, length)
+        yield
     finally:
         img.l1 = active
 
