@@ -13,7 +13,7 @@ import itertools
 import os
 from typing import Callable, MutableSequence
 
-from models.blockio import BlockFile, MemoryFile, WriteSite, read_exact
+from models.blockio import BlockFile, WriteSite, read_exact
 from models.qcow2 import inject, spec
 from models.qcow2.cache import TableCache
 from models.qcow2.check.imrt import decode_refblock, nonzero_entries
@@ -102,7 +102,6 @@ class CheckState:
         # in step with the cache by set_refcount() and drop_refblock().
         self._decoded: dict[int, MutableSequence[int]] = {}
         self.generation = 0  # bumped whenever a cached block is dropped
-        self._zero_cluster = bytes(self.cs)
         self.ol_cache: dict[str, set[int]] | None = None  # see overlap.metadata_clusters
         self.res = CheckCounts()
         self.rebuilt = False
@@ -110,8 +109,7 @@ class CheckState:
         self.l2_budget = 0
         self._used_for: object = None  # the reftable `_used` was computed for (see reftable_used)
         self._used: list[int] = []
-        # Zeroed clusters not yet written (start, end), when the file is in memory: see discard_cluster.
-        self.discard_runs = isinstance(file, MemoryFile)
+        # Zeroed clusters not yet written (start, end): see discard_cluster.
         self._pending_zeros: list[int] = []
 
     # ---------------------------------------------------------------- reporting
@@ -274,13 +272,13 @@ class CheckState:
         """QCOW2_DISCARD_ALWAYS: qemu-img check punches a hole in a cluster whose refcount drops to 0.
 
         The block-file seam has no discard, so the hole is written as zeros (what a reader then
-        sees). The cluster is referenced by nothing, so this is safe at any crash point. One
-        write per cluster, as QEMU's discard requests: the repair's write log (and so the
-        crash points sampled inside a repair) depends on it.
+        sees). The cluster is referenced by nothing, so this is safe at any crash point.
 
-        Except on an in-memory file (`discard_runs`), which keeps no log and whose writes no
-        one observes but through its final bytes: there adjacent zeroed clusters are written
-        as one run, before anything else touches the file (`write_pending_zeros`). Hazard:
+        Adjacent zeroed clusters are written as one run, before anything else touches the
+        file (`write_pending_zeros`). QEMU issues one discard per cluster here, but a discard
+        of unreferenced clusters has no crash state a run lacks (the crash states tear a
+        run at sector granularity), and one write per cluster made a dirty 512-byte-cluster
+        repair log a million writes that every crash of the recovery replayed. Hazard:
         every other access the check makes while a run is pending must write it first; the
         check reads and writes through `_read`, `_write_refblock`, `_mark_corrupt` and, after
         compare_refcounts, anything (which writes the run before returning).
@@ -288,15 +286,12 @@ class CheckState:
         length = min(self.cs, self.file.size() - offset)
         if length <= 0:
             return
-        if self.discard_runs:
-            pending = self._pending_zeros
-            if pending and pending[1] == offset:
-                pending[1] = offset + length
-                return
-            self.write_pending_zeros()
-            pending[:] = offset, offset + length
+        pending = self._pending_zeros
+        if pending and pending[1] == offset:
+            pending[1] = offset + length
             return
-        self.file.pwrite(offset, self._zero_cluster if length == self.cs else self._zero_cluster[:length], WriteSite.REPAIR)
+        self.write_pending_zeros()
+        pending[:] = offset, offset + length
 
     def write_pending_zeros(self) -> None:
         """Write the pending run of zeroed clusters (see discard_cluster)."""
