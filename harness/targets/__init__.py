@@ -18,7 +18,7 @@ from __future__ import annotations
 import abc
 import enum
 import importlib
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -94,7 +94,7 @@ class CheckSummary:
     check_errors: int = 0
     corruptions_fixed: int = 0
     leaks_fixed: int = 0
-    messages: tuple[str, ...] = ()
+    messages: Sequence[str] = ()  # a tuple, or lines formatted when read (models.qcow2.check.Lines); compare with ==
     # qcrash's stricter rule (CRASH-CONTRACT.md): clusters past EOF with a nonzero refcount.
     # Filled only when asked (`check(raw, past_eof=True)`, on recovered images: on a raw crash
     # image the tables may point anywhere).
@@ -144,7 +144,7 @@ class Recovery:
 
     image: bytes | None  # the recovered image; None when the recovery failed
     log: WriteLog | None = None  # the recovery's own host operations (to crash the recovery), if recorded
-    messages: tuple[str, ...] = ()  # what the implementation printed while recovering
+    messages: Sequence[str] = ()  # what the implementation printed while recovering (as CheckSummary.messages)
     events: tuple[str, ...] = ()  # coverage labels of what happened ("leaks repaired", ...), counted as reached
     error: str | None = None  # why the recovery failed (the image could not be brought back)
 

@@ -232,21 +232,27 @@ class PythonTarget(Target):
         """
         inner = CopyOnWriteFile(bytes(raw), name=name)
         file: BlockFile = FaultInjectingFile(inner) if record else inner
-        messages: list[str] = []
+        messages: list[str | checkmod.Finding] = []  # a repair's lines stay Findings (checkmod.Lines)
         events: list[str] = []
         known: list[CheckSummary] = []
         try:
             _RECOVER[path](file, options, messages, events, known)
         except (RepairFailed, Qcow2Error) as exc:
-            return Recovery(None, None, tuple(messages), tuple(events), f"{type(exc).__name__}: {exc}"), None
+            return Recovery(None, None, checkmod.Lines(messages), tuple(events), f"{type(exc).__name__}: {exc}"), None
         log = file.log if isinstance(file, FaultInjectingFile) else None
-        return Recovery(inner.getvalue(), log, tuple(messages), tuple(events)), (known[0] if known else None)
+        return Recovery(inner.getvalue(), log, checkmod.Lines(messages), tuple(events)), (known[0] if known else None)
 
 
-def _recover_open(file: BlockFile, options: OpenOptions, messages: list[str], events: list[str],
+def _recover_open(file: BlockFile, options: OpenOptions, messages: list, events: list[str],
                   known: list[CheckSummary]) -> None:
+    rebuilt: list[bool] = []
+
+    def on_repair(result: checkmod.CheckResult) -> None:
+        messages.extend(result.findings)  # where the repair's lines were logged, in the same order
+        rebuilt.append(result.rebuilt)  # (a rebuild prints "Rebuilding refcount structure")
+
     img = Qcow2Image.open(file, cache_mode=options.cache_mode, lazy_refcounts=options.lazy_refcounts,
-                          log=messages.append)
+                          log=messages.append, on_repair=on_repair)
     img.close()
     result = checkmod.check(file)
     final = True
@@ -261,7 +267,7 @@ def _recover_open(file: BlockFile, options: OpenOptions, messages: list[str], ev
         final = False
     if final:  # the file is unchanged since the check, and nothing lies past EOF
         known.append(summary(result))
-    if any("Rebuilding refcount structure" in m for m in messages):
+    if any(rebuilt) or any("Rebuilding refcount structure" in m for m in messages if type(m) is str):
         events.append("refcount rebuild")
     if messages:
         events.append("repaired on open")
@@ -271,7 +277,7 @@ def _recover_check(fix: checkmod.Fix):
     def run(file: BlockFile, options: OpenOptions, messages: list[str], events: list[str],
             _known: list[CheckSummary]) -> None:
         result = checkmod.repair(file, fix)
-        messages.extend(result.messages)
+        messages.extend(result.findings)
         if result.error is not None:
             raise RepairFailed(f"{file.name}: check -r failed: {result.error}")
         _drop_past_eof(file, events)
@@ -304,7 +310,7 @@ def _refuse_overflow(probe) -> None:
 
 def summary(result: checkmod.CheckResult, past_eof: tuple[int, ...] = ()) -> CheckSummary:
     return CheckSummary(result.corruptions, result.leaks, result.check_errors, result.corruptions_fixed,
-                        result.leaks_fixed, tuple(result.messages), past_eof,
+                        result.leaks_fixed, result.lines, past_eof,
                         bool(result.corruptions) and benign_copied(result))
 
 

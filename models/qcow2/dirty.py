@@ -61,8 +61,12 @@ def mark_clean(img: "Qcow2Image") -> None:
     img._file_flush()
 
 
-def repair_dirty(file: BlockFile, log: Callable[[str], None] | None) -> None:
-    """Repair a dirty image before its first write (QEMU: check with FIX_ERRORS | FIX_LEAKS on open)."""
+def repair_dirty(file: BlockFile, log: Callable[[str], None] | None, on_repair: Callable[[object], None] | None = None) -> None:
+    """Repair a dirty image before its first write (QEMU: check with FIX_ERRORS | FIX_LEAKS on open).
+
+    Its printed lines go to `log` one by one, or, with `on_repair`, the whole CheckResult
+    goes there instead (the judge keeps the lines unformatted: see check.Lines).
+    """
     from models.qcow2 import check as checkmod
 
     if inject.on("repair-leaks-only"):
@@ -70,7 +74,9 @@ def repair_dirty(file: BlockFile, log: Callable[[str], None] | None) -> None:
         checkmod.clear_dirty_bit(file)
         return
     result = checkmod.repair(file, checkmod.Fix.ALL)
-    if log:
+    if on_repair:
+        on_repair(result)
+    elif log:
         for line in result.messages:
             log(line)
     if result.check_errors or result.corruptions:

@@ -75,11 +75,12 @@ class Qcow2Image:
     @classmethod
     def open(cls, file: BlockFile, *, readonly: bool = False, cache_mode: CacheMode | str = CacheMode.WRITEBACK,
              lazy_refcounts: bool | None = None, check_mode: bool = False,
-             log: Callable[[str], None] | None = None) -> "Qcow2Image":
+             log: Callable[[str], None] | None = None,
+             on_repair: Callable[[object], None] | None = None) -> "Qcow2Image":
         """Open and validate; a read-write open of a dirty image repairs it first (unless check_mode)."""
         parsed = read_header(file, writable=not readonly, check_mode=check_mode)
         if not readonly and not check_mode and parsed.header.incompatible_features & spec.IncompatFeature.DIRTY:
-            dirty.repair_dirty(file, log)
+            dirty.repair_dirty(file, log, on_repair)
             parsed = read_header(file, writable=True)
         img = cls(file, parsed, readonly=readonly, cache_mode=CacheMode(cache_mode), lazy_refcounts=lazy_refcounts, log=log)
         if not check_mode:

@@ -16,7 +16,7 @@ The package follows QEMU's split (read block/qcow2-refcount.c alongside):
 from models.qcow2.check.driver import MAX_REPAIR_GROWTH, check, clear_dirty_bit, mark_clean_if_repaired, repair
 from models.qcow2.check.output import format_human, format_json, format_stderr
 from models.qcow2.check.pasteof import drop_refcounts_past_eof, refcounts_past_eof
-from models.qcow2.check.result import CheckCounts, CheckResult, Finding, Fix, Kind, exit_code
+from models.qcow2.check.result import CheckCounts, CheckResult, Finding, Fix, Kind, Lines, exit_code
 
 __all__ = [
     "MAX_REPAIR_GROWTH",
@@ -25,6 +25,7 @@ __all__ = [
     "Finding",
     "Fix",
     "Kind",
+    "Lines",
     "check",
     "clear_dirty_bit",
     "drop_refcounts_past_eof",

@@ -18,6 +18,7 @@ import sys
 
 from models.blockio import WriteSite, read_exact
 from models.qcow2 import inject, spec
+from models.qcow2.check import blockmemo
 from models.qcow2.check.imrt import Imrt, nonzero_refcounts
 from models.qcow2.check.overlap import pre_write_overlap_check
 from models.qcow2.check.result import FIX_ERRORS, FIX_LEAKS, CheckCounts, Finding, Kind
@@ -303,7 +304,8 @@ def compare_refcounts(s: CheckState, imrt: Imrt, fix: int) -> tuple[bool, int]:
 
     The hottest loop of a crash sweep (a dirty 512-byte-cluster image can repair a million
     clusters): candidates go block by block; a block whose refcounts are readable is
-    diffed in one pass and its repairs applied together (`_compare_block`), and only a
+    diffed in one pass and its repairs applied together (`_compare_block`, answered from
+    `blockmemo` when the same block was compared before), and only a
     block whose lookup fails, or whose repair frees a cached refcount block, goes through
     the cluster-by-cluster loop (`_compare_clusters`), which is QEMU's loop as written.
     """
@@ -316,7 +318,7 @@ def compare_refcounts(s: CheckState, imrt: Imrt, fix: int) -> tuple[bool, int]:
         block_index = candidates[i] // rbe
         j = bisect.bisect_left(candidates, (block_index + 1) * rbe, i)
         block = candidates[i:j]
-        done = _compare_block(s, imrt, fix, block_index, block)
+        done = blockmemo.compare_block(s, imrt, fix, block_index, block, _compare_block)
         if done is None:
             done = _compare_clusters(s, imrt, fix, block)
         broken, top = done

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+from collections.abc import Iterable, Iterator, Sequence
 
-__all__ = ["Fix", "Kind", "Finding", "CheckCounts", "CheckResult", "exit_code", "FIX_LEAKS", "FIX_ERRORS"]
+__all__ = ["Fix", "Kind", "Finding", "Lines", "CheckCounts", "CheckResult", "exit_code", "FIX_LEAKS", "FIX_ERRORS"]
 
 # The fix bits as plain ints: the checker's inner loops test these (IntFlag arithmetic there
 # cost seconds per nightly example).
@@ -92,6 +93,46 @@ class Finding:
                 f"reference={self.reference!r}, message={self.message!r})")
 
 
+def _line(item: "str | Finding") -> str:
+    return item if type(item) is str else item.message  # type: ignore[union-attr]
+
+
+class Lines(Sequence[str]):
+    """Printed lines, each a str or a Finding formatted only when read; equal to the tuple of their texts.
+
+    A dirty 512-byte-cluster repair prints a thousand lines per crash state and the judge
+    reads at most four of them (`CheckSummary.text()`): formatting them all was a tenth of
+    a nightly example. The items are shared, never copied or mutated.
+    """
+
+    __slots__ = ("_items",)
+
+    def __init__(self, items: Iterable["str | Finding"] = ()) -> None:
+        self._items = tuple(items)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __getitem__(self, index):  # type: ignore[override]
+        if isinstance(index, slice):
+            return tuple(map(_line, self._items[index]))
+        return _line(self._items[index])
+
+    def __iter__(self) -> Iterator[str]:
+        return map(_line, self._items)
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, (Lines, tuple, list)):
+            return len(self) == len(other) and tuple(self) == tuple(other)
+        return NotImplemented
+
+    def __hash__(self) -> int:
+        return hash(tuple(self))
+
+    def __repr__(self) -> str:
+        return f"Lines({tuple(self)!r})"
+
+
 @dataclasses.dataclass(slots=True)
 class CheckCounts:
     """The counters qemu-img check reports (QEMU's BdrvCheckResult / ImageCheck numbers)."""
@@ -145,6 +186,11 @@ class CheckResult(CheckCounts):
     def messages(self) -> list[str]:
         """The stderr lines of the check, in QEMU's order (without qemu-img's own "Check failed")."""
         return [f.message for f in self.findings]
+
+    @property
+    def lines(self) -> Lines:
+        """`messages`, formatted only when read."""
+        return Lines(self.findings)
 
     @property
     def repaired_any(self) -> bool:

@@ -265,6 +265,15 @@ class CheckState:
             if value == 0:
                 self.discard_cluster(cluster * cs)
 
+    def replace_refblock(self, offset: int, data: bytes) -> None:
+        """Set the cached refcount block at `offset` (and its decoded view) to `data`, marked dirty: a replayed repair."""
+        block = self.refblocks.get(offset)
+        block[:] = data
+        view = self._decoded.get(offset)
+        if view is not None and view is not block:
+            view[:] = decode_refblock(block, self.order)
+        self.refblocks.mark_dirty(offset)
+
     def raw_refblock(self, offset: int) -> bytearray:
         return self.refblocks.get(offset)
 
@@ -292,6 +301,19 @@ class CheckState:
             return
         self.write_pending_zeros()
         pending[:] = offset, offset + length
+
+    def discard_clusters(self, offset: int, count: int) -> None:
+        """discard_cluster for `count` consecutive clusters from `offset`, in one step."""
+        size = self.file.size()
+        if offset >= size:
+            return
+        end = min(offset + count * self.cs, size)
+        pending = self._pending_zeros
+        if pending and pending[1] == offset:
+            pending[1] = end
+            return
+        self.write_pending_zeros()
+        pending[:] = offset, end
 
     def write_pending_zeros(self) -> None:
         """Write the pending run of zeroed clusters (see discard_cluster)."""

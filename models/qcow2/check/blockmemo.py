@@ -1,0 +1,112 @@
+"""The compare pass's memo: one refcount block's verdict and repair, keyed by everything they depend on.
+
+A crash sweep repairs the same dirty image again and again: neighbouring crash states
+and every crash of a recovery differ in a few metadata bytes, and a nightly 512-byte
+image leaks the same thousand clusters in each of them. compare_refcounts on one block
+(`refcounts._compare_block`) is a pure function of: the block's offset and bytes, the
+candidate clusters, their computed refcounts, the fix mode, the geometry, and the
+active injected bugs, with one exception checked on every use: a freed cluster that
+is a cached refcount block sends the block to QEMU's cluster loop instead (so does
+a block whose lookup fails; neither is memoised). Measured on a nightly example, 99.6%
+of the blocks compared were seen before in the same process.
+
+What a verdict replays: the printed lines (the same Finding objects, which nobody
+mutates), the counters it added, the block's bytes after the repair, and the freed
+clusters' zeroing in ascending order, as the compare would have done them.
+
+Hazards: the memo is process-wide and bounded (least recently used first). A block's
+bytes are a key only below `_MAX_KEY_BYTES`; larger blocks (64 KiB clusters and up) are
+keyed by a BLAKE2b-128 digest (a collision would replay another block's verdict: about
+2**-64 over a night, as the judge's image memo accepts).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict
+from itertools import repeat
+
+from models.qcow2 import inject
+from models.qcow2.check.result import FIX_LEAKS, Kind
+from models.qcow2.check.state import RefcountIOError
+
+_MAX_ENTRIES = 8192
+_MAX_KEY_BYTES = 4096  # blocks up to this size are their own key; larger ones are digested
+_MAX_CANDIDATES = 8192  # a block with more candidates is compared without the memo (its key would be large)
+_REPAIRED = Kind.REPAIRED
+
+_memo: OrderedDict[tuple, tuple] = OrderedDict()
+stats = {"hits": 0, "misses": 0}
+
+
+def clear() -> None:
+    _memo.clear()
+
+
+def compare_block(s, imrt, fix: int, block_index: int, clusters: list[int], compute):
+    """`compute(s, imrt, fix, block_index, clusters)` (refcounts._compare_block), answered from the memo when it can be."""
+    if len(clusters) > _MAX_CANDIDATES:
+        return compute(s, imrt, fix, block_index, clusters)
+    try:
+        offset = s.refblock_offset(block_index)
+    except RefcountIOError:
+        return None  # as compute: the cluster loop emits one error per cluster
+    if offset:
+        s.decoded_refblock(offset)  # loads and decodes the block exactly as compute would
+        content = bytes(s.raw_refblock(offset))
+    else:
+        content = b""
+    if len(content) > _MAX_KEY_BYTES:
+        content = hashlib.blake2b(content, digest_size=16).digest()
+    key = (inject.active(), s.order, s.rb_entries, s.cs, block_index, offset, content, tuple(clusters),
+           tuple(map(imrt.counts.get, clusters, repeat(0))), fix)
+    found = _memo.get(key)
+    if found is not None:
+        _memo.move_to_end(key)
+        return _replay(s, offset, fix, found)
+    stats["misses"] += 1
+    res = s.res
+    before = (res.corruptions, res.leaks, res.corruptions_fixed, res.leaks_fixed)
+    start = len(s.findings)
+    done = compute(s, imrt, fix, block_index, clusters)
+    if done is None:
+        return None
+    lines = tuple(s.findings[start:])
+    added = (res.corruptions - before[0], res.leaks - before[1], res.corruptions_fixed - before[2],
+             res.leaks_fixed - before[3])
+    freed = [f.cluster for f in lines if f.kind is _REPAIRED and f.reference == 0]
+    after = bytes(s.raw_refblock(offset)) if offset and any(f.kind is _REPAIRED for f in lines) else None
+    cs = s.cs
+    _memo[key] = (done, lines, added, after, _runs(freed), frozenset(c * cs for c in freed) - {offset})
+    if len(_memo) > _MAX_ENTRIES:
+        _memo.popitem(last=False)
+    return done
+
+
+def _replay(s, offset: int, fix: int, found: tuple):
+    done, lines, added, after, runs, freed_offsets = found
+    if freed_offsets and fix & FIX_LEAKS and not s.refblocks.tables.keys().isdisjoint(freed_offsets):
+        return None  # a freed cluster is a cached refcount block: the cluster loop drops and re-reads it
+    stats["hits"] += 1
+    s.findings.extend(lines)
+    res = s.res
+    res.corruptions += added[0]
+    res.leaks += added[1]
+    res.corruptions_fixed += added[2]
+    res.leaks_fixed += added[3]
+    if after is not None:
+        s.replace_refblock(offset, after)
+    for first, count in runs:
+        s.discard_clusters(first * s.cs, count)
+    return done
+
+
+def _runs(clusters: list[int]) -> tuple[tuple[int, int], ...]:
+    """Ascending clusters as (first, count) runs of consecutive ones."""
+    out: list[list[int]] = []
+    for c in clusters:
+        if out and out[-1][0] + out[-1][1] == c:
+            out[-1][1] += 1
+        else:
+            out.append([c, 1])
+    return tuple((a, n) for a, n in out)
