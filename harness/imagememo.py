@@ -9,9 +9,10 @@ depends on the model), and neither is anything that draws from the run's rng.
 
 Hazards, and why the memo is safe against them:
 
-- the digest is BLAKE2b-128 of the bytes; a collision would merge two images' results
-  (about 2**-64 for the images of a whole night: accepted, as the runner's own image dedup
-  already accepts it);
+- the digest is XXH3-128 of the bytes (not cryptographic: nobody crafts crash images to
+  collide; it hashes at memory speed, where BLAKE2b cost a tenth of a nightly example); a
+  collision would merge two images' results (about 2**-64 for the images of a whole night:
+  accepted, as the runner's own image dedup, which uses this digest, already accepts it);
 - cached results are shared objects: `Recovery.image` is immutable bytes, its `log` is
   only read (crash images are built from it), and views are never mutated by the judge;
 - memory is bounded by bytes (`max_bytes`, counting each image and what was derived from
@@ -24,9 +25,10 @@ Hazards, and why the memo is safe against them:
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 from collections import OrderedDict
 from collections.abc import Iterable
+
+import xxhash
 
 from harness.targets import (CheckSummary, HeaderInfo, OpenOptions, ReadOnlyView, Recovery, RecoveryPath,
                              SnapshotReader, Target)
@@ -37,7 +39,7 @@ DEFAULT_MAX_ENTRIES = 64
 
 def digest(data: bytes | bytearray) -> bytes:
     """The memo's key for image bytes (the runner's dedup key uses the same hash)."""
-    return hashlib.blake2b(data, digest_size=16).digest()
+    return xxhash.xxh3_128_digest(data)
 
 
 class Facts:

@@ -12,7 +12,6 @@ it the same way, collapses the model onto the recovered image and continues on i
 
 from __future__ import annotations
 
-import hashlib
 import random
 import time
 from typing import Callable
@@ -20,6 +19,7 @@ from typing import Callable
 from harness.config import Config
 from harness.crashstates import CrashState
 from harness.executor import Executor, Span
+from harness.imagememo import digest
 from harness.judge import Judge, Where, exc_text, judge_clean_image, judge_closed_reads, read_view
 from harness import snapshots
 from harness.ops import SNAPSHOT_OPS, Check, Crash, Op, Read, validate_op
@@ -168,7 +168,7 @@ class Runner:
         seen: set[bytes] = set()
         for state in candidates:
             image = builder.build(state)
-            key = hashlib.blake2b(image, digest_size=16).digest()
+            key = digest(image)
             if key in seen:  # neighbouring states often build the same image
                 continue
             seen.add(key)

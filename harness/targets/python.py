@@ -246,13 +246,18 @@ class PythonTarget(Target):
 def _recover_open(file: BlockFile, options: OpenOptions, messages: list, events: list[str],
                   known: list[CheckSummary]) -> None:
     rebuilt: list[bool] = []
+    texts: list[str] = []  # the lines logged as text (not the repair's)
+
+    def log(line: str) -> None:
+        messages.append(line)
+        texts.append(line)
 
     def on_repair(result: checkmod.CheckResult) -> None:
         messages.extend(result.findings)  # where the repair's lines were logged, in the same order
         rebuilt.append(result.rebuilt)  # (a rebuild prints "Rebuilding refcount structure")
 
     img = Qcow2Image.open(file, cache_mode=options.cache_mode, lazy_refcounts=options.lazy_refcounts,
-                          log=messages.append, on_repair=on_repair)
+                          log=log, on_repair=on_repair)
     img.close()
     result = checkmod.check(file)
     final = True
@@ -267,7 +272,7 @@ def _recover_open(file: BlockFile, options: OpenOptions, messages: list, events:
         final = False
     if final:  # the file is unchanged since the check, and nothing lies past EOF
         known.append(summary(result))
-    if any(rebuilt) or any("Rebuilding refcount structure" in m for m in messages if type(m) is str):
+    if any(rebuilt) or any("Rebuilding refcount structure" in m for m in texts):
         events.append("refcount rebuild")
     if messages:
         events.append("repaired on open")
