@@ -37,7 +37,8 @@ MAX_REPAIR_GROWTH = 64 << 20  # default bound on one "refcount block is outside 
 
 
 def check(file: BlockFile, fix: Fix = Fix.NONE, *, path: str | None = None,
-          max_growth: int | None = MAX_REPAIR_GROWTH, parsed: ParsedHeader | None = None) -> CheckResult:
+          max_growth: int | None = MAX_REPAIR_GROWTH, parsed: ParsedHeader | None = None,
+          double_check: bool = True) -> CheckResult:
     """Check (and with `fix`, repair) the qcow2 image in `file` exactly as `qemu-img check [-r ...]` does.
 
     `parsed` is the header as `read_header` returned it (read here when None), as QEMU's
@@ -48,6 +49,10 @@ def check(file: BlockFile, fix: Fix = Fix.NONE, *, path: str | None = None,
     `max_growth` bounds how far a "refcount block is outside image" repair may extend the
     file in one step (QEMU tries any size and lets the host file system refuse); None
     removes the bound, which is only sensible for sparse host files.
+
+    `double_check=False` skips qemu-img's re-check after a repair ("Double checking the
+    fixed image now..."): QEMU's open-time repair of a dirty image (qcow2_do_open ->
+    qcow2_co_check_locked) runs the repairing pass alone.
     """
     fix = Fix(fix)
     name = path if path is not None else file.name
@@ -64,7 +69,7 @@ def check(file: BlockFile, fix: Fix = Fix.NONE, *, path: str | None = None,
         result.rebuilt = state.rebuilt
         result.consistent_after_fix = (bool(fix) and error is None and res.check_errors == 0 and res.corruptions == 0
                                        and not _still_broken(state, findings))
-        if error is None and (res.corruptions_fixed or res.leaks_fixed):
+        if double_check and error is None and (res.corruptions_fixed or res.leaks_fixed):
             result = _double_check(state, result, res)
     finally:
         state.release()
@@ -125,8 +130,9 @@ def mark_clean_if_repaired(file: BlockFile, result: CheckResult) -> bool:
 
 
 def repair(file: BlockFile, fix: Fix = Fix.ALL, *, path: str | None = None,
-           max_growth: int | None = MAX_REPAIR_GROWTH, parsed: ParsedHeader | None = None) -> CheckResult:
+           max_growth: int | None = MAX_REPAIR_GROWTH, parsed: ParsedHeader | None = None,
+           double_check: bool = True) -> CheckResult:
     """check(file, fix), then clear the dirty/corrupt bits when QEMU would (see mark_clean_if_repaired)."""
-    result = check(file, fix, path=path, max_growth=max_growth, parsed=parsed)
+    result = check(file, fix, path=path, max_growth=max_growth, parsed=parsed, double_check=double_check)
     mark_clean_if_repaired(file, result)
     return result
