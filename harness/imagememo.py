@@ -152,7 +152,8 @@ class Memo:
         def compute():
             checked = _checked_recovery(self.target)
             if checked is not None:
-                rec, known = checked(facts.data, path, options, record=record)
+                rec, known = checked(facts.data, path, options, record=record,
+                                     raw_check=facts.results.get(("check", False)))
             else:
                 rec, known = self.target.recover(facts.data, path, options, record=record), None
             return rec, digest(rec.image) if rec.image is not None else None, known

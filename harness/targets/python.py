@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from harness.config import Config
 from harness.faultfile import FaultInjectingFile, WriteLog
@@ -223,12 +223,14 @@ class PythonTarget(Target):
         return self.recover_checked(raw, path, options, record=record, name=name)[0]
 
     def recover_checked(self, raw: bytes, path: RecoveryPath, options: OpenOptions, *, record: bool = True,
-                        name: str = IMAGE_NAME) -> tuple[Recovery, CheckSummary | None]:
+                        name: str = IMAGE_NAME, raw_check: CheckSummary | None = None) -> tuple[Recovery, CheckSummary | None]:
         """`recover`, plus `check(recovered, past_eof=True)` when the recovery already computed it (else None).
 
         The open path checks the image after closing it; when nothing is written after
         that check (no leak repair, no refcount past EOF dropped) its result is the
         recovered image's check, and the judge's memo need not check the same bytes again.
+        `raw_check`, when given, is `check(raw)`: an open and close that wrote nothing leave
+        the bytes `raw`, so the open path takes it instead of checking them again.
         """
         inner = CopyOnWriteFile(bytes(raw), name=name)
         file: BlockFile = FaultInjectingFile(inner) if record else inner
@@ -236,7 +238,9 @@ class PythonTarget(Target):
         events: list[str] = []
         known: list[CheckSummary] = []
         try:
-            _RECOVER[path](file, options, messages, events, known)
+            _RECOVER[path](file, options, messages, events, known,
+                           raw_check if raw_check is not None and not raw_check.refcounts_past_eof else None,
+                           lambda: type(inner.buf) is bytes)
         except (RepairFailed, Qcow2Error) as exc:
             return Recovery(None, None, checkmod.Lines(messages), tuple(events), f"{type(exc).__name__}: {exc}"), None
         log = file.log if isinstance(file, FaultInjectingFile) else None
@@ -244,7 +248,7 @@ class PythonTarget(Target):
 
 
 def _recover_open(file: BlockFile, options: OpenOptions, messages: list, events: list[str],
-                  known: list[CheckSummary]) -> None:
+                  known: list[CheckSummary], raw_check: CheckSummary | None, pristine: Callable[[], bool]) -> None:
     rebuilt: list[bool] = []
     texts: list[str] = []  # the lines logged as text (not the repair's)
 
@@ -259,19 +263,20 @@ def _recover_open(file: BlockFile, options: OpenOptions, messages: list, events:
     img = Qcow2Image.open(file, cache_mode=options.cache_mode, lazy_refcounts=options.lazy_refcounts,
                           log=log, on_repair=on_repair)
     img.close()
-    result = checkmod.check(file)
+    # The file still holds the raw bytes (nothing was written): their check is known.
+    result = raw_check if raw_check is not None and pristine() else summary(checkmod.check(file))
     final = True
     # Leaks only, or corruptions that are all a COPIED flag a snapshot operation's crash left
     # out of step and that `check -r leaks` repairs fully (CRASH-CONTRACT.md, Snapshots).
     if (result.leaks or result.corruptions) and not result.check_errors and (
-            not result.corruptions or benign_copied(result)):
+            not result.corruptions or result.copied_benign):
         checkmod.check(file, checkmod.Fix.LEAKS)
         events.append("leaks repaired")
         final = False
     if _drop_past_eof(file, events):
         final = False
     if final:  # the file is unchanged since the check, and nothing lies past EOF
-        known.append(summary(result))
+        known.append(result)
     if any(rebuilt) or any("Rebuilding refcount structure" in m for m in texts):
         events.append("refcount rebuild")
     if messages:
@@ -280,7 +285,7 @@ def _recover_open(file: BlockFile, options: OpenOptions, messages: list, events:
 
 def _recover_check(fix: checkmod.Fix):
     def run(file: BlockFile, options: OpenOptions, messages: list[str], events: list[str],
-            _known: list[CheckSummary]) -> None:
+            _known: list[CheckSummary], _raw_check: CheckSummary | None, _pristine: Callable[[], bool]) -> None:
         result = checkmod.repair(file, fix)
         messages.extend(result.findings)
         if result.error is not None:
