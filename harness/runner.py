@@ -167,7 +167,7 @@ class Runner:
         builder = self.executor.builder
         seen: set[bytes] = set()
         for state in candidates:
-            image = builder.build(state)
+            image = builder.build_bytes(state)
             key = digest(image)
             if key in seen:  # neighbouring states often build the same image
                 continue
@@ -188,7 +188,7 @@ class Runner:
         log = self.target.log
         state = self.resolve_crash(op)
         model = self.executor.model_at(state.point)
-        image = self.executor.builder.build(state)
+        image = self.executor.builder.build_bytes(state)
         judged = self.judge.judge(self._where(n, state), image, model, log, deep=True)
         if judged.finding:
             self.findings.append(judged.finding)

@@ -14,9 +14,10 @@ What a verdict replays: the printed lines (the same Finding objects, which nobod
 mutates), the counters it added, the block's bytes after the repair, and the freed
 clusters' zeroing in ascending order, as the compare would have done them.
 
-Hazards: the memo is process-wide and bounded (least recently used first). A block's
-bytes are a key only below `_MAX_KEY_BYTES`; larger blocks (64 KiB clusters and up) are
-keyed by a BLAKE2b-128 digest (a collision would replay another block's verdict: about
+Hazards: the memo is process-wide and bounded (least recently used first; blocks of
+64 KiB at most, and 16 MiB of repaired blocks and keys). A block's bytes are a key
+only below `_MAX_KEY_BYTES`; larger blocks (8 KiB to 64 KiB clusters) are keyed by a
+BLAKE2b-128 digest (a collision would replay another block's verdict: about
 2**-64 over a night, as the judge's image memo accepts).
 """
 
@@ -32,20 +33,30 @@ from models.qcow2.check.state import RefcountIOError
 
 _MAX_ENTRIES = 8192
 _MAX_KEY_BYTES = 4096  # blocks up to this size are their own key; larger ones are digested
+_MAX_BLOCK = 65536  # larger blocks (2 MiB clusters: one or two per image) are not memoised: each
+# replay would keep a 2 MiB copy of the repaired block, and their compare is few and vectorised
 _MAX_CANDIDATES = 8192  # a block with more candidates is compared without the memo (its key would be large)
 _REPAIRED = Kind.REPAIRED
 
+_MAX_BYTES = 16 << 20  # repaired blocks and block keys held, at most
+
 _memo: OrderedDict[tuple, tuple] = OrderedDict()
-stats = {"hits": 0, "misses": 0}
+stats = {"hits": 0, "misses": 0, "bytes": 0}
 
 
 def clear() -> None:
     _memo.clear()
+    stats["bytes"] = 0
+
+
+def _weight(key: tuple, value: tuple) -> int:
+    after = value[3]
+    return len(key[6]) + (len(after) if after is not None else 0) + 8 * len(key[7])
 
 
 def compare_block(s, imrt, fix: int, block_index: int, clusters: list[int], compute):
     """`compute(s, imrt, fix, block_index, clusters)` (refcounts._compare_block), answered from the memo when it can be."""
-    if len(clusters) > _MAX_CANDIDATES:
+    if len(clusters) > _MAX_CANDIDATES or s.cs > _MAX_BLOCK:
         return compute(s, imrt, fix, block_index, clusters)
     try:
         offset = s.refblock_offset(block_index)
@@ -77,9 +88,10 @@ def compare_block(s, imrt, fix: int, block_index: int, clusters: list[int], comp
     freed = [f.cluster for f in lines if f.kind is _REPAIRED and f.reference == 0]
     after = bytes(s.raw_refblock(offset)) if offset and any(f.kind is _REPAIRED for f in lines) else None
     cs = s.cs
-    _memo[key] = (done, lines, added, after, _runs(freed), frozenset(c * cs for c in freed) - {offset})
-    if len(_memo) > _MAX_ENTRIES:
-        _memo.popitem(last=False)
+    value = _memo[key] = (done, lines, added, after, _runs(freed), frozenset(c * cs for c in freed) - {offset})
+    stats["bytes"] += _weight(key, value)
+    while len(_memo) > _MAX_ENTRIES or stats["bytes"] > _MAX_BYTES:
+        stats["bytes"] -= _weight(*_memo.popitem(last=False))
     return done
 
 
