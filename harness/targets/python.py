@@ -213,12 +213,15 @@ class PythonTarget(Target):
         try:
             raw = bytes(raw)
             img = Qcow2Image.open(ReadOnlyFile(raw, name=name), readonly=True)
-            wanted = set(sectors)
-            clusters: tuple[int, ...] = ()
-            if allocated:
-                clusters = tuple(img.allocated_guest_clusters())
-                wanted |= allocated_sectors(clusters, img.geo.cluster_size, img.size)
-            return ReadOnlyView(read_sectors(img, sorted(wanted), raw), clusters)
+            try:
+                wanted = set(sectors)
+                clusters: tuple[int, ...] = ()
+                if allocated:
+                    clusters = tuple(img.allocated_guest_clusters())
+                    wanted |= allocated_sectors(clusters, img.geo.cluster_size, img.size)
+                return ReadOnlyView(read_sectors(img, sorted(wanted), raw), clusters)
+            finally:
+                img.release()
         except ReadOnlyWrite as exc:
             return ReadOnlyView(changed=str(exc))
         except Qcow2Error as exc:
@@ -272,6 +275,7 @@ def _recover_open(file: BlockFile, options: OpenOptions, messages: list, events:
     img = Qcow2Image.open(file, cache_mode=options.cache_mode, lazy_refcounts=options.lazy_refcounts,
                           log=log, on_repair=on_repair)
     img.close()
+    img.release()
     # The file still holds the raw bytes (nothing was written): their check is known.
     result = raw_check if raw_check is not None and pristine() else summary(checkmod.check(file))
     final = True

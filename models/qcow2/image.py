@@ -210,6 +210,20 @@ class Qcow2Image:
         """Stop at once, as after a crash: no cache write-back, no flush, no header update."""
         self.closed = True
 
+    def release(self) -> None:
+        """Drop the cached tables now, without writing them (after close or abort, or on a read-only image).
+
+        The image sits in reference cycles (its caches and HostIO call back into it) that
+        only the cyclic collector frees; with 2 MiB clusters each cached table is 2 MiB.
+        Dropping them here frees that memory at once and leaves small objects to the
+        collector.
+        """
+        self.closed = True
+        self.l2cache.tables.clear()
+        self.refcache.tables.clear()
+        self.l2cache.dirty.clear()
+        self.refcache.dirty.clear()
+
     def __enter__(self) -> "Qcow2Image":
         return self
 
