@@ -119,7 +119,7 @@ def judge_final(target: "Target", where: "Where", raw: bytes, model: "ReferenceD
                              f"{model.snapshot_names()}", "finish")
     sectors = sorted(model.touched_sectors())
     for name in found:
-        bad = model.snapshot_mismatch(name, lambda off, length, key=name: reader.read(key, off, length), sectors)
+        bad = model.snapshot_mismatch(name, _sector_reader(reader, name, model, sectors), sectors)
         if bad:
             return where.finding(Verdict.SNAPSHOT_CHANGED, bad, "finish")
     return None
