@@ -75,6 +75,7 @@ class Imrt:
 
 
 _NONZERO_BYTE = re.compile(rb"[^\x00]")
+_DECODE_BELOW = 65536  # bytes of refcount block from which non-zero entries are found by a byte scan
 
 
 def nonzero_refcounts(block: bytes | bytearray, order: int, limit: int) -> list[int]:
@@ -83,6 +84,10 @@ def nonzero_refcounts(block: bytes | bytearray, order: int, limit: int) -> list[
     Found by scanning for non-zero bytes in C (a refcount block of a 2 MiB cluster holds
     up to 16 million entries, nearly all zero in the images the harness makes).
     """
+    if order > 3 and limit * (1 << (order - 3)) <= _DECODE_BELOW:
+        # A small block (up to 64 KiB) is decoded whole and compressed in C: with dense
+        # refcounts the byte scan below finds every entry's low byte one match at a time.
+        return list(itertools.compress(range(limit), decode_refblock(block[:limit << (order - 3)], order)))
     if order >= 3:
         width = 1 << (order - 3)
         hits = [m.start() // width for m in _NONZERO_BYTE.finditer(block, 0, limit * width)]

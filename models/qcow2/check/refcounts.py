@@ -285,7 +285,7 @@ def _compare_candidates(s: CheckState, imrt: Imrt) -> list[int]:
         if not s.geo.is_aligned(offset) or s.refblock_unreadable(offset):
             candidates.update(range(base, base + count))  # every lookup fails with EIO
             continue
-        candidates.update(base + i for i in nonzero_refcounts(s.raw_refblock(offset), s.order, count))
+        candidates.update(map(base.__add__, nonzero_refcounts(s.raw_refblock(offset), s.order, count)))
     return sorted(candidates)
 
 
