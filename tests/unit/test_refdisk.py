@@ -302,3 +302,19 @@ def test_benchmark_writes_its_report(tmp_path) -> None:
     assert saved["judge_touched"]["verdicts"] == 0
     assert saved["judge_all"]["verdicts"] == 0
     assert saved["memory"]["touched_sectors"] > 0
+
+
+def test_the_fingerprint_is_crcmods_crc32c() -> None:
+    # The model's fast CRC-32C (the crc32c package) against crcmod's table-driven one, on
+    # sector-sized and odd-sized buffers of every kind the model hands it.
+    import random
+
+    import crcmod.predefined
+
+    reference = crcmod.predefined.mkCrcFun("crc-32c")
+    rng = random.Random(32)
+    for size in (0, 1, 7, 511, 512, 513, 4096):
+        data = rng.randbytes(size)
+        for buf in (data, bytearray(data), memoryview(data)):
+            assert crc32c(buf) == reference(data), size
+    assert ZERO_FINGERPRINT == reference(bytes(512))
