@@ -231,7 +231,7 @@ class Judge:
             return where.finding(Verdict.READONLY_OPEN_CHANGED, view.changed, "raw"), {}
         if view.error is not None:
             return where.finding(Verdict.UNOPENABLE, f"read-only open: {view.error}", "raw"), {}
-        verdicts = model.judge(lambda off, length: read_view(view.sectors, off, length), sorted(view.sectors))
+        verdicts = model.judge_view(view.sectors)
         if verdicts:
             return data_finding(where, verdicts, "raw"), {}
         return None, view.sectors

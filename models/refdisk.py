@@ -78,7 +78,7 @@ from collections.abc import Iterable
 
 from models.blockio import SECTOR, CacheMode
 from models.refhistory import SectorHistory
-from models.refjudge import ReadFn, collapse, judge, judge_sector
+from models.refjudge import ReadFn, collapse, judge, judge_sector, judge_view
 from models.refops import GuestOpKind, OpLog, check_range, check_sector, discarded_sectors
 from models.refsnap import Snapshots
 from models.refverdict import AllowedValue, CollapseError, InvalidRequest, Mismatch, RefDiskError, SectorVerdict
@@ -204,6 +204,14 @@ class ReferenceDisk:
             for sector in wanted[:1] + wanted[-1:]:
                 check_sector(self.size, "judge", sector)
         return judge(self.history, self.log.live, read_fn, wanted)
+
+    def judge_view(self, view: dict[int, bytes]) -> list[SectorVerdict]:
+        """`judge` on the sectors of a read view (sector -> 512 bytes), every one of them: the same verdicts,
+        without joining the view into runs and splitting them again."""
+        wanted = sorted(view)
+        for sector in wanted[:1] + wanted[-1:]:
+            check_sector(self.size, "judge", sector)
+        return judge_view(self.history, self.log.live, view, wanted)
 
     def collapse(self, read_fn: ReadFn) -> None:
         """After a crash and recovery, adopt what the image holds: each pending sector's value becomes durable.

@@ -51,6 +51,33 @@ def judge(history: SectorHistory, live: dict[int, Op], read_fn: ReadFn, wanted: 
     return verdicts
 
 
+def judge_view(history: SectorHistory, live: dict[int, Op], view: dict[int, bytes],
+               wanted: list[int]) -> list[SectorVerdict]:
+    """`judge` on sectors already read (sector -> 512 bytes; absent sectors read zero), sector by sector.
+
+    The same verdicts as `judge` over `read_view(view, ...)`: a zero sector objects only
+    where the model has history and zeros are not allowed, any other value objects unless
+    its fingerprint is allowed. The judge's read-only views are such dicts; joining them
+    into runs to split them again cost more than the verdicts.
+    """
+    verdicts: list[SectorVerdict] = []
+    find = history.find
+    durable = history.dur
+    get = view.get
+    for sector in wanted:
+        chunk = get(sector, ZERO_SECTOR)
+        if chunk == ZERO_SECTOR:
+            if sector in durable and find(sector, ZERO_FINGERPRINT) is None:
+                verdicts.append(classify(history, live, sector, ZERO_FINGERPRINT, chunk))
+            continue
+        if len(chunk) != SECTOR:
+            raise RefDiskError(f"judge: sector {sector} of the view holds {len(chunk)} bytes; a sector is exactly {SECTOR}")
+        fingerprint = crc32c(chunk)
+        if find(sector, fingerprint) is None:
+            verdicts.append(classify(history, live, sector, fingerprint, chunk))
+    return verdicts
+
+
 def collapse(history: SectorHistory, live: dict[int, Op], read_fn: ReadFn) -> None:
     """Adopt the allowed value each pending sector holds; raises CollapseError, changing nothing, on any other."""
     chosen: dict[int, Val] = {}
