@@ -69,7 +69,7 @@ def judge(target: "Target", where: "Where", raw_recovered: bytes, pre: dict[int,
                              + " or ".join(str(sorted(o)) for o in outcomes), "recovery")
     sectors = sorted(model.touched_sectors())
     for name in sorted(found):
-        bad = model.snapshot_mismatch(name, _sector_reader(reader, name, model, sectors), sectors)
+        bad = _mismatch(reader, name, model, sectors)
         if bad:
             return where.finding(Verdict.SNAPSHOT_CHANGED, bad, "recovery")
     cs = reader.cluster_size
@@ -79,28 +79,27 @@ def judge(target: "Target", where: "Where", raw_recovered: bytes, pre: dict[int,
     return None
 
 
-def _sector_reader(reader: "SnapshotReader", name: str, model: "ReferenceDisk", sectors: list[int]):
-    """`snapshot_mismatch`'s read function for one snapshot: from one read in runs when the reader offers it.
+def _mismatch(reader: "SnapshotReader", name: str, model: "ReferenceDisk", sectors: list[int]) -> str | None:
+    """The model's snapshot_mismatch for one snapshot, its sectors read in runs when the reader offers it.
 
     `snapshot_mismatch` reads exactly the touched sectors and the snapshot's own, one at a
-    time; they are read up front in runs. Should that fail, the reads go one by one, so an
-    error (or a mismatch before it) surfaces exactly where the one-by-one path finds it.
+    time; they are read up front in runs and compared as a view. Should that read fail,
+    the reads go one by one, so an error (or a mismatch before it) surfaces exactly where
+    the one-by-one path finds it.
     """
     def one(off: int, length: int) -> bytes:
         return reader.read(name, off, length)
 
-    if reader.read_many is None:
-        return one
-    try:
-        got = reader.read_many(name, sorted(set(sectors) | set(model.snapshot_view(name))))
-    except Exception:  # noqa: BLE001 - replayed one by one above
-        return one
-
-    def cached(off: int, length: int) -> bytes:
-        data = got.get(off // SECTOR) if length == SECTOR and off % SECTOR == 0 else None
-        return data if data is not None else one(off, length)
-
-    return cached
+    if reader.read_many is not None:
+        try:
+            got = reader.read_many(name, sorted(set(sectors) | set(model.snapshot_view(name))))
+        except Exception:  # noqa: BLE001 - replayed one by one below
+            got = None
+        if got is not None:
+            found = model.snapshot_mismatch_view(name, got, sectors)
+            if found is not None:
+                return found or None
+    return model.snapshot_mismatch(name, one, sectors)
 
 
 def judge_final(target: "Target", where: "Where", raw: bytes, model: "ReferenceDisk") -> "Finding | None":
@@ -119,7 +118,7 @@ def judge_final(target: "Target", where: "Where", raw: bytes, model: "ReferenceD
                              f"{model.snapshot_names()}", "finish")
     sectors = sorted(model.touched_sectors())
     for name in found:
-        bad = model.snapshot_mismatch(name, _sector_reader(reader, name, model, sectors), sectors)
+        bad = _mismatch(reader, name, model, sectors)
         if bad:
             return where.finding(Verdict.SNAPSHOT_CHANGED, bad, "finish")
     return None

@@ -248,6 +248,10 @@ class ReferenceDisk:
     def snapshot_mismatch(self, name: str, read_fn: ReadFn, sectors: list[int]) -> str | None:
         return self.snapshots.mismatch(name, read_fn, sectors)
 
+    def snapshot_mismatch_view(self, name: str, got: dict[int, bytes], sectors: list[int]) -> str | None:
+        """snapshot_mismatch on sectors read already: "" when all match, None when `got` lacks some."""
+        return self.snapshots.mismatch_view(name, got, sectors)
+
     def half_applied(self, read_fn: ReadFn, span: int) -> str | None:
         return self.snapshots.half_applied(read_fn, span)
 

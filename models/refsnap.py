@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 from models.blockio import SECTOR
 from models.refjudge import ReadFn
 from models.refops import GuestOpKind
-from models.refvalues import Maker, Val, crc32c, zeros_of
+from models.refvalues import ZERO_SECTOR, Maker, Val, crc32c, zeros_of
 
 if TYPE_CHECKING:
     from models.refdisk import ReferenceDisk
@@ -138,6 +138,22 @@ class Snapshots:
                 made = want.maker.label if want else "zeros"
                 return f"snapshot {name!r}: sector {sector} reads differently from when it was taken (held {made})"
         return None
+
+    def mismatch_view(self, name: str, got: dict[int, bytes], sectors: list[int]) -> str | None:
+        """`mismatch` on sectors already read (`got` holds every sector it reads), values recognised by
+        their CRC-32C fingerprint as the crash judge recognises them; None when `got` lacks a sector
+        (the caller then reads one by one through `mismatch`)."""
+        view = self.view(name)
+        wanted = sorted(set(sectors) | set(view))
+        if not got.keys() >= set(wanted):
+            return None
+        for sector in wanted:
+            data = got[sector]
+            want = view.get(sector)
+            if (crc32c(data) != want.fp) if want is not None else (data != ZERO_SECTOR):
+                made = want.maker.label if want else "zeros"
+                return f"snapshot {name!r}: sector {sector} reads differently from when it was taken (held {made})"
+        return ""
 
     def half_applied(self, read_fn: ReadFn, span: int) -> str | None:
         """With an apply in flight: a guest span (bytes) showing both sectors only the old view allows and
