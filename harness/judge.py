@@ -100,31 +100,26 @@ def _collect_after(image: bytes | bytearray) -> None:
     """
     if len(image) >= _COLLECT_ABOVE:
         gc.collect()
-        _malloc_trim()
+        if _MALLOC_TRIM is not None:
+            _MALLOC_TRIM(0)
 
 
-def _malloc_trim() -> None:
-    """Give freed heap memory back to the system (glibc; elsewhere nothing).
+def _load_malloc_trim():
+    """glibc's malloc_trim, which gives freed heap memory back to the system; None elsewhere.
 
     glibc serves a freed 20 MiB image's successors from its heap once its mmap threshold
     has risen, and the heap's free space then stays in the worker's RSS.
     """
-    trim = _LIBC_TRIM[0] if _LIBC_TRIM else None
-    if trim is not None:
-        trim(0)
-
-
-def _load_trim() -> list:
     try:
         import ctypes
         import ctypes.util
 
-        return [ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim]
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
     except (OSError, AttributeError):
-        return [None]
+        return None
 
 
-_LIBC_TRIM = _load_trim()
+_MALLOC_TRIM = _load_malloc_trim()
 
 
 class Judge:

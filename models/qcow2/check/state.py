@@ -292,18 +292,10 @@ class CheckState:
         check reads and writes through `_read`, `_write_refblock`, `_mark_corrupt` and, after
         compare_refcounts, anything (which writes the run before returning).
         """
-        length = min(self.cs, self.file.size() - offset)
-        if length <= 0:
-            return
-        pending = self._pending_zeros
-        if pending and pending[1] == offset:
-            pending[1] = offset + length
-            return
-        self.write_pending_zeros()
-        pending[:] = offset, offset + length
+        self.discard_clusters(offset, 1)
 
     def discard_clusters(self, offset: int, count: int) -> None:
-        """discard_cluster for `count` consecutive clusters from `offset`, in one step."""
+        """discard_cluster for `count` consecutive clusters from `offset`, in one step (clipped to the file)."""
         size = self.file.size()
         if offset >= size:
             return
