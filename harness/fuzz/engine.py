@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import gc
 import hashlib
 import multiprocessing
 import os
@@ -19,6 +18,7 @@ from harness import profiles
 from harness.config import Config
 from harness.generate import generate
 from harness.ops import SNAPSHOT_OPS, Op
+from harness.judge import frozen_heap
 from harness.oracle import Finding
 from harness.runner import Runner, Stats
 from harness.shrink import crash_atoms, guest_op_count, shrink
@@ -70,7 +70,6 @@ def example_seed(base: int, index: int) -> int:
 
 
 QEMU_RECOVERY_PATHS = (RecoveryPath.OPEN, RecoveryPath.CHECK_ALL)
-_FREEZE_FROM_CLUSTER = 1 << 20
 
 
 def run_example(args: tuple) -> Outcome:
@@ -92,20 +91,13 @@ def run_example(args: tuple) -> Outcome:
     if not isinstance(target, str) and not target.supports_snapshots:
         ops = [op for op in ops if not isinstance(op, SNAPSHOT_OPS)]
     runner = Runner(config, seed=seed, budget=budget, target=target)
-    # Large clusters make large images, after each of which the judge collects garbage
-    # (judge._collect_after): what lives before the example (modules, caches) is frozen out
-    # of those collections, and thawed after it. Small-cluster examples never collect, and
-    # the collection before freezing would only cost them.
-    frozen = config.cluster_size >= _FREEZE_FROM_CLUSTER
-    if frozen:
-        gc.collect()
-        gc.freeze()
-    try:
-        findings = runner.run(ops)
-    finally:
-        if frozen:
-            gc.unfreeze()
-        release_target(getattr(runner, "target", None))
+    # After each large image the judge collects garbage; inside this scope its first
+    # collection freezes what lived before (modules, memos, caches) out of the later ones.
+    with frozen_heap():
+        try:
+            findings = runner.run(ops)
+        finally:
+            release_target(getattr(runner, "target", None))
     out = Outcome(index, seed, config, len(ops), runner.stats, time.perf_counter() - t0)
     if findings:
         out.finding = findings[0]
