@@ -11,7 +11,7 @@ from typing import MutableSequence
 
 from models.qcow2.geometry import set_refcount
 
-__all__ = ["Imrt", "decode_refblock", "nonzero_refcounts"]
+__all__ = ["Imrt", "PackedView", "decode_refblock", "nonzero_refcounts", "nonzero_subbyte", "refblock_view"]
 
 
 class Imrt:
@@ -92,10 +92,26 @@ def nonzero_refcounts(block: bytes | bytearray, order: int, limit: int) -> list[
         width = 1 << (order - 3)
         hits = [m.start() // width for m in _NONZERO_BYTE.finditer(block, 0, limit * width)]
         return list(dict.fromkeys(hits)) if width > 1 else hits
+    return nonzero_subbyte(block, order, 0, limit)
+
+
+def nonzero_subbyte(block: bytes | bytearray, order: int, start: int, limit: int) -> list[int]:
+    """Indices in [start, limit) of the non-zero entries of a sub-byte refcount block, ascending.
+
+    A small block is decoded whole; a large one is scanned for non-zero bytes in C and only
+    those bytes are split into entries (a 1 MiB block of 1-bit refcounts holds 8 million)."""
     per_byte = 8 >> order
-    nbytes = (limit + per_byte - 1) // per_byte
-    view = decode_refblock(block[:nbytes], order)
-    return [m.start() for m in _NONZERO_BYTE.finditer(view, 0, limit)]
+    first_byte, end_byte = start // per_byte, (limit + per_byte - 1) // per_byte
+    if end_byte - first_byte < _PACKED_FROM:
+        view = decode_refblock(block[first_byte:end_byte], order)
+        base = first_byte * per_byte
+        return [base + m.start() for m in _NONZERO_BYTE.finditer(view, start - base, limit - base)]
+    width, mask = 1 << order, (1 << (1 << order)) - 1
+    out: list[int] = []
+    for m in _NONZERO_BYTE.finditer(block, first_byte, end_byte):
+        byte, at = block[m.start()], m.start() * per_byte
+        out.extend(at + k for k in range(per_byte) if (byte >> (k * width)) & mask and start <= at + k < limit)
+    return out
 
 
 def nonzero_entries(table: array.array, start: int = 0) -> list[int]:
@@ -122,6 +138,43 @@ _SUBBYTE_TABLES = {
     order: [bytes((b >> (k << order)) & ((1 << (1 << order)) - 1) for b in range(256)) for k in range(8 >> order)]
     for order in (0, 1, 2)
 }
+
+
+class PackedView:
+    """A sub-byte refcount block's entries read and written in place, one at a time.
+
+    Decoding a 1 MiB block of 1-bit refcounts makes 8 million entries (8 translations of
+    the block, 2 ms), and a check then looks at a handful of them: a large sub-byte block
+    is viewed through this instead. Writes go to the block itself, so the view and the
+    block never disagree.
+    """
+
+    __slots__ = ("block", "order", "shift", "low", "mask")
+
+    def __init__(self, block: bytearray, order: int) -> None:
+        self.block, self.order = block, order
+        self.shift = 3 - order  # entries per byte = 1 << shift
+        self.low = (1 << self.shift) - 1
+        self.mask = (1 << (1 << order)) - 1
+
+    def __len__(self) -> int:
+        return len(self.block) << self.shift
+
+    def __getitem__(self, index: int) -> int:
+        return (self.block[index >> self.shift] >> ((index & self.low) << self.order)) & self.mask
+
+    def __setitem__(self, index: int, value: int) -> None:
+        set_refcount(self.block, index, self.order, value)
+
+
+_PACKED_FROM = 65536  # bytes of sub-byte refcount block from which it is viewed packed, not decoded
+
+
+def refblock_view(block: bytearray, order: int) -> MutableSequence[int]:
+    """The entries of a cached refcount block for lookups: decoded (small or byte-wide blocks) or a PackedView over it."""
+    if order < 3 and len(block) >= _PACKED_FROM:
+        return PackedView(block, order)  # type: ignore[return-value]
+    return decode_refblock(block, order)
 
 
 def decode_refblock(block: bytes | bytearray, order: int) -> MutableSequence[int]:

@@ -9,11 +9,11 @@ that every refcount equal the references, so qcrash's recovery looks past EOF to
 from __future__ import annotations
 
 import itertools
-from typing import Iterator, MutableSequence
+from typing import Iterator
 
 from models.blockio import BlockFile, WriteSite, read_exact
 from models.qcow2 import spec
-from models.qcow2.check.imrt import decode_refblock, nonzero_entries
+from models.qcow2.check.imrt import nonzero_entries, nonzero_refcounts, nonzero_subbyte
 from models.qcow2.check.refcounts import _u64s
 from models.qcow2.check.result import Finding, Kind
 from models.qcow2.check.state import l1_bytes_in_file
@@ -67,10 +67,8 @@ def refcounts_past_eof(file: BlockFile, parsed: ParsedHeader | None = None) -> l
     in a crash stays invisible until the file grows over it, when it turns into a leak.
     """
     out: list[int] = []
-    for base, _block_off, _block, first, view in _past_eof_blocks(file, parsed):
-        tail = view[first:]
-        if tail.count(0) != len(tail):  # counted in C; nearly every tail is all zeros
-            out.extend(itertools.compress(range(base + first, base + len(view)), tail))
+    for base, _block_off, _block, _first, past in _past_eof_blocks(file, parsed):
+        out.extend(base + index for index in past)
     return out
 
 
@@ -84,11 +82,9 @@ def drop_refcounts_past_eof(file: BlockFile, parsed: ParsedHeader | None = None)
     order = parsed.header.refcount_order
     dropped = 0
     blocks: dict[int, bytearray] = {}
-    for _base, block_off, block, first, view in _past_eof_blocks(file, parsed):
-        count = len(view) - first - view[first:].count(0)
-        if count:
-            dropped += count
-            _zero_entries_from(blocks.setdefault(block_off, block), first, order)
+    for _base, block_off, block, first, past in _past_eof_blocks(file, parsed):
+        dropped += len(past)
+        _zero_entries_from(blocks.setdefault(block_off, block), first, order)
     for block_off, block in sorted(blocks.items()):
         file.pwrite(block_off, bytes(block), WriteSite.REPAIR)
     if blocks:
@@ -108,14 +104,14 @@ def _zero_entries_from(block: bytearray, first: int, order: int) -> None:
     block[whole:] = bytes(len(block) - whole)
 
 
-def _past_eof_blocks(file: BlockFile, parsed: ParsedHeader | None) -> Iterator[tuple[int, int, bytearray, int, MutableSequence[int]]]:
+def _past_eof_blocks(file: BlockFile, parsed: ParsedHeader | None) -> Iterator[tuple[int, int, bytearray, int, list[int]]]:
     """For every refcount block inside the file that covers clusters at or past EOF and holds a non-zero
     entry there: (first cluster it covers, its offset, its bytes, the index of the first entry past EOF,
-    its entries decoded).
+    the indices of the non-zero entries from there on).
 
     A block whose bytes from the one holding that first entry on are all zero is skipped
-    undecoded (with 2 MiB clusters a block decodes to up to 16 million entries, and nearly
-    every tail past EOF is zeros): both callers only act on non-zero entries."""
+    (with 2 MiB clusters a block holds up to 16 million entries, and nearly every tail
+    past EOF is zeros); in the others only the non-zero bytes are decoded."""
     parsed = parsed or read_header(file, writable=False, check_mode=True)
     hdr, geo = parsed.header, parsed.geometry
     cs = geo.cluster_size
@@ -136,4 +132,14 @@ def _past_eof_blocks(file: BlockFile, parsed: ParsedHeader | None) -> Iterator[t
         tail_byte = (first << hdr.refcount_order) // 8  # the byte holding entry `first`
         if raw.count(0, tail_byte) == cs - tail_byte:
             continue
-        yield base, block_off, bytearray(raw), first, decode_refblock(raw, hdr.refcount_order)
+        past = _nonzero_from(raw, hdr.refcount_order, first, rbe)
+        if past:
+            yield base, block_off, bytearray(raw), first, past
+
+
+def _nonzero_from(raw: bytes, order: int, first: int, entries: int) -> list[int]:
+    """Indices in [first, entries) of the non-zero entries of a refcount block."""
+    if order < 3:
+        return nonzero_subbyte(raw, order, first, entries)
+    width = 1 << (order - 3)
+    return [first + i for i in nonzero_refcounts(raw[first * width:], order, entries - first)]

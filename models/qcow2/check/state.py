@@ -16,7 +16,7 @@ from typing import Callable, MutableSequence
 from models.blockio import BlockFile, WriteSite, read_exact
 from models.qcow2 import inject, spec
 from models.qcow2.cache import TableCache
-from models.qcow2.check.imrt import decode_refblock, nonzero_entries
+from models.qcow2.check.imrt import PackedView, decode_refblock, nonzero_entries, refblock_view
 from models.qcow2.check.result import CheckCounts, Finding, Kind
 from models.qcow2.errors import UnsupportedFeature
 from models.qcow2.geometry import set_refcount
@@ -157,7 +157,7 @@ class CheckState:
     def decoded_refblock(self, offset: int):
         view = self._decoded.get(offset)
         if view is None:
-            view = self._decoded[offset] = decode_refblock(self.refblocks.get(offset), self.order)
+            view = self._decoded[offset] = refblock_view(self.refblocks.get(offset), self.order)
         return view
 
     def refblock_offset(self, index: int) -> int:
@@ -238,9 +238,9 @@ class CheckState:
         its block is cached: both are dropped and cleared together.)
         """
         order = self.order
-        if order == 3:
+        if order == 3 or type(view) is PackedView:
             for index, value in entries:
-                view[index] = value  # the decoded view of an 8-bit block is the cached block itself
+                view[index] = value  # an 8-bit block's view is the cached block itself; a PackedView writes through
         else:
             block = self.refblocks.get(offset)
             for index, value in entries:
@@ -270,7 +270,7 @@ class CheckState:
         block = self.refblocks.get(offset)
         block[:] = data
         view = self._decoded.get(offset)
-        if view is not None and view is not block:
+        if view is not None and view is not block and type(view) is not PackedView:
             view[:] = decode_refblock(block, self.order)
         self.refblocks.mark_dirty(offset)
 
