@@ -30,6 +30,7 @@ from collections.abc import Iterable
 
 import xxhash
 
+from harness.targets.readmemo import ReadMemo
 from harness.targets import (CheckSummary, HeaderInfo, OpenOptions, ReadOnlyView, Recovery, RecoveryPath,
                              SnapshotReader, Target)
 
@@ -67,6 +68,11 @@ class Memo:
         self._bytes = 0
         self.hits = 0
         self.misses = 0
+        # A target whose check and recovery can be keyed by the bytes they read (the python
+        # target, harness/targets/readmemo.py) shares results between images differing only
+        # where nothing read them: guest data, mostly.
+        self.reads = ReadMemo() if enabled and _reuses_reads(target) else None
+        self._reuse = {"reuse": self.reads} if self.reads is not None else {}
 
     def facts(self, data: bytes | bytearray, key: bytes | None = None) -> Facts:
         """The facts of `data` (`key`, its digest, when the caller has it already).
@@ -116,7 +122,8 @@ class Memo:
         return self._get(facts, ("inspect",), lambda: self.target.inspect(facts.data))
 
     def check(self, facts: Facts, *, past_eof: bool = False) -> CheckSummary:
-        return self._get(facts, ("check", past_eof), lambda: self.target.check(facts.data, past_eof=past_eof))
+        return self._get(facts, ("check", past_eof),
+                         lambda: self.target.check(facts.data, past_eof=past_eof, **self._reuse))
 
     def read_only(self, facts: Facts, sectors: frozenset[int], *, allocated: bool = True) -> ReadOnlyView:
         return self._get(facts, ("read_only", sectors, allocated),
@@ -153,7 +160,7 @@ class Memo:
             checked = _checked_recovery(self.target)
             if checked is not None:
                 rec, known = checked(facts.data, path, options, record=record,
-                                     raw_check=facts.results.get(("check", False)))
+                                     raw_check=facts.results.get(("check", False)), **self._reuse)
             else:
                 rec, known = self.target.recover(facts.data, path, options, record=record), None
             return rec, digest(rec.image) if rec.image is not None else None, known
@@ -175,6 +182,15 @@ class Memo:
         if known is not None:
             recovered.results.setdefault(("check", True), known)
         return rec, recovered
+
+
+def _reuses_reads(target: Target) -> bool:
+    """Whether the target's check and recover_checked take a ReadMemo (a subclass that overrides either does not)."""
+    if not getattr(target, "reuses_reads", False):
+        return False
+    mro = type(target).__mro__
+    owner = next(k for k in mro if "reuses_reads" in vars(k))
+    return all(next(k for k in mro if name in vars(k)) is owner for name in ("check", "recover", "recover_checked"))
 
 
 def _checked_recovery(target: Target):

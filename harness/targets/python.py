@@ -9,10 +9,11 @@ from collections.abc import Callable, Iterable
 
 from harness.config import Config
 from harness.faultfile import FaultInjectingFile, WriteLog
+from harness.targets.readmemo import ReadMemo, merged, replay_writes, union
 from harness.snapshots import benign_copied, shared_data_events
 from harness.targets import (CheckSummary, HeaderInfo, OpenOptions, ReadOnlyView, Recovery, RecoveryPath,
                              SnapshotReader, SnapshotRefused, Target)
-from models.blockio import SECTOR, BlockFile, CacheMode, MemoryFile, WriteSite, read_exact
+from models.blockio import INT64_MAX, SECTOR, BlockFile, CacheMode, MemoryFile, WriteSite, read_exact
 from models.qcow2 import check as checkmod
 from models.qcow2 import inject, snapshot, spec
 from models.qcow2.entries import ClusterType
@@ -55,6 +56,35 @@ class CopyOnWriteFile(MemoryFile):
         table caches call back into it) that keep the file alive until a garbage collection;
         a recovery's written copy of a 2 MiB-cluster image is 20 MiB of that."""
         self.buf = b""  # type: ignore[assignment]
+
+
+class RecordingFile(CopyOnWriteFile):
+    """A CopyOnWriteFile that notes the range of every read while `recording`, and every write and truncation, in order.
+
+    What harness.targets.readmemo keys a check or a recovery by (the reads), and what it
+    replays on another image (the writes: (offset, bytes); truncations: (size, None)).
+    """
+
+    def __init__(self, data: bytes, name: str = "<memory>") -> None:
+        super().__init__(data, name)
+        self.reads: list[tuple[int, int]] = []
+        self.ops: list[tuple[int, bytes | None]] = []
+        self.recording = True
+
+    def pread(self, offset: int, length: int) -> bytes:
+        if self.recording:
+            self.reads.append((offset, length))
+        if offset < 0 or length < 0 or offset + length > INT64_MAX:
+            return super().pread(offset, length)  # (raises the named range error)
+        return bytes(self.buf[offset:offset + length])
+
+    def pwrite(self, offset: int, data: bytes, site: WriteSite = WriteSite.OTHER) -> None:
+        super().pwrite(offset, data, site)
+        self.ops.append((offset, bytes(data)))
+
+    def truncate(self, size: int) -> None:
+        super().truncate(size)
+        self.ops.append((size, None))
 
 
 class ReadOnlyFile(CopyOnWriteFile):
@@ -206,10 +236,23 @@ class PythonTarget(Target):
             return HeaderInfo(error=str(exc))
         return HeaderInfo(hdr.incompatible_features)
 
-    def check(self, raw: bytes, *, past_eof: bool = False) -> CheckSummary:
-        file = CopyOnWriteFile(bytes(raw))
-        result = checkmod.check(file)
-        return summary(result, tuple(checkmod.refcounts_past_eof(file)) if past_eof else ())
+    reuses_reads = True  # check and recover_checked take a readmemo.ReadMemo (`reuse`)
+
+    def check(self, raw: bytes, *, past_eof: bool = False, reuse: ReadMemo | None = None) -> CheckSummary:
+        raw = bytes(raw)
+        if reuse is None:
+            return _check(CopyOnWriteFile(raw), past_eof)
+        key = reuse.call_key("check", len(raw), past_eof)
+        found = reuse.lookup(key, raw)
+        if found is not None:
+            result, ranges = found
+        else:
+            file = RecordingFile(raw)
+            result = _check(file, past_eof)
+            ranges = merged(file.reads)
+            reuse.store(key, ranges, raw, result)
+        reuse.note_check(raw, ranges)
+        return result  # type: ignore[return-value]
 
     def read_only(self, raw: bytes, sectors: Iterable[int], *, allocated: bool = True,
                   name: str = IMAGE_NAME) -> ReadOnlyView:
@@ -235,7 +278,8 @@ class PythonTarget(Target):
         return self.recover_checked(raw, path, options, record=record, name=name)[0]
 
     def recover_checked(self, raw: bytes, path: RecoveryPath, options: OpenOptions, *, record: bool = True,
-                        name: str = IMAGE_NAME, raw_check: CheckSummary | None = None) -> tuple[Recovery, CheckSummary | None]:
+                        name: str = IMAGE_NAME, raw_check: CheckSummary | None = None,
+                        reuse: ReadMemo | None = None) -> tuple[Recovery, CheckSummary | None]:
         """`recover`, plus `check(recovered, past_eof=True)` when the recovery already computed it (else None).
 
         The open path checks the image after closing it; when nothing is written after
@@ -243,9 +287,34 @@ class PythonTarget(Target):
         recovered image's check, and the judge's memo need not check the same bytes again.
         `raw_check`, when given, is `check(raw)`: an open and close that wrote nothing leave
         the bytes `raw`, so the open path takes it instead of checking them again.
+        With `reuse`, a recovery that read what an earlier one read is replayed (readmemo).
         """
-        inner = CopyOnWriteFile(bytes(raw), name=name)
+        raw = bytes(raw)
+        if reuse is None:
+            return self._recover_checked(CopyOnWriteFile(raw, name=name), path, options, record, raw_check)
+        check_ranges = reuse.check_reads(raw) if raw_check is not None else None
+        if check_ranges is None:
+            raw_check = None  # what that check read would not be in this recovery's read set
+        key = reuse.call_key("recover", len(raw), path, options, record, name)
+        found = reuse.lookup(key, raw)
+        if found is not None:
+            return _replayed_recovery(raw, record, found[0])  # type: ignore[arg-type]
+        inner = RecordingFile(raw, name=name)
+        inner.recording = False  # (the log's copy of the base is not a read of the recovery)
+        rec, known = self._recover_checked(inner, path, options, record, raw_check, recording=True)
+        ranges = merged(inner.reads)
+        if check_ranges:
+            ranges = union(ranges, check_ranges)
+        replay = (rec.messages, rec.events, rec.error, tuple(inner.ops),
+                  tuple(rec.log.ops) if rec.log is not None else None, known)
+        reuse.store(key, ranges, raw, replay, sum(len(d) for _o, d in inner.ops if d))
+        return rec, known
+
+    def _recover_checked(self, inner: CopyOnWriteFile, path: RecoveryPath, options: OpenOptions, record: bool,
+                         raw_check: CheckSummary | None, *, recording: bool = False) -> tuple[Recovery, CheckSummary | None]:
         file: BlockFile = FaultInjectingFile(inner) if record else inner
+        if recording:
+            inner.recording = True  # type: ignore[attr-defined]
         messages: list[str | checkmod.Finding] = []  # a repair's lines stay Findings (checkmod.Lines)
         events: list[str] = []
         known: list[CheckSummary] = []
@@ -256,10 +325,31 @@ class PythonTarget(Target):
         except (RepairFailed, Qcow2Error) as exc:
             inner.release()
             return Recovery(None, None, checkmod.Lines(messages), tuple(events), f"{type(exc).__name__}: {exc}"), None
+        if recording:
+            inner.recording = False  # type: ignore[attr-defined]
         log = file.log if isinstance(file, FaultInjectingFile) else None
         image = inner.getvalue()
         inner.release()
         return Recovery(image, log, checkmod.Lines(messages), tuple(events)), (known[0] if known else None)
+
+
+def _check(file: CopyOnWriteFile, past_eof: bool) -> CheckSummary:
+    result = checkmod.check(file)
+    return summary(result, tuple(checkmod.refcounts_past_eof(file)) if past_eof else ())
+
+
+def _replayed_recovery(raw: bytes, record: bool, replay: tuple) -> tuple[Recovery, CheckSummary | None]:
+    """A recovery of `raw` rebuilt from an earlier one that read the same bytes (readmemo): same lines, events,
+    error and check; its writes applied to `raw`; its host-operation log over `raw`."""
+    messages, events, error, ops, log_ops, known = replay
+    if error is not None:
+        return Recovery(None, None, messages, events, error), None
+    log = None
+    if record:
+        log = WriteLog(raw)
+        for op in log_ops:
+            log.append(op.kind, op.offset, op.data, op.site, op.size_after)
+    return Recovery(replay_writes(raw, ops), log, messages, events), known
 
 
 def _recover_open(file: BlockFile, options: OpenOptions, messages: list, events: list[str],

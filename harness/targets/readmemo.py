@@ -1,0 +1,156 @@
+"""The python target's memo of checks and recoveries keyed by the bytes they read: a result is reused on any image that agrees with an earlier one wherever that one was read.
+
+Crash states of one sweep differ mostly in guest data (a kept or lost data write, a torn
+sector), which neither a check nor a repair reads: both read metadata only. The image
+memo (harness/imagememo.py) keys on every byte of the image, so it recomputes them; a
+quarter to a third of the recoveries of a 512-byte-cluster sweep repeat a metadata
+state seen before in the same example.
+
+Why a hit is exact: a check or a recovery is a deterministic function of what it reads
+from its file, of the file's size and of its arguments (options, recovery path, the
+active injected bugs). It is run once on a `RecordingFile`, which notes the range of
+every read. Another image of the same size whose bytes equal the first one's on every
+one of those ranges makes every read return the same bytes, one read after another (a
+read's result depends only on the original bytes it covers and on the writes before it,
+which are the same by induction), so the run makes the same decisions, the same writes
+and the same result. Comparing original bytes where the run read bytes it had itself
+written is stricter than needed, never wrong.
+
+What is replayed: a check's summary as it was; a recovery's messages, events and error
+as they were, its writes and truncations applied to the new image's bytes, and its
+host-operation log rebuilt over the new image.
+
+Hazards:
+- the ranges of one run are compared through an XXH3-128 digest of the bytes they cover
+  (the image memo's own hash and collision argument);
+- a recovery handed the raw image's check (`raw_check`) does not read what that check
+  read: its read set is then extended with the check's, or the check is not handed over;
+- memory: per call key, a bounded number of read sets and results, oldest dropped first.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import xxhash
+
+from models.qcow2 import inject
+
+# Read sets tried per lookup (most recently used first): the crash states of one sweep
+# share a handful of metadata layouts, and each try costs a digest of the ranges.
+_TRIES = 6
+_GROUPS_PER_CALL = 16
+_RESULTS_PER_GROUP = 64
+_MAX_BYTES = 64 << 20  # written bytes held by replayable recoveries, at most
+
+
+def merged(reads: list[tuple[int, int]]) -> tuple[tuple[int, int], ...]:
+    """The distinct (offset, length) reads of a run, sorted: its read set.
+
+    (Not merged into disjoint ranges: a byte covered twice is hashed twice, which changes
+    nothing about what agrees, and deduplicating in C is what keeps recording cheap.)
+    """
+    return tuple(sorted(set(reads)))
+
+
+def union(a: tuple[tuple[int, int], ...], b: tuple[tuple[int, int], ...]) -> tuple[tuple[int, int], ...]:
+    return tuple(sorted(set(a).union(b)))
+
+
+def digest_of(data: bytes, ranges: tuple[tuple[int, int], ...]) -> bytes:
+    """XXH3-128 of `data` over the (offset, length) `ranges` (past the end they cover what exists: the size is keyed apart)."""
+    h = xxhash.xxh3_128()
+    view = memoryview(data)
+    for offset, length in ranges:
+        h.update(view[offset:offset + length])
+    return h.digest()
+
+
+class ReadMemo:
+    """Results by (call key, read set, digest of the image over that read set)."""
+
+    def __init__(self) -> None:
+        self._calls: dict[tuple, OrderedDict[tuple, OrderedDict[bytes, object]]] = {}
+        self._weights: dict[int, int] = {}
+        self._checks: list[tuple[bytes, tuple]] = []  # (image bytes, what their check read), newest last
+        self.bytes = 0
+        self.hits = 0
+        self.misses = 0
+
+    @staticmethod
+    def call_key(*parts: object) -> tuple:
+        return (inject.active(), *parts)
+
+    def lookup(self, key: tuple, data: bytes) -> tuple[object, tuple] | None:
+        """(result, its read set) of an earlier run that read what `data` holds at the same places, or None."""
+        groups = self._calls.get(key)
+        if groups:
+            for ranges in list(reversed(groups))[:_TRIES]:
+                table = groups[ranges]
+                found = table.get(digest_of(data, ranges))
+                if found is not None:
+                    groups.move_to_end(ranges)
+                    self.hits += 1
+                    return found, ranges
+        self.misses += 1
+        return None
+
+    def store(self, key: tuple, ranges: tuple, data: bytes, result: object, weight: int = 0) -> None:
+        if weight > _MAX_BYTES // 4:
+            return
+        if self.bytes + weight > _MAX_BYTES:
+            self.clear()
+        groups = self._calls.setdefault(key, OrderedDict())
+        table = groups.get(ranges)
+        if table is None:
+            table = groups[ranges] = OrderedDict()
+            if len(groups) > _GROUPS_PER_CALL:
+                _old, dropped = groups.popitem(last=False)
+                for value in dropped.values():
+                    self._forget(value)
+        else:
+            groups.move_to_end(ranges)
+        table[digest_of(data, ranges)] = result
+        if weight:
+            self._weights[id(result)] = weight
+            self.bytes += weight
+        if len(table) > _RESULTS_PER_GROUP:
+            _old, value = table.popitem(last=False)
+            self._forget(value)
+
+    def _forget(self, value: object) -> None:
+        self.bytes -= self._weights.pop(id(value), 0)
+
+    def note_check(self, data: bytes, ranges: tuple) -> None:
+        """Remember what the check of these very bytes read, for a recovery handed that check (`check_reads`)."""
+        self._checks = [(d, r) for d, r in self._checks if d is not data][-3:] + [(data, ranges)]
+
+    def check_reads(self, data: bytes) -> tuple | None:
+        return next((r for d, r in self._checks if d is data), None)
+
+    def clear(self) -> None:
+        self._calls.clear()
+        self._weights.clear()
+        self.bytes = 0
+
+
+def replay_writes(data: bytes, ops: tuple[tuple[int, bytes | None], ...]) -> bytes:
+    """`data` with a run's writes (offset, bytes) and truncations (size, None) applied in order, as its file had them."""
+    if not ops:
+        return data
+    image = bytearray(data)
+    for offset, payload in ops:
+        if payload is None:
+            if offset < len(image):
+                del image[offset:]
+            else:
+                image.extend(bytes(offset - len(image)))
+            continue
+        end = offset + len(payload)
+        if end > len(image):
+            image.extend(bytes(end - len(image)))
+        image[offset:end] = payload
+    return bytes(image)
+
+
+__all__ = ["ReadMemo", "merged", "union", "digest_of", "replay_writes"]

@@ -1,0 +1,98 @@
+"""The python target's read memo (harness/targets/readmemo.py) against fresh checks and recoveries, on seeded crash images.
+
+Every image is checked and recovered twice: with a warm `ReadMemo` shared by all images
+of its configuration, and on its own with none. Everything observable must be equal: the
+check summary; the recovery's image bytes, messages, events, error and known check, and
+its host-operation log (kind, offset, bytes, site, size after each op). Besides the crash
+images and their metadata mutations, each image gets variants with bytes changed where
+its first recovery read nothing (which the memo must answer) and where it read something
+(which it must not answer from that read set).
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from harness.targets import OpenOptions, RecoveryPath
+from harness.targets.python import PythonTarget
+from harness.targets.readmemo import ReadMemo
+from models.blockio import CacheMode
+from tests.differential.test_check_fast_vs_full import CONFIGS, _crash_images, _mutated
+
+PATHS = (RecoveryPath.OPEN, RecoveryPath.CHECK_ALL, RecoveryPath.CHECK_LEAKS)
+
+
+def _observable(rec_known) -> tuple:
+    rec, known = rec_known
+    log = None if rec.log is None else (rec.log.base, [(op.kind, op.offset, bytes(op.data), op.site, op.size_after)
+                                                       for op in rec.log.ops])
+    return rec.image, tuple(rec.messages), rec.events, rec.error, known, log
+
+
+def _outcome(run):
+    """What a call returned, or the exception it raised (type and text)."""
+    try:
+        return run()
+    except Exception as exc:  # noqa: BLE001 - both sides must raise alike
+        return ("raised", type(exc).__name__, str(exc))
+
+
+def _last_read_set(reuse: ReadMemo, kind: str) -> tuple:
+    keys = [k for k in reuse._calls if k[1] == kind]
+    return next(reversed(reuse._calls[keys[-1]]))
+
+
+def _flipped(image: bytes, pos: int) -> bytes:
+    out = bytearray(image)
+    out[pos] ^= 0x5A
+    return bytes(out)
+
+
+def _outside(read_set: tuple, size: int, rng: random.Random) -> int | None:
+    """A byte of the image that no range of `read_set` covers, or None."""
+    covered = bytearray(size)
+    for offset, length in read_set:
+        covered[offset:offset + length] = b"\x01" * len(covered[offset:offset + length])
+    free = [i for i in range(0, size, 97) if not covered[i]]
+    return rng.choice(free) if free else None
+
+
+@pytest.mark.parametrize("cfg", [c for c in CONFIGS if c[0] <= 1 << 16],
+                         ids=lambda c: f"cs{c[0]}-rc{c[1]}-v{c[2]}-{'lazy' if c[3] else 'eager'}")
+def test_reused_results_equal_fresh_ones(cfg: tuple) -> None:
+    target = PythonTarget()
+    reuse = ReadMemo()
+    seed = sum(cfg) % 7919
+    rng = random.Random(seed)
+    images = _crash_images(cfg, seed, per_config=3)
+    images += [_mutated(image, cfg[0], rng) for image in images]
+    options = OpenOptions(CacheMode.WRITEBACK, None)
+    compared = replayed = 0
+    queue = list(images)
+    while queue:
+        image = queue.pop(0)
+        raw_check = _outcome(lambda: target.check(image, reuse=reuse))
+        assert raw_check == _outcome(lambda: target.check(image))
+        for path in PATHS:
+            for record in (True, False):
+                hits = reuse.hits
+                handed = raw_check if not isinstance(raw_check, tuple) else None
+                got = _outcome(lambda: _observable(target.recover_checked(image, path, options, record=record,
+                                                                          raw_check=handed, reuse=reuse)))
+                want = _outcome(lambda: _observable(target.recover_checked(image, path, options, record=record)))
+                assert got == want, f"{cfg} {path} record={record}: replay differs"
+                compared += 1
+                replayed += reuse.hits > hits
+        if len(images) < 40:  # variants of the first images: one where nothing was read, one where something was
+            read_set = _last_read_set(reuse, "recover")
+            pos = _outside(read_set, len(image), rng)
+            if pos is not None:
+                images.append(_flipped(image, pos))
+                queue.append(images[-1])
+            offset, length = rng.choice([r for r in read_set if r[1]])
+            images.append(_flipped(image, min(offset + rng.randrange(length), len(image) - 1)))
+            queue.append(images[-1])
+    assert compared >= 6 * len(images) // 2
+    assert replayed, "no recovery was replayed: the comparison proved nothing about reuse"
