@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import itertools
 import struct
 from typing import TYPE_CHECKING, Iterator
 
 from models.blockio import read_exact
 from models.qcow2 import inject, spec
+from models.qcow2.scan import nonzero_u64_items
 from models.qcow2.entries import ClusterType, get_entry, l2_cluster_type
 from models.qcow2.errors import CorruptImage, UnsupportedFeature
 from models.qcow2.geometry import Geometry
@@ -116,9 +116,8 @@ def allocated_guest_clusters(img: "Qcow2Image") -> list[int]:
         l2_off = l2_table_offset(img, i)
         if not l2_off:
             continue
-        entries = struct.unpack(f">{per_l2}Q", img.l2cache.get(l2_off))
-        for j in itertools.compress(range(per_l2), entries):
-            if l2_cluster_type(entries[j], img.hdr.version) is ClusterType.NORMAL:
+        for j, entry in nonzero_u64_items(img.l2cache.get(l2_off)):
+            if l2_cluster_type(entry, img.hdr.version) is ClusterType.NORMAL:
                 guest = (i * per_l2 + j) * cs
                 if guest < img.hdr.size:
                     out.append(guest)

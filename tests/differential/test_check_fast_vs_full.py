@@ -192,6 +192,19 @@ def test_vectorised_refblock_decoding_agrees_with_get_refcount(order: int, size:
             assert get_refcount(packed, i, order) == view[i] != want[i]
 
 
+@pytest.mark.parametrize("size", [512, 4096 + 8, 1 << 16])  # walked below 8 KiB, numpy from there
+def test_nonzero_table_entries_agree_with_struct(size: int) -> None:
+    import struct
+
+    from models.qcow2.scan import nonzero_u64_items
+
+    rng = random.Random(size)
+    raw = bytes(rng.choice((0, 0, 0, 0, 0, 0, 0, rng.randrange(256))) for _ in range(size + 5))
+    entries = struct.unpack(f">{size // 8}Q", raw[:size])
+    assert nonzero_u64_items(raw[:size]) == [(i, e) for i, e in enumerate(entries) if e]
+    assert nonzero_u64_items(bytearray(raw[:size + 5])) == [(i, e) for i, e in enumerate(entries) if e]
+
+
 def _repaired(image: bytes, fix: fast.Fix, recorded: bool) -> tuple:
     """A repair on a recording file or a plain in-memory one; with the recording file, how many cluster-sized or longer zero writes it made."""
     inner = MemoryFile(image, name="diff.qcow2")

@@ -19,6 +19,7 @@ from models.qcow2.check.result import Finding, Kind
 from models.qcow2.check.state import l1_bytes_in_file
 from models.qcow2.geometry import set_refcount
 from models.qcow2.header import ParsedHeader, read_header
+from models.qcow2.scan import nonzero_u64_items
 
 __all__ = ["extend_to_references", "refcounts_past_eof", "drop_refcounts_past_eof"]
 
@@ -45,7 +46,8 @@ def extend_to_references(file: BlockFile, parsed: ParsedHeader, findings: list[F
             end = max(end, l2_off + cs)
             if l2_off >= size:
                 continue
-            hosts = [e & spec.L2E_OFFSET_MASK for e in _u64s(file.pread(l2_off, cs)) if e and not e & spec.QCOW_OFLAG_COMPRESSED]
+            hosts = [e & spec.L2E_OFFSET_MASK for _i, e in nonzero_u64_items(file.pread(l2_off, cs))
+                     if not e & spec.QCOW_OFLAG_COMPRESSED]
             aligned = [h for h in hosts if h and geo.is_aligned(h)]
             if aligned:
                 end = max(end, max(aligned) + cs)

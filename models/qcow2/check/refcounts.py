@@ -24,6 +24,7 @@ from models.qcow2.check.overlap import pre_write_overlap_check
 from models.qcow2.check.result import FIX_ERRORS, FIX_LEAKS, CheckCounts, Finding, Kind
 from models.qcow2.check.state import BDRV_MAX_LENGTH, CheckFailed, CheckState, RefcountIOError, hash_x, l1_bytes_in_file
 from models.qcow2.errors import InvalidImage
+from models.qcow2.scan import nonzero_u64_items
 from models.qcow2.snapcheck import check_read_snapshot_table
 
 __all__ = ["qcow2_check_refcounts", "run_check", "calculate_refcounts", "compare_refcounts", "check_oflag_copied"]
@@ -100,14 +101,12 @@ def _spend(s: CheckState, entries: int) -> None:
 def check_refcounts_l2(s: CheckState, imrt: Imrt, l2_offset: int, frag: bool, fix: int) -> None:
     """Count the data clusters of one L2 table (QEMU 7.2 honours the zero flag even in v2 images)."""
     cs, geo, res = s.cs, s.geo, s.res
-    raw = read_exact(s.file, l2_offset, cs)
-    if raw.count(0) == cs:
+    items = nonzero_u64_items(read_exact(s.file, l2_offset, cs))
+    if not items:
         return
-    entries = _u64s(raw)
-    _spend(s, len(entries))
+    _spend(s, cs // 8)
     next_contiguous = 0
-    for i in _nonzero(entries):
-        entry = entries[i]
+    for i, entry in items:
         if entry & _COMPRESSED:
             coffset, csize = geo.parse_compressed_l2_entry(entry)
             if entry & _COPIED:
@@ -163,9 +162,7 @@ def check_refcounts_l1(s: CheckState, imrt: Imrt, frag: bool, fix: int, l1_offse
         return
     qcow2_inc_refcounts_imrt(s, imrt, l1_offset, l1_size * 8)
     # Entries past the end of the file read as zero, like the zero entries skipped below.
-    entries = _u64s(read_exact(s.file, l1_offset, l1_bytes_in_file(s.file.size(), l1_offset, l1_size)))
-    for i in _nonzero(entries):
-        entry = entries[i]
+    for _i, entry in nonzero_u64_items(read_exact(s.file, l1_offset, l1_bytes_in_file(s.file.size(), l1_offset, l1_size))):
         if entry & spec.L1E_RESERVED_MASK:
             s.emit(Kind.L1_RESERVED, "ERROR found L1 entry with reserved bits set: {:x}", entry)
             s.res.corruptions += 1
@@ -482,13 +479,12 @@ def check_oflag_copied(s: CheckState, fix: int) -> None:
             res.corruptions -= 1
             res.corruptions_fixed += 1
         table = bytearray(read_exact(s.file, l2_offset, cs))
-        if table.count(0) == cs:
+        items = nonzero_u64_items(table)  # (decoded before the loop changes `table`)
+        if not items:
             continue
-        entries = _u64s(table)
-        _spend(s, len(entries))
+        _spend(s, cs // 8)
         dirty = 0
-        for j in _nonzero(entries):
-            l2_entry = entries[j]
+        for j, l2_entry in items:
             if l2_entry & _COMPRESSED or not l2_entry & _L2E_OFFSET_MASK:
                 continue  # only normal and zero-alloc entries carry the flag
             fixed = _check_copied(s, get_refcount, Kind.COPIED_DATA, "{} OFLAG_COPIED data cluster: l2_entry={:x} refcount={}",

@@ -1,0 +1,41 @@
+"""Finding the non-zero entries of on-disk tables of big-endian u64 entries (L1, L2, refcount tables) in C.
+
+With large clusters a table is one cluster of mostly zero entries (a 1 MiB L2 table holds
+131,072, an 8 MiB disk uses 8 of them), and the check, the repair and the guest map walk
+every table of every crash image. Walking 131,072 array items in Python, even through
+itertools.compress, cost 1.5 ms a table; numpy's flatnonzero finds them in 0.2 ms. It
+pays from a few KiB on; below that (512-byte clusters: 64 entries) numpy's per-call cost
+is more than the walk, and the array walk stays.
+"""
+
+from __future__ import annotations
+
+import array
+import itertools
+import sys
+
+import numpy
+
+__all__ = ["nonzero_u64_items"]
+
+_NUMPY_FROM = 8192  # bytes of table from which numpy finds the non-zero entries
+_BE_U64 = numpy.dtype(">u8")
+
+
+def nonzero_u64_items(raw: bytes | bytearray) -> list[tuple[int, int]]:
+    """(index, entry) for every non-zero big-endian u64 entry of `raw`, ascending (decoded at once: `raw` may change after)."""
+    n = len(raw) // 8
+    if len(raw) >= _NUMPY_FROM:
+        table = numpy.frombuffer(raw, dtype=_BE_U64, count=n)
+        where = numpy.flatnonzero(table)
+        return list(zip(where.tolist(), table[where].tolist()))
+    entries = _u64s(raw, n)
+    return [(i, entries[i]) for i in itertools.compress(range(n), entries)]
+
+
+def _u64s(raw: bytes | bytearray, n: int) -> array.array:
+    out = array.array("Q")
+    out.frombytes(bytes(raw[: n * 8]))
+    if sys.byteorder == "little":
+        out.byteswap()
+    return out
