@@ -1,0 +1,43 @@
+"""CrashImageBuilder.build_bytes (extents over the durable image, joined once) against build (the plain buffer), on every policy's states of seeded workloads."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from harness.crashstates import CrashImageBuilder, CrashState, Policy, enumerate_states
+from harness.crashstates import images as imagesmod
+from tests.differential.test_check_fast_vs_full import CONFIGS, _workload
+
+
+@pytest.mark.parametrize("cfg", CONFIGS[::2], ids=lambda c: f"cs{c[0]}-rc{c[1]}")
+def test_build_bytes_equals_build(cfg: tuple) -> None:
+    log = _workload(cfg, sum(cfg) % 613).log
+    fast, plain = CrashImageBuilder(log), CrashImageBuilder(log)
+    rng = random.Random(len(log))
+    compared = 0
+    # Points in increasing order, then a few earlier ones (the builder replays its log from the base).
+    points = sorted(rng.sample(range(len(log) + 1), min(len(log) + 1, 8)))
+    points += rng.sample(points, min(3, len(points)))
+    for point in points:
+        for policy in Policy:
+            for state in enumerate_states(log, point, policy, k=3, seed=point, samples=4):
+                assert fast.build_bytes(state) == bytes(plain.build(state)), f"state [{state.id}]"
+                compared += 1
+    assert compared > 50
+
+
+def test_many_torn_pieces_fall_back_to_build(monkeypatch: pytest.MonkeyPatch) -> None:
+    log = _workload(CONFIGS[4], 5).log
+    builder = CrashImageBuilder(log)
+    monkeypatch.setattr(imagesmod._Extents, "MAX", 2)
+    calls = []
+    real = CrashImageBuilder.build
+    monkeypatch.setattr(CrashImageBuilder, "build", lambda self, s, out=None: calls.append(s) or real(self, s, out))
+    states = [s for p in range(1, len(log) + 1) for s in enumerate_states(log, p, Policy.TORN, k=3, seed=1, samples=4)]
+    assert states
+    for state in states:
+        assert builder.build_bytes(state) == bytes(CrashImageBuilder(log).build(state))
+    assert calls, "no state had enough torn pieces to take the plain path"
+    assert isinstance(states[0], CrashState)
