@@ -106,13 +106,13 @@ class CrashImageBuilder:
         `build` copies the durable image into a buffer, grows it (another copy when the
         crash state's file is larger) and the judge then needed it as bytes (a third): with
         1 MiB clusters that was a fifth of an example. Here the kept ops are laid over the
-        durable image as extents and the image is joined once (`_Extents`); a state whose
+        durable image as extents and the image is joined once (`Extents`); a state whose
         ops tear into many pieces goes through `build`.
         """
         problems = state.problems(self.log)
         if problems:
             raise ValueError(f"crash state {state.id!r} does not fit this log: " + "; ".join(problems))
-        extents = _Extents(self._advance(state.point))
+        extents = Extents(self._advance(state.point))
         tears = dict(state.tears)
         for index in state.kept:
             if not extents.apply(self.log.ops[index], tears.get(index), state.garbage):
@@ -128,8 +128,10 @@ class CrashImageBuilder:
         return f
 
 
-class _Extents:
-    """An image as ascending, disjoint extents [start, end) over source buffers (None: zeros), for `build_bytes`."""
+class Extents:
+    """An image as ascending, disjoint extents [start, end) over source buffers (None: zeros), joined once.
+
+    For `build_bytes` and for replaying a recovery's writes (harness/targets/readmemo.py)."""
 
     MAX = 256  # extents past which a state is built the plain way (many torn pieces)
 

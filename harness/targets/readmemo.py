@@ -34,6 +34,8 @@ from collections import OrderedDict
 
 import xxhash
 
+from harness.crashstates.images import Extents
+
 from models.qcow2 import inject
 
 # Read sets tried per lookup (most recently used first): the crash states of one sweep
@@ -41,7 +43,7 @@ from models.qcow2 import inject
 _TRIES = 6
 _GROUPS_PER_CALL = 16
 _RESULTS_PER_GROUP = 64
-_MAX_BYTES = 64 << 20  # written bytes held by replayable recoveries, at most
+_MAX_BYTES = 16 << 20  # written bytes held by replayable recoveries, at most
 
 
 def merged(reads: list[tuple[int, int]]) -> tuple[tuple[int, int], ...]:
@@ -72,7 +74,7 @@ class ReadMemo:
     def __init__(self) -> None:
         self._calls: dict[tuple, OrderedDict[tuple, OrderedDict[bytes, object]]] = {}
         self._weights: dict[int, int] = {}
-        self._checks: list[tuple[bytes, tuple]] = []  # (image bytes, what their check read), newest last
+        self._checks: list[tuple[bytes, tuple]] = []  # (image bytes, what their check read): the last check
         self.bytes = 0
         self.hits = 0
         self.misses = 0
@@ -123,7 +125,7 @@ class ReadMemo:
 
     def note_check(self, data: bytes, ranges: tuple) -> None:
         """Remember what the check of these very bytes read, for a recovery handed that check (`check_reads`)."""
-        self._checks = [(d, r) for d, r in self._checks if d is not data][-3:] + [(data, ranges)]
+        self._checks = [(data, ranges)]  # one image only: with 2 MiB clusters each is tens of MiB
 
     def check_reads(self, data: bytes) -> tuple | None:
         return next((r for d, r in self._checks if d is data), None)
@@ -135,22 +137,22 @@ class ReadMemo:
 
 
 def replay_writes(data: bytes, ops: tuple[tuple[int, bytes | None], ...]) -> bytes:
-    """`data` with a run's writes (offset, bytes) and truncations (size, None) applied in order, as its file had them."""
+    """`data` with a run's writes (offset, bytes) and truncations (size, None) applied in order, as its file had them.
+
+    Laid over `data` as extents and joined in one copy (a 2 MiB-cluster image is tens of MiB)."""
     if not ops:
         return data
-    image = bytearray(data)
+    image = Extents(data)
     for offset, payload in ops:
         if payload is None:
-            if offset < len(image):
-                del image[offset:]
-            else:
-                image.extend(bytes(offset - len(image)))
-            continue
-        end = offset + len(payload)
-        if end > len(image):
-            image.extend(bytes(end - len(image)))
-        image[offset:end] = payload
-    return bytes(image)
+            image.cut(offset)
+            image.grow(offset)
+        elif payload:
+            image.grow(offset + len(payload))
+            image.put(offset, offset + len(payload), payload, 0)
+        else:
+            image.grow(offset)  # (an empty write past the end grows a MemoryFile to its offset)
+    return image.join()
 
 
 __all__ = ["ReadMemo", "merged", "union", "digest_of", "replay_writes"]

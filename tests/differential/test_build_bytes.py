@@ -31,7 +31,7 @@ def test_build_bytes_equals_build(cfg: tuple) -> None:
 def test_many_torn_pieces_fall_back_to_build(monkeypatch: pytest.MonkeyPatch) -> None:
     log = _workload(CONFIGS[4], 5).log
     builder = CrashImageBuilder(log)
-    monkeypatch.setattr(imagesmod._Extents, "MAX", 2)
+    monkeypatch.setattr(imagesmod.Extents, "MAX", 2)
     calls = []
     real = CrashImageBuilder.build
     monkeypatch.setattr(CrashImageBuilder, "build", lambda self, s, out=None: calls.append(s) or real(self, s, out))
