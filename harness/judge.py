@@ -36,7 +36,8 @@ from harness.targets import HeaderInfo, ReadOnlyView, Recovery, RecoveryPath, Ta
 from models.blockio import SECTOR, WriteSite
 from models.refdisk import Mismatch, ReferenceDisk, SectorVerdict
 
-_COLLECT_ABOVE = 4 << 20  # image bytes from which judging a state ends with a garbage collection
+_COLLECT_ABOVE = 4 << 20  # image bytes from which judging a state counts toward a garbage collection
+_COLLECT_EVERY = 24 << 20  # bytes of such images judged between two collections
 _METADATA_SITES = frozenset(WriteSite) - {WriteSite.DATA}
 _GROWTH_SITES = frozenset({WriteSite.REFTABLE_GROW, WriteSite.REFTABLE_SWITCH})
 _DATA_VERDICTS = {Mismatch.FOREIGN: Verdict.FOREIGN_DATA, Mismatch.STALE_OR_LOST: Verdict.DATA_LOST,
@@ -97,9 +98,15 @@ def _collect_after(image: bytes | bytearray) -> None:
     The images opened while judging sit in reference cycles (a table cache calls back into
     its image) that the cyclic collector frees only after enough *objects* were allocated;
     large images are few objects and many bytes, so without this a worker with 2 MiB
-    clusters holds dozens of dead copies.
+    clusters holds dozens of dead copies. A collection (and the heap trim) follows every
+    `_COLLECT_EVERY` bytes of such images: after each one with 2 MiB clusters (20 MiB and
+    more), after every third with 1 MiB clusters.
     """
-    if len(image) >= _COLLECT_ABOVE:
+    if len(image) < _COLLECT_ABOVE:
+        return
+    _HEAP.pending += len(image)
+    if _HEAP.pending >= _COLLECT_EVERY:
+        _HEAP.pending = 0
         _HEAP.freeze_once()
         gc.collect()
         if _MALLOC_TRIM is not None:
@@ -120,6 +127,7 @@ class _HeapFreeze:
     def __init__(self) -> None:
         self.depth = 0
         self.frozen = False
+        self.pending = 0  # bytes of large images judged since the last collection
 
     def freeze_once(self) -> None:
         if self.depth and not self.frozen:
