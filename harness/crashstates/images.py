@@ -46,6 +46,11 @@ def _apply(image: bytearray, op: HostOp, sectors: tuple[int, ...] | None = None,
         image[lo:hi] = data[lo - start : hi - start]
 
 
+# From this image size a builder keeps its durable image as extents over the log's base
+# (harness/targets/python.py's CopyOnWriteFile does the same for a recovery's writes).
+DURABLE_EXTENTS_FROM = 4 << 20
+
+
 class CrashImageBuilder:
     """Builds crash images from a `WriteLog`, caching the durable image at the most recent flush asked for.
 
@@ -59,25 +64,35 @@ class CrashImageBuilder:
         self.log = log
         # The log's base itself until an op must be applied: a recovery's crash states
         # mostly start from it, and a copy is 20 MiB with 2 MiB clusters.
-        self._durable: bytes | bytearray = log.base
+        self._durable: bytes | bytearray | Extents = log.base
         self._applied = 0  # ops[0:_applied] are applied to _durable
 
     def durable_image(self, point: int) -> bytes:
         """The image every crash state at `point` starts from: all ops up to the last flush before it."""
-        return bytes(self._advance(point))
+        durable = self._advance(point)
+        return durable.join() if type(durable) is Extents else bytes(durable)
 
-    def _advance(self, point: int) -> bytes | bytearray:
+    def _advance(self, point: int) -> bytes | bytearray | Extents:
+        """The durable image at `point`: a buffer, or for a large image (`DURABLE_EXTENTS_FROM`) extents
+        over the log's base, so that a builder never holds a whole second copy of a 20 MiB image."""
         self.log.check_point(point)
         target = self.log.last_flush_before(point) + 1
         if self._applied > target:
             self._durable = self.log.base
             self._applied = 0
         if target > self._applied and type(self._durable) is bytes:
-            self._durable = bytearray(self._durable)
+            size = max(len(self._durable), self.log.ops[target - 1].size_after)
+            self._durable = Extents(self._durable) if size >= DURABLE_EXTENTS_FROM else bytearray(self._durable)
+        durable = self._durable
         for op in self.log.ops[self._applied : target]:
-            _apply(self._durable, op)  # type: ignore[arg-type]
+            if type(durable) is Extents:
+                durable.apply(op, None, None)
+                if len(durable.parts) > Extents.MAX // 2:  # (room left for the kept ops of a state)
+                    durable = self._durable = Extents(durable.join())
+            else:
+                _apply(durable, op)  # type: ignore[arg-type]
         self._applied = target
-        return self._durable
+        return durable
 
     def build(self, state: CrashState, out: bytearray | None = None) -> bytearray:
         """The crash image of `state`; pass `out` to reuse a buffer (it is overwritten and returned).
@@ -88,6 +103,8 @@ class CrashImageBuilder:
         if problems:
             raise ValueError(f"crash state {state.id!r} does not fit this log: " + "; ".join(problems))
         durable = self._advance(state.point)
+        if type(durable) is Extents:
+            durable = durable.join()
         if out is None:
             image = bytearray(durable)
         else:
@@ -112,7 +129,8 @@ class CrashImageBuilder:
         problems = state.problems(self.log)
         if problems:
             raise ValueError(f"crash state {state.id!r} does not fit this log: " + "; ".join(problems))
-        extents = Extents(self._advance(state.point))
+        durable = self._advance(state.point)
+        extents = durable.copy() if type(durable) is Extents else Extents(durable)
         tears = dict(state.tears)
         for index in state.kept:
             if not extents.apply(self.log.ops[index], tears.get(index), state.garbage):
@@ -138,6 +156,12 @@ class Extents:
     def __init__(self, base) -> None:
         self.size = len(base)
         self.parts: list[tuple[int, int, object, int]] = [(0, self.size, base, 0)] if self.size else []
+
+    def copy(self) -> "Extents":
+        """Another image over the same source buffers (the parts are immutable tuples)."""
+        other = Extents(b"")
+        other.size, other.parts = self.size, list(self.parts)
+        return other
 
     def apply(self, op: HostOp, sectors: tuple[int, ...] | None, garbage: int | None) -> bool:
         """Lay one op over the image as `_apply` would; False when it would make too many extents."""
@@ -192,6 +216,24 @@ class Extents:
         if b > hi:
             new.append((hi, b, s, o + hi - a))
         parts[i:j] = new
+
+    def read(self, offset: int, length: int) -> bytes:
+        """Bytes [offset, offset + length) clipped to the image (a file's pread): one slice when one extent holds them."""
+        end = min(offset + length, self.size)
+        if offset >= end:
+            return b""
+        parts = self.parts
+        i = bisect.bisect_right(parts, offset, key=lambda p: p[1])
+        a, b, src, off = parts[i]
+        if end <= b:
+            return bytes(end - offset) if src is None else bytes(src[off + offset - a:off + end - a])
+        chunks = []
+        while i < len(parts) and parts[i][0] < end:
+            a, b, src, off = parts[i]
+            lo, hi = max(a, offset), min(b, end)
+            chunks.append(bytes(hi - lo) if src is None else src[off + lo - a:off + hi - a])
+            i += 1
+        return b"".join(chunks)
 
     def join(self) -> bytes:
         """The image's bytes, in one copy. (The views into the builder's own buffer are released at

@@ -15,17 +15,37 @@ from tests.differential.test_check_fast_vs_full import CONFIGS, _workload
 def test_build_bytes_equals_build(cfg: tuple) -> None:
     log = _workload(cfg, sum(cfg) % 613).log
     fast, plain = CrashImageBuilder(log), CrashImageBuilder(log)
-    rng = random.Random(len(log))
     compared = 0
+    for state in _states(log):
+        assert fast.build_bytes(state) == bytes(plain.build(state)), f"state [{state.id}]"
+        compared += 1
+    assert compared > 50
+
+
+@pytest.mark.parametrize("cfg", CONFIGS[1::2], ids=lambda c: f"cs{c[0]}-rc{c[1]}")
+def test_durable_image_as_extents_builds_the_same_images(cfg: tuple, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A large image's builder keeps its durable image as extents over the log's base: same images, same durable images."""
+    log = _workload(cfg, sum(cfg) % 613).log
+    states = _states(log)
+    plain = CrashImageBuilder(log)
+    expected = [(bytes(plain.build(s)), plain.durable_image(s.point)) for s in states]
+    monkeypatch.setattr(imagesmod, "DURABLE_EXTENTS_FROM", 0)
+    monkeypatch.setattr(imagesmod.Extents, "MAX", 24)  # the durable extents are joined again now and then
+    fast = CrashImageBuilder(log)
+    for state, (image, durable) in zip(states, expected):
+        assert fast.build_bytes(state) == image, f"state [{state.id}]"
+        assert bytes(fast.build(state)) == image, f"state [{state.id}]"
+        assert fast.durable_image(state.point) == durable, f"state [{state.id}]"
+    assert type(fast._durable) is imagesmod.Extents
+
+
+def _states(log) -> list[CrashState]:
+    rng = random.Random(len(log))
     # Points in increasing order, then a few earlier ones (the builder replays its log from the base).
     points = sorted(rng.sample(range(len(log) + 1), min(len(log) + 1, 8)))
     points += rng.sample(points, min(3, len(points)))
-    for point in points:
-        for policy in Policy:
-            for state in enumerate_states(log, point, policy, k=3, seed=point, samples=4):
-                assert fast.build_bytes(state) == bytes(plain.build(state)), f"state [{state.id}]"
-                compared += 1
-    assert compared > 50
+    return [state for point in points for policy in Policy
+            for state in enumerate_states(log, point, policy, k=3, seed=point, samples=4)]
 
 
 def test_many_torn_pieces_fall_back_to_build(monkeypatch: pytest.MonkeyPatch) -> None:
