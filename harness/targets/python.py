@@ -15,7 +15,8 @@ from harness.targets.readmemo import ReadMemo, merged, replay_writes, union
 from harness.snapshots import benign_copied, shared_data_events
 from harness.targets import (CheckSummary, HeaderInfo, OpenOptions, ReadOnlyView, Recovery, RecoveryPath,
                              SnapshotReader, SnapshotRefused, Target)
-from models.blockio import INT64_MAX, SECTOR, BlockFile, CacheMode, MemoryFile, WriteSite, _check_range, _io_error, read_exact
+from models.blockio import (INT64_MAX, SECTOR, BlockFile, CacheMode, MemoryFile, WriteSite, _check_range, _io_error,
+                            read_exact, split_sectors)
 from models.qcow2 import check as checkmod
 from models.qcow2 import inject, snapshot, spec
 from models.qcow2.entries import ClusterType
@@ -521,7 +522,7 @@ def read_sectors(img: Qcow2Image, sectors: list[int], raw: bytes | None = None) 
         else:
             img._check_request(offset, length, "read")
             data = _read_run(img, raw, offset, length)
-        out.update(zip(sectors[i:j], [data[o:o + SECTOR] for o in range(0, length, SECTOR)]))
+        out.update(zip(sectors[i:j], split_sectors(data)))
     return out
 
 

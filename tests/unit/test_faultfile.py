@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -210,3 +212,14 @@ def test_write_log_can_be_built_by_hand():
     op = log.append(HostOpKind.WRITE, 1, b"ZZ", WriteSite.DATA, 3)
     log.append(HostOpKind.FLUSH, 0, b"", WriteSite.OTHER, 3)
     assert op.index == 0 and log.last_flush_before(2) == 1 and log.unsynced(1) == [op]
+
+
+@pytest.mark.parametrize("sectors", [0, 1, 7, 64, 65, 128, 200, 4096])
+def test_split_sectors_slices_like_a_comprehension(sectors: int) -> None:
+    from models.blockio import split_sectors
+
+    data = random.Random(sectors).randbytes(sectors * SECTOR)
+    assert split_sectors(data) == [data[o:o + SECTOR] for o in range(0, len(data), SECTOR)]
+    assert split_sectors(bytearray(data)) == split_sectors(data)
+    with pytest.raises(ValueError, match="whole number"):
+        split_sectors(data + b"x")
