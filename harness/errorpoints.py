@@ -10,6 +10,7 @@ from typing import Callable
 from harness import errorsweep
 from harness.config import Config
 from harness.faultfile import ErrorPoint
+from harness.heap import collect_after
 from harness.ops import Crash, Discard, Flush, Op, Write, WriteZeroes
 from harness.oracle import RULES, Finding, Verdict
 
@@ -103,6 +104,7 @@ def sweep(config: Config, ops: list[Op], seed: int, max_runs: int = MAX_RUNS) ->
             found = errorsweep.run_point(w, point, variant, base)
         if found is not None:
             return SweepResult(to_finding(found, ops, index), ErrorCase(point, variant), judged)
+        collect_after(base)  # each point's images sit in reference cycles: 2 MiB clusters held 5 dead copies
     return SweepResult(None, None, judged)
 
 

@@ -18,15 +18,14 @@ created (the phase says which verdict a failure of that phase is).
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import gc
 import random
 import traceback
 
 from harness import snapshots
 from harness.crashstates import CrashImageBuilder, CrashState, Policy, enumerate_states
 from harness.faultfile import HostOpKind, WriteLog
+from harness.heap import collect_after
 from harness.imagememo import Facts, Memo
 from harness.oracle import RULES, Finding, Verdict
 from harness.points import Budget, recovery_path
@@ -36,8 +35,6 @@ from harness.targets import HeaderInfo, ReadOnlyView, Recovery, RecoveryPath, Ta
 from models.blockio import SECTOR, WriteSite
 from models.refdisk import Mismatch, ReferenceDisk, SectorVerdict
 
-_COLLECT_ABOVE = 4 << 20  # image bytes from which judging a state counts toward a garbage collection
-_COLLECT_EVERY = 24 << 20  # bytes of such images judged between two collections
 _METADATA_SITES = frozenset(WriteSite) - {WriteSite.DATA}
 _GROWTH_SITES = frozenset({WriteSite.REFTABLE_GROW, WriteSite.REFTABLE_SWITCH})
 _DATA_VERDICTS = {Mismatch.FOREIGN: Verdict.FOREIGN_DATA, Mismatch.STALE_OR_LOST: Verdict.DATA_LOST,
@@ -92,83 +89,6 @@ def _recovery_crash(sub: CrashState, path: RecoveryPath) -> _Phase:
     return _Phase("recovery-crash", v, v, v, f" (recovery crashed at [{sub.id}]{how})")
 
 
-def _collect_after(image: bytes | bytearray) -> None:
-    """Collect garbage after judging a large image.
-
-    The images opened while judging sit in reference cycles (a table cache calls back into
-    its image) that the cyclic collector frees only after enough *objects* were allocated;
-    large images are few objects and many bytes, so without this a worker with 2 MiB
-    clusters holds dozens of dead copies. A collection (and the heap trim) follows every
-    `_COLLECT_EVERY` bytes of such images: after each one with 2 MiB clusters (20 MiB and
-    more), after every third with 1 MiB clusters.
-    """
-    if len(image) < _COLLECT_ABOVE:
-        return
-    _HEAP.pending += len(image)
-    if _HEAP.pending >= _COLLECT_EVERY:
-        _HEAP.pending = 0
-        _HEAP.freeze_once()
-        gc.collect()
-        if _MALLOC_TRIM is not None:
-            _MALLOC_TRIM(0)
-
-
-class _HeapFreeze:
-    """Keeps what lived before an example's first large collection out of its later ones.
-
-    A full collection walks every tracked object in the worker: after a few hundred
-    examples the memos and caches hold some 400,000, and each collection after a large
-    image then cost 0.1 s instead of 6 ms (a 512 KiB-cluster example: 5.4 s instead of
-    1.3 s). Inside `frozen_heap()`, the first collection freezes the survivors (gc.freeze)
-    and the context's end thaws them; cyclic garbage among them waits for the thaw.
-    Outside the context every collection is a plain full one.
-    """
-
-    def __init__(self) -> None:
-        self.depth = 0
-        self.frozen = False
-        self.pending = 0  # bytes of large images judged since the last collection
-
-    def freeze_once(self) -> None:
-        if self.depth and not self.frozen:
-            gc.collect()
-            gc.freeze()
-            self.frozen = True
-
-    @contextlib.contextmanager
-    def scope(self):
-        self.depth += 1
-        try:
-            yield
-        finally:
-            self.depth -= 1
-            if not self.depth and self.frozen:
-                gc.unfreeze()
-                self.frozen = False
-
-
-_HEAP = _HeapFreeze()
-frozen_heap = _HEAP.scope
-
-
-def _load_malloc_trim():
-    """glibc's malloc_trim, which gives freed heap memory back to the system; None elsewhere.
-
-    glibc serves a freed 20 MiB image's successors from its heap once its mmap threshold
-    has risen, and the heap's free space then stays in the worker's RSS.
-    """
-    try:
-        import ctypes
-        import ctypes.util
-
-        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
-    except (OSError, AttributeError):
-        return None
-
-
-_MALLOC_TRIM = _load_malloc_trim()
-
-
 class Judge:
     """Judges crash images of one run; counts what it saw in `stats` and draws from the run's rng."""
 
@@ -199,7 +119,7 @@ class Judge:
         except Exception as exc:  # noqa: BLE001 - any crash of the implementation is a finding
             return Judged(where.finding(Verdict.UNEXPECTED_EXCEPTION, exc_text(exc), "raw"))
         finally:
-            _collect_after(image)
+            collect_after(image)
 
     def _count_sites(self, state: CrashState, log: WriteLog) -> None:
         ops = log.ops
@@ -318,7 +238,7 @@ class Judge:
                 bad = self._judge_recovery(where, rec, recovered, pre, wanted, _recovery_crash(sub, path))
                 if bad:
                     return bad
-                _collect_after(image)
+                collect_after(image)
         return None
 
 

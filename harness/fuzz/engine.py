@@ -18,7 +18,7 @@ from harness import profiles
 from harness.config import Config
 from harness.generate import generate
 from harness.ops import SNAPSHOT_OPS, Op
-from harness.judge import frozen_heap
+from harness.heap import frozen_heap
 from harness.oracle import Finding
 from harness.runner import Runner, Stats
 from harness.shrink import crash_atoms, guest_op_count, shrink
@@ -106,7 +106,8 @@ def run_example(args: tuple) -> Outcome:
                                               shrunk_from=len(runner.ops), target=spec.name if spec else "python",
                                               qemu=detail_of(spec) if spec else None)
     elif spec is None or spec.name == "python":
-        _sweep_errors(out, ops, budget, errors, sorted(inject))
+        with frozen_heap():  # (the error sweep's images sit in reference cycles too)
+            _sweep_errors(out, ops, budget, errors, sorted(inject))
     if out.reproducer is not None and do_shrink:
         out.reproducer = shrink_reproducer(out.reproducer, profiles.get(profile).shrink_seconds)
     return out

@@ -98,3 +98,22 @@ def test_fuzz_command_sweeps_error_points_on_request(tmp_path: Path) -> None:
     assert status == 1 and '"error-swallowed": 1' in summary, summary
     assert "error points judged" in (tmp_path / "summary.md").read_text()
     assert main(["fuzz", "--examples", "1", "--error-examples", "2", "--report", str(tmp_path / "bad")]) == 2
+
+
+def test_the_sweep_collects_the_garbage_of_large_images(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each error point's images sit in reference cycles: the sweep collects after large ones (harness/heap.py)."""
+    from harness import heap
+    from harness.config import Config
+    from harness.ops import Flush, Write
+
+    collections: list[int] = []
+    real = heap.gc.collect
+    monkeypatch.setattr(heap.gc, "collect", lambda *a: collections.append(1) or real(*a))
+    config = Config(cluster_size=4096, lazy_refcounts=True, cache_mode="writeback")
+    ops = [Write(0, 8192, 1), Flush(), Write(65536, 512, 3)]
+    errorpoints.sweep(config, ops, seed=1, max_runs=6)
+    assert not collections, "a small image counted toward a collection"
+    monkeypatch.setattr(heap, "_COLLECT_ABOVE", 1)
+    monkeypatch.setattr(heap, "_COLLECT_EVERY", 1)
+    result = errorpoints.sweep(config, ops, seed=1, max_runs=6)
+    assert result.finding is None and len(collections) >= result.judged
