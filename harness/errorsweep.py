@@ -25,6 +25,7 @@ import random
 import time
 
 from harness.faultfile import ErrorKind, ErrorPlan, ErrorPoint, FaultInjectingFile, HostOpKind
+from harness.targets.python import CopyOnWriteFile
 from models.blockio import CacheMode, MemoryFile
 from models.qcow2 import check as checkmod
 from models.qcow2.errors import Qcow2Error
@@ -142,7 +143,7 @@ def run_point(w: Workload, point: ErrorPoint | None, variant: str, base: bytes |
     """One run of the workload with one error point; the first rule broken, or None."""
     base = _base_image(w) if base is None else base
     plan = ErrorPlan((point,) if point else ())
-    f = FaultInjectingFile(MemoryFile(base, name="errorsweep.qcow2"), plan)
+    f = FaultInjectingFile(CopyOnWriteFile(base, name="errorsweep.qcow2"), plan)
     model = _Model()
     writethrough = CacheMode(w.cache_mode).flushes_writes
     where = str(point) if point else "no error"
@@ -196,10 +197,10 @@ def run_point(w: Workload, point: ErrorPoint | None, variant: str, base: bytes |
 
 
 def _judge(raw: bytes, model: _Model, finding) -> ErrorFinding | None:
-    mem = MemoryFile(raw, name="after.qcow2")
+    mem = CopyOnWriteFile(raw, name="after.qcow2")
     dirty = len(raw) > 80 and raw[79] & 1
     if not dirty:
-        result = checkmod.check(MemoryFile(raw, name="after.qcow2"))
+        result = checkmod.check(CopyOnWriteFile(raw, name="after.qcow2"))
         if result.corruptions or result.check_errors:
             return finding("corrupt", f"dirty bit clear but check finds {result.corruptions} corruptions, "
                                       f"{result.check_errors} check errors: {result.messages[:3]}")
@@ -221,7 +222,7 @@ def _judge(raw: bytes, model: _Model, finding) -> ErrorFinding | None:
 def error_points(w: Workload, base: bytes) -> list[ErrorPoint]:
     """Every host operation of a clean run, with each way it can fail."""
     plan = ErrorPlan()
-    f = FaultInjectingFile(MemoryFile(base, name="count.qcow2"), plan)
+    f = FaultInjectingFile(CopyOnWriteFile(base, name="count.qcow2"), plan)
     img = Qcow2Image.open(f, cache_mode=w.cache_mode, lazy_refcounts=w.lazy)
     for op in w.ops:
         _apply(img, op)
@@ -261,20 +262,20 @@ def dirty_image(w: Workload) -> bytes:
 def repair_error_points(dirty: bytes) -> list[ErrorPoint]:
     """Every host operation of a clean repair of `dirty` (each fails with EIO in its run)."""
     plan = ErrorPlan()
-    checkmod.repair(FaultInjectingFile(MemoryFile(dirty, name="count.qcow2"), plan), checkmod.Fix.ALL)
+    checkmod.repair(FaultInjectingFile(CopyOnWriteFile(dirty, name="count.qcow2"), plan), checkmod.Fix.ALL)
     return [ErrorPoint(op, i) for op, n in plan.counts.items() for i in range(n)]
 
 
 def repair_point(w: Workload, dirty: bytes, point: ErrorPoint) -> ErrorFinding | None:
     """Repair `dirty` with `point` failing; the next repair must complete (rule 4)."""
-    f = FaultInjectingFile(MemoryFile(dirty, name="repair.qcow2"), ErrorPlan((point,)))
+    f = FaultInjectingFile(CopyOnWriteFile(dirty, name="repair.qcow2"), ErrorPlan((point,)))
     try:
         checkmod.repair(f, checkmod.Fix.ALL)
     except Qcow2Error:
         pass
-    second = MemoryFile(f.inner.getvalue(), name="repair.qcow2")
+    second = CopyOnWriteFile(f.inner.getvalue(), name="repair.qcow2")
     result = checkmod.repair(second, checkmod.Fix.ALL)
-    again = checkmod.check(MemoryFile(second.getvalue(), name="repair.qcow2"))
+    again = checkmod.check(CopyOnWriteFile(second.getvalue(), name="repair.qcow2"))
     if not result.consistent_after_fix or again.corruptions or again.leaks or again.check_errors:
         return ErrorFinding("repair", str(point), "repair", f"the next repair does not complete: "
                             f"{again.corruptions} corruptions, {again.leaks} leaks", w, len(w.ops))

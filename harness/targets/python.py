@@ -44,7 +44,8 @@ class CopyOnWriteFile(MemoryFile):
 
     def __init__(self, data: bytes, name: str = "<memory>") -> None:
         super().__init__(b"", name)
-        self.buf = data  # type: ignore[assignment]  # bytes until the first change
+        # bytes until the first change (a caller's bytearray is copied: it must not change under us)
+        self.buf = data if type(data) is bytes else bytes(data)  # type: ignore[assignment]
         self._over: Extents | None = None
 
     def _writable(self) -> None:
