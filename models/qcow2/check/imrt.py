@@ -11,6 +11,7 @@ from typing import MutableSequence
 import numpy
 
 from models.qcow2.geometry import set_refcount
+from models.qcow2.scan import nonzero_bytes
 
 __all__ = ["Imrt", "PackedView", "decode_refblock", "nonzero_refcounts", "nonzero_subbyte", "refblock_view"]
 
@@ -92,7 +93,7 @@ def nonzero_refcounts(block: bytes | bytearray, order: int, limit: int) -> list[
         width = 1 << (order - 3)
         if limit * width < _NUMPY_BYTES:
             return list(itertools.compress(range(limit), decode_refblock(block[:limit * width], order)))
-        found = numpy.flatnonzero(numpy.frombuffer(block, dtype=numpy.uint8, count=min(len(block), limit * width)))
+        found = nonzero_bytes(block, 0, min(len(block), limit * width))
         return (numpy.unique(found // width) if width > 1 else found).tolist()
     return nonzero_subbyte(block, order, 0, limit)
 
@@ -110,8 +111,7 @@ def nonzero_subbyte(block: bytes | bytearray, order: int, start: int, limit: int
         return list(itertools.compress(range(start, limit), view[start - base:limit - base]))
     width, mask = 1 << order, (1 << (1 << order)) - 1
     out: list[int] = []
-    found = numpy.flatnonzero(numpy.frombuffer(block, dtype=numpy.uint8, count=end_byte - first_byte, offset=first_byte))
-    for pos in (found + first_byte).tolist():
+    for pos in nonzero_bytes(block, first_byte, end_byte).tolist():
         byte, at = block[pos], pos * per_byte
         out.extend(at + k for k in range(per_byte) if (byte >> (k * width)) & mask and start <= at + k < limit)
     return out
