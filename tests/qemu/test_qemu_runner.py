@@ -20,7 +20,6 @@ from tests.conftest import requires_qemu
 pytestmark = [pytest.mark.qemu, requires_qemu]
 
 WRITETHROUGH = Config(cluster_size=4096, lazy_refcounts=True, cache_mode="writethrough", virtual_size=1 << 20)
-NO_FLUSH = TargetSpec("qemu", qemu_opts="cache.no-flush=on").resolved()
 # Only the durable image: with every flush dropped it is the image before the run, and a
 # completed writethrough write must be in it.
 DURABLE = Budget(policies=("drop-unsynced",), recovery_every=0)
@@ -35,12 +34,18 @@ def _run(spec: TargetSpec, config: Config, ops, budget: Budget):
         runner.target.release()
 
 
+def _no_flush() -> TargetSpec:
+    # Resolved in the test, not at import: without qemu-utils the module must skip, not fail to collect.
+    return TargetSpec("qemu", qemu_opts="cache.no-flush=on").resolved()
+
+
 def test_no_flush_qemu_is_lost_data_and_shrinks(tmp_path) -> None:
-    findings, runner = _run(NO_FLUSH, WRITETHROUGH, OPS, DURABLE)
+    no_flush = _no_flush()
+    findings, runner = _run(no_flush, WRITETHROUGH, OPS, DURABLE)
     assert findings and findings[0].verdict is Verdict.DATA_LOST, findings
-    ops, budget, finding = shrink(WRITETHROUGH, list(runner.ops), 3, DURABLE, findings[0], seconds=30, target=NO_FLUSH)
+    ops, budget, finding = shrink(WRITETHROUGH, list(runner.ops), 3, DURABLE, findings[0], seconds=30, target=no_flush)
     assert finding.verdict is Verdict.DATA_LOST and guest_op_count(ops) <= 2 < guest_op_count(OPS), ops
-    rep = corpus.Reproducer(WRITETHROUGH, ops, 3, budget, finding, target="qemu", qemu=detail_of(NO_FLUSH))
+    rep = corpus.Reproducer(WRITETHROUGH, ops, 3, budget, finding, target="qemu", qemu=detail_of(no_flush))
     path = corpus.record(tmp_path, rep)
     assert corpus.load(path).qemu.qemu_opts == "cache.no-flush=on"
 
@@ -50,7 +55,7 @@ def test_no_flush_qemu_is_lost_data_and_shrinks(tmp_path) -> None:
     status, detail, _sig = replay_file(str(path))
     assert status == "failing" and "data-lost" in detail, detail
     # ... and from the shell script, with QEMU alone: the sector reads as the durable image holds it.
-    script = artifacts_beside(path, rep, NO_FLUSH)
+    script = artifacts_beside(path, rep, no_flush)
     assert script is not None and script.with_suffix(".qcow2").exists()
     out = subprocess.run(["sh", str(script)], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
