@@ -74,19 +74,26 @@ class Memo:
         self.reads = ReadMemo() if enabled and _reuses_reads(target) else None
         self._reuse = {"reuse": self.reads} if self.reads is not None else {}
 
-    def facts(self, data: bytes | bytearray, key: bytes | None = None) -> Facts:
-        """The facts of `data` (`key`, its digest, when the caller has it already).
+    def has(self, key: bytes) -> bool:
+        """Whether the memo holds the facts of the image with digest `key` (then `facts(None, key)` gives them)."""
+        return self.enabled and key in self._entries
+
+    def facts(self, data: bytes | bytearray | None, key: bytes | None = None) -> Facts:
+        """The facts of `data` (`key`, its digest, when the caller has it already; `data` may be None when `has(key)`).
 
         A bytearray is copied to bytes only when the image is new to the memo (with 2 MiB
         clusters an image is tens of MiB, and most crash images repeat).
         """
         if not self.enabled:
+            assert data is not None
             return Facts(bytes(data), b"")
         key = key or digest(data)
         found = self._entries.get(key)
         if found is not None:
             self._entries.move_to_end(key)
             return found
+        if data is None:
+            raise ValueError(f"imagememo: no facts held for digest {key.hex()} and no image bytes given")
         facts = Facts(bytes(data), key)
         self._entries[key] = facts
         self._bytes += facts.cost

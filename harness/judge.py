@@ -233,12 +233,14 @@ class Judge:
         picks = self.rng.sample(points, min(len(points), self.budget.recovery_points))
         for point in sorted(picks):
             for sub in enumerate_states(log, point, Policy.SUBSETS, k=4, seed=self.seed, samples=2):
-                image = builder.build_bytes(sub)
-                rec, recovered = self._recover(self.memo.facts(image), path, record=False)
+                # An image the memo knows is never joined (image None): its facts are found by digest.
+                image, key = builder.image_and_digest(sub, known=self.memo.has)
+                rec, recovered = self._recover(self.memo.facts(image, key), path, record=False)
                 bad = self._judge_recovery(where, rec, recovered, pre, wanted, _recovery_crash(sub, path))
                 if bad:
                     return bad
-                collect_after(image)
+                if image is not None:
+                    collect_after(image)
         return None
 
 

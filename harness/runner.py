@@ -19,7 +19,6 @@ from typing import Callable
 from harness.config import Config
 from harness.crashstates import CrashState
 from harness.executor import Executor, Span
-from harness.imagememo import digest
 from harness.judge import Judge, Where, exc_text, judge_clean_image, judge_closed_reads, read_view
 from harness import snapshots
 from harness.ops import SNAPSHOT_OPS, Check, Crash, Op, Read, validate_op
@@ -167,9 +166,10 @@ class Runner:
         builder = self.executor.builder
         seen: set[bytes] = set()
         for state in candidates:
-            image = builder.build_bytes(state)
-            key = digest(image)
-            if key in seen:  # neighbouring states often build the same image
+            # Neighbouring states often build the same image: its digest is hashed over the
+            # extents, and an image seen before is never joined (image None).
+            image, key = builder.image_and_digest(state, known=seen.__contains__)
+            if image is None:
                 continue
             seen.add(key)
             judged = self.judge.judge(self._where(span.op_index, state), image, self.model, log, deep=self._deep(),

@@ -5,6 +5,8 @@ from __future__ import annotations
 import bisect
 import random
 
+import xxhash
+
 from harness.crashstates.state import CrashState
 from harness.faultfile import HostOp, HostOpKind, WriteLog, sector_pieces
 from models.blockio import MemoryFile
@@ -117,14 +119,12 @@ class CrashImageBuilder:
             del image[state.size :]
         return image
 
-    def build_bytes(self, state: CrashState) -> bytes:
-        """The crash image of `state` as immutable bytes (what `build` makes), copied once.
+    def extents(self, state: CrashState) -> "Extents | None":
+        """The crash image of `state` as extents, not yet joined (None when its ops tear into too many pieces).
 
-        `build` copies the durable image into a buffer, grows it (another copy when the
-        crash state's file is larger) and the judge then needed it as bytes (a third): with
-        1 MiB clusters that was a fifth of an example. Here the kept ops are laid over the
-        durable image as extents and the image is joined once (`Extents`); a state whose
-        ops tear into many pieces goes through `build`.
+        What the runner's dedup and the judge's memo need first is the image's digest
+        (`Extents.digest`): a sweep builds the same image for many neighbouring states, and
+        an image seen before is never joined.
         """
         problems = state.problems(self.log)
         if problems:
@@ -134,16 +134,42 @@ class CrashImageBuilder:
         tears = dict(state.tears)
         for index in state.kept:
             if not extents.apply(self.log.ops[index], tears.get(index), state.garbage):
-                return bytes(self.build(state))
+                return None
         if state.size is not None:
             extents.cut(state.size)
-        return extents.join()
+        return extents
+
+    def image_and_digest(self, state: CrashState, known=lambda _key: False) -> tuple[bytes | None, bytes]:
+        """The crash image of `state` and its digest (XXH3-128, as harness.imagememo.digest); the image is None when
+        `known(digest)` says the caller has it already, and then it was never joined."""
+        extents = self.extents(state)
+        if extents is None:
+            image = bytes(self.build(state))
+            key = xxhash.xxh3_128_digest(image)
+            return (None if known(key) else image), key
+        key = extents.digest()
+        return (None if known(key) else extents.join()), key
+
+    def build_bytes(self, state: CrashState) -> bytes:
+        """The crash image of `state` as immutable bytes (what `build` makes), copied once.
+
+        `build` copies the durable image into a buffer, grows it (another copy when the
+        crash state's file is larger) and the judge then needed it as bytes (a third): with
+        1 MiB clusters that was a fifth of an example. Here the kept ops are laid over the
+        durable image as extents and the image is joined once (`Extents`); a state whose
+        ops tear into many pieces goes through `build`.
+        """
+        extents = self.extents(state)
+        return bytes(self.build(state)) if extents is None else extents.join()
 
     def build_file(self, state: CrashState) -> MemoryFile:
         """The crash image as a `MemoryFile` named after the state (without a second copy of the image)."""
         f = MemoryFile(name=f"crash[{state.id}]")
         f.buf = self.build(state)
         return f
+
+
+_ZEROS = memoryview(bytes(1 << 20))  # fed to the digest for zero extents, a MiB at a time
 
 
 class Extents:
@@ -234,6 +260,18 @@ class Extents:
             chunks.append(bytes(hi - lo) if src is None else src[off + lo - a:off + hi - a])
             i += 1
         return b"".join(chunks)
+
+    def digest(self) -> bytes:
+        """XXH3-128 of the image's bytes (what `join` would return), hashed where they lie, without joining them."""
+        h = xxhash.xxh3_128()
+        for a, b, src, off in self.parts:
+            if src is None:
+                for lo in range(a, b, len(_ZEROS)):
+                    h.update(_ZEROS[:min(b - lo, len(_ZEROS))])
+            else:
+                with memoryview(src) as view:
+                    h.update(view[off:off + b - a])
+        return h.digest()
 
     def join(self) -> bytes:
         """The image's bytes, in one copy. (The views into the builder's own buffer are released at

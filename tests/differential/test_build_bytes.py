@@ -8,6 +8,7 @@ import pytest
 
 from harness.crashstates import CrashImageBuilder, CrashState, Policy, enumerate_states
 from harness.crashstates import images as imagesmod
+from harness.imagememo import digest
 from tests.differential.test_check_fast_vs_full import CONFIGS, _workload
 
 
@@ -17,7 +18,12 @@ def test_build_bytes_equals_build(cfg: tuple) -> None:
     fast, plain = CrashImageBuilder(log), CrashImageBuilder(log)
     compared = 0
     for state in _states(log):
-        assert fast.build_bytes(state) == bytes(plain.build(state)), f"state [{state.id}]"
+        image = bytes(plain.build(state))
+        assert fast.build_bytes(state) == image, f"state [{state.id}]"
+        # The digest hashed over the extents is the memo's digest of the joined image; a known one is not joined.
+        got, key = fast.image_and_digest(state)
+        assert got == image and key == digest(image), f"state [{state.id}]"
+        assert fast.image_and_digest(state, known={key}.__contains__) == (None, key)
         compared += 1
     assert compared > 50
 
