@@ -16,19 +16,44 @@ import sys
 
 import numpy
 
-__all__ = ["nonzero_bytes", "nonzero_u64_items"]
+__all__ = ["nonzero_bytes", "nonzero_u64_items", "nonzero_words"]
 
 _NUMPY_FROM = 8192  # bytes of table from which numpy finds the non-zero entries
 _BE_U64 = numpy.dtype(">u8")
 _U64 = numpy.dtype("=u8")
 
 
+_SPARSE_FROM = 8192  # words from which the non-zero ones are found block by block
+_BLOCK = 1024  # words per block of that search
+
+
+def nonzero_words(words: numpy.ndarray) -> numpy.ndarray:
+    """Indices of the non-zero entries of a 1-D array of native u64 words, ascending.
+
+    A 2 MiB L2 table is 262,144 words with a handful set: flatnonzero over all of them
+    took 0.6 ms here, the maximum of each block of 1,024 words 0.09 ms, and then only the
+    blocks holding a non-zero word are searched. A dense array (a quarter of its blocks
+    set or more) is searched whole.
+    """
+    n = len(words)
+    if n < _SPARSE_FROM:
+        return numpy.flatnonzero(words)
+    whole = n // _BLOCK * _BLOCK
+    blocks = numpy.flatnonzero(words[:whole].reshape(-1, _BLOCK).max(axis=1)).tolist()
+    if len(blocks) * 4 > whole // _BLOCK:
+        return numpy.flatnonzero(words)
+    parts = [numpy.flatnonzero(words[b * _BLOCK:(b + 1) * _BLOCK]) + b * _BLOCK for b in blocks]
+    if whole < n:
+        parts.append(numpy.flatnonzero(words[whole:]) + whole)
+    return numpy.concatenate(parts) if parts else numpy.empty(0, dtype=numpy.intp)
+
+
 def nonzero_u64_items(raw: bytes | bytearray) -> list[tuple[int, int]]:
     """(index, entry) for every non-zero big-endian u64 entry of `raw`, ascending (decoded at once: `raw` may change after)."""
     n = len(raw) // 8
     if len(raw) >= _NUMPY_FROM:
+        where = nonzero_words(numpy.frombuffer(raw, dtype=_U64, count=n))  # (zero in either byte order)
         table = numpy.frombuffer(raw, dtype=_BE_U64, count=n)
-        where = numpy.flatnonzero(table)
         return list(zip(where.tolist(), table[where].tolist()))
     entries = _u64s(raw, n)
     return [(i, entries[i]) for i in itertools.compress(range(n), entries)]
@@ -51,7 +76,7 @@ def nonzero_bytes(buf: bytes | bytearray, start: int, end: int) -> numpy.ndarray
     """
     data = numpy.frombuffer(buf, dtype=numpy.uint8, count=end - start, offset=start)
     whole = len(data) // 8 * 8
-    words = numpy.flatnonzero(data[:whole].view(_U64))
+    words = nonzero_words(data[:whole].view(_U64))
     found = []
     if len(words):
         rows, cols = numpy.nonzero(data[:whole].reshape(-1, 8)[words])

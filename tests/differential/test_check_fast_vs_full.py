@@ -215,6 +215,28 @@ def test_nonzero_bytes_found_word_wise_agree_with_a_byte_walk(density: float) ->
         assert nonzero_bytes(buf, start, end).tolist() == [i for i in range(start, end) if buf[i]], (start, end)
 
 
+@pytest.mark.parametrize("words, set_", [(8191, 3), (8192, 0), (8192 + 77, 5), (1 << 18, 4), (1 << 18, 30000)])
+def test_nonzero_words_found_block_by_block_agree_with_flatnonzero(words: int, set_: int) -> None:
+    import numpy
+
+    from models.qcow2.check.imrt import nonzero_entries
+    from models.qcow2.scan import nonzero_bytes, nonzero_u64_items, nonzero_words
+
+    rng = random.Random(words + set_)
+    table = numpy.zeros(words, dtype=numpy.uint64)
+    where = sorted(rng.sample(range(words), set_) + ([words - 1] if set_ else []))
+    table[where] = [rng.randrange(1, 1 << 64) for _ in where]
+    assert nonzero_words(table).tolist() == sorted(set(where))
+    raw = table.byteswap().tobytes()  # as a big-endian table on disk
+    assert nonzero_u64_items(raw) == [(i, int(table[i])) for i in sorted(set(where))]
+    import array
+
+    assert nonzero_entries(array.array("Q", table.tobytes()), 5) == [i for i in sorted(set(where)) if i >= 5]
+    byte_walk = numpy.flatnonzero(numpy.frombuffer(raw, dtype=numpy.uint8)).tolist()  # the byte-wise scan it replaced
+    assert nonzero_bytes(raw, 0, len(raw)).tolist() == byte_walk
+    assert nonzero_bytes(raw, 3, len(raw) - 3).tolist() == [i for i in byte_walk if 3 <= i < len(raw) - 3]
+
+
 def _repaired(image: bytes, fix: fast.Fix, recorded: bool) -> tuple:
     """A repair on a recording file or a plain in-memory one; with the recording file, how many cluster-sized or longer zero writes it made."""
     inner = MemoryFile(image, name="diff.qcow2")

@@ -11,7 +11,7 @@ from typing import MutableSequence
 import numpy
 
 from models.qcow2.geometry import set_refcount
-from models.qcow2.scan import nonzero_bytes
+from models.qcow2.scan import nonzero_bytes, nonzero_words
 
 __all__ = ["Imrt", "PackedView", "decode_refblock", "nonzero_refcounts", "nonzero_subbyte", "refblock_view"]
 
@@ -128,7 +128,7 @@ def nonzero_entries(table: array.array, start: int = 0) -> list[int]:
     if len(table) - start < _NUMPY_ENTRIES:
         return list(itertools.compress(range(start, len(table)), table[start:]))
     view = numpy.frombuffer(table, dtype=numpy.uint64)[start:]
-    return (numpy.flatnonzero(view) + start).tolist()
+    return (nonzero_words(view) + start).tolist()
 
 
 _ARRAY_CODE = {4: "H", 5: "I", 6: "Q"}
