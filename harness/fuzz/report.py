@@ -108,12 +108,14 @@ def _finding_entry(sig: str, count: int, path: Path | None, report_dir: Path | N
 
 
 def relative(path: Path, base: Path | None) -> str:
-    """A file inside the report as a path relative to it (the report can be moved, merged or downloaded)."""
+    """A file inside the report as a path relative to it (the report can be moved, merged or downloaded);
+    a file outside it (a --known reproducer) as an absolute path, which reads the same from anywhere
+    (relative to the directory the user ran in, it pointed nowhere from the report's)."""
     if base is not None:
         try:
             return str(path.resolve().relative_to(base.resolve()))
         except ValueError:
-            pass
+            return str(path.resolve())
     return str(path)
 
 

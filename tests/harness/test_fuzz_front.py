@@ -462,12 +462,16 @@ def test_workflow_fuzz_replay_shrink_known_merge(tmp_path: Path) -> None:
     known = tmp_path / "known"
     known.mkdir()
     shutil.copy(smaller, known / "a.json")
-    _again = qcrash("fuzz", "--inject", BUG, "--examples", "8", "--seed", "2", "--shard", "0/2", "--config", BUGCFG,
-                   "--known", str(known), "--report", str(tmp_path / "again"))
+    # --known as a user types it, relative to where they stand: the report must still point at the file.
+    again = qcrash("fuzz", "--inject", BUG, "--examples", "8", "--seed", "2", "--shard", "0/2", "--config", BUGCFG,
+                   "--known", "known", "--report", "again", cwd=tmp_path)
     s = json.loads((tmp_path / "again" / "summary.json").read_text())
     assert sig not in {f["signature"] for f in s["findings"] if f["status"] == "new"}
     if sig in {f["signature"] for f in findings(shards[0])}:
         assert s["known_failures_seen"].get(sig), s["known_failures_seen"]
+        entry = next(f for f in s["findings"] if f["signature"] == sig)
+        assert entry["status"] == "known" and (tmp_path / "again" / entry["file"]).resolve() == (known / "a.json").resolve()
+        assert str((known / "a.json").resolve()) in again.stdout, again.stdout
     merged = tmp_path / "merged"
     proc = qcrash("report", "merge", *map(str, shards), "--out", str(merged))
     assert proc.returncode == 0, proc.stderr
