@@ -145,7 +145,7 @@ class CrashImageBuilder:
         extents = self.extents(state)
         if extents is None:
             image = bytes(self.build(state))
-            key = xxhash.xxh3_128_digest(image)
+            key = Extents(image).digest()  # (one place computes the digest)
             return (None if known(key) else image), key
         key = extents.digest()
         return (None if known(key) else extents.join()), key

@@ -68,10 +68,8 @@ class CopyOnWriteFile(MemoryFile):
         return bytes(self.buf[offset:offset + length])
 
     def pread(self, offset: int, length: int) -> bytes:
-        if self._over is None:
-            return super().pread(offset, length)
         _check_range(self.name, offset, length)
-        return self._over.read(offset, length)
+        return self._slice(offset, length)
 
     def pwrite(self, offset: int, data: bytes, site: WriteSite = WriteSite.OTHER) -> None:
         over = self._overlay()

@@ -11,9 +11,7 @@ once and owns the state they share.
 
 from __future__ import annotations
 
-import array
 import struct
-import sys
 from typing import Callable
 
 from models.blockio import BlockFile, CacheMode, WriteSite, read_exact
@@ -26,6 +24,7 @@ from models.qcow2.header import ParsedHeader, read_header
 from models.qcow2.hostio import HostIO
 from models.qcow2.overlap import OverlapGuard
 from models.qcow2.refcount import Refcounts
+from models.qcow2.scan import u64_array
 from models.qcow2.structs import Header
 
 
@@ -110,7 +109,8 @@ class Qcow2Image:
         self.l1 = _unpack_u64s(read_exact(self.file, hdr.l1_table_offset, hdr.l1_size * 8)) if hdr.l1_size else []
         self.reftable_offset = hdr.refcount_table_offset
         n = hdr.refcount_table_clusters * self.geo.cluster_size // 8
-        self.reftable = _u64_array(read_exact(self.file, self.reftable_offset, n * 8)) if n else []
+        # An array, not a list: 131,072 entries with 1 MiB clusters, read at every open of every crash image.
+        self.reftable = u64_array(read_exact(self.file, self.reftable_offset, n * 8)) if n else []
 
     # ---- dirty bit (dirty.py) ------------------------------------------------------------------
     def _need_accurate_refcounts(self) -> bool:
@@ -240,16 +240,3 @@ class Qcow2Image:
 def _unpack_u64s(raw: bytes) -> list[int]:
     return list(struct.unpack(f">{len(raw) // 8}Q", raw[: len(raw) // 8 * 8]))
 
-
-def _u64_array(raw: bytes) -> array.array:
-    """Big-endian u64 entries as an array, decoded in C without an int object per entry.
-
-    The refcount table of a 1 MiB-cluster image is 131,072 entries, read at every open of
-    every crash image (a list of them was 7% of such an example); most are zero and most
-    opens look at a few."""
-    out = array.array("Q")
-    assert out.itemsize == 8, "array code 'Q' is not 64 bits wide here"
-    out.frombytes(raw[: len(raw) // 8 * 8])
-    if sys.byteorder == "little":
-        out.byteswap()
-    return out

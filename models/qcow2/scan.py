@@ -16,7 +16,7 @@ import sys
 
 import numpy
 
-__all__ = ["nonzero_bytes", "nonzero_u64_items", "nonzero_words"]
+__all__ = ["nonzero_bytes", "nonzero_u64_items", "nonzero_words", "u64_array"]
 
 _NUMPY_FROM = 8192  # bytes of table from which numpy finds the non-zero entries
 _BE_U64 = numpy.dtype(">u8")
@@ -55,13 +55,16 @@ def nonzero_u64_items(raw: bytes | bytearray) -> list[tuple[int, int]]:
         where = nonzero_words(numpy.frombuffer(raw, dtype=_U64, count=n))  # (zero in either byte order)
         table = numpy.frombuffer(raw, dtype=_BE_U64, count=n)
         return list(zip(where.tolist(), table[where].tolist()))
-    entries = _u64s(raw, n)
+    entries = u64_array(raw)
     return [(i, entries[i]) for i in itertools.compress(range(n), entries)]
 
 
-def _u64s(raw: bytes | bytearray, n: int) -> array.array:
+def u64_array(raw: bytes | bytearray) -> array.array:
+    """The whole big-endian u64 entries of `raw` as an array, decoded in C (no int object per entry
+    until one is read; a copy: `raw` may change after)."""
     out = array.array("Q")
-    out.frombytes(bytes(raw[: n * 8]))
+    assert out.itemsize == 8, "array code 'Q' is not 64 bits wide here"
+    out.frombytes(bytes(raw[: len(raw) // 8 * 8]))
     if sys.byteorder == "little":
         out.byteswap()
     return out

@@ -14,12 +14,11 @@ from typing import Iterator
 from models.blockio import BlockFile, WriteSite, read_exact
 from models.qcow2 import spec
 from models.qcow2.check.imrt import nonzero_entries, nonzero_refcounts, nonzero_subbyte
-from models.qcow2.check.refcounts import _u64s
 from models.qcow2.check.result import Finding, Kind
 from models.qcow2.check.state import l1_bytes_in_file
 from models.qcow2.geometry import set_refcount
 from models.qcow2.header import ParsedHeader, read_header
-from models.qcow2.scan import nonzero_u64_items
+from models.qcow2.scan import nonzero_u64_items, u64_array
 
 __all__ = ["extend_to_references", "refcounts_past_eof", "drop_refcounts_past_eof"]
 
@@ -38,7 +37,7 @@ def extend_to_references(file: BlockFile, parsed: ParsedHeader, findings: list[F
     try:
         size = file.size()
         end = 0
-        l1 = _u64s(file.pread(hdr.l1_table_offset, l1_bytes_in_file(size, hdr.l1_table_offset, hdr.l1_size)))
+        l1 = u64_array(file.pread(hdr.l1_table_offset, l1_bytes_in_file(size, hdr.l1_table_offset, hdr.l1_size)))
         for l1_entry in itertools.compress(l1, l1):  # the zero entries (and those past EOF) skipped in C
             l2_off = l1_entry & spec.L1E_OFFSET_MASK
             if not l2_off or not geo.is_aligned(l2_off):
@@ -120,7 +119,7 @@ def _past_eof_blocks(file: BlockFile, parsed: ParsedHeader | None) -> Iterator[t
     size = file.size()
     eof_cluster = geo.size_to_clusters(size)
     n = hdr.refcount_table_clusters * cs // 8
-    table = _u64s(read_exact(file, hdr.refcount_table_offset, n * 8))
+    table = u64_array(read_exact(file, hdr.refcount_table_offset, n * 8))
     rbe = geo.refblock_entries
     start = geo.reftable_index(eof_cluster)
     # Only the non-zero entries, found in C (a 2 MiB-cluster reftable holds 262,144 entries).

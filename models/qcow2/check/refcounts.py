@@ -14,7 +14,6 @@ import bisect
 import errno
 import itertools
 import os
-import sys
 
 from models.blockio import WriteSite, read_exact
 from models.qcow2 import inject, spec
@@ -42,15 +41,6 @@ _COMPRESSED = spec.QCOW_OFLAG_COMPRESSED
 _ZERO = spec.QCOW_OFLAG_ZERO
 _L1E_OFFSET_MASK = spec.L1E_OFFSET_MASK
 _L2E_OFFSET_MASK = spec.L2E_OFFSET_MASK
-
-
-def _u64s(raw: bytes | bytearray) -> array.array:
-    """A table of big-endian u64 entries as an array of ints, decoded in C."""
-    out = array.array("Q")
-    out.frombytes(bytes(raw[: len(raw) // 8 * 8]))
-    if sys.byteorder == "little":
-        out.byteswap()
-    return out
 
 
 def _nonzero(entries: array.array):
