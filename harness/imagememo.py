@@ -73,6 +73,7 @@ class Memo:
         # where nothing read them: guest data, mostly.
         self.reads = ReadMemo() if enabled and _reuses_reads(target) else None
         self._reuse = {"reuse": self.reads} if self.reads is not None else {}
+        self._reuse_view = self._reuse if self.reads is not None and _reuses_reads(target, ("read_only",)) else {}
 
     def has(self, key: bytes) -> bool:
         """Whether the memo holds the facts of the image with digest `key` (then `facts(None, key)` gives them)."""
@@ -134,7 +135,7 @@ class Memo:
 
     def read_only(self, facts: Facts, sectors: frozenset[int], *, allocated: bool = True) -> ReadOnlyView:
         return self._get(facts, ("read_only", sectors, allocated),
-                         lambda: self.target.read_only(facts.data, sectors, allocated=allocated),
+                         lambda: self.target.read_only(facts.data, sectors, allocated=allocated, **self._reuse_view),
                          lambda view: 600 * len(view.sectors))
 
     def snapshots(self, facts: Facts) -> SnapshotReader:
@@ -191,13 +192,13 @@ class Memo:
         return rec, recovered
 
 
-def _reuses_reads(target: Target) -> bool:
-    """Whether the target's check and recover_checked take a ReadMemo (a subclass that overrides either does not)."""
+def _reuses_reads(target: Target, names: tuple[str, ...] = ("check", "recover", "recover_checked")) -> bool:
+    """Whether the target's `names` (check and recover_checked) take a ReadMemo (a subclass that overrides one does not)."""
     if not getattr(target, "reuses_reads", False):
         return False
     mro = type(target).__mro__
     owner = next(k for k in mro if "reuses_reads" in vars(k))
-    return all(next(k for k in mro if name in vars(k)) is owner for name in ("check", "recover", "recover_checked"))
+    return all(next(k for k in mro if name in vars(k)) is owner for name in names)
 
 
 def _checked_recovery(target: Target):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import array
+import dataclasses
 import errno
 import operator
 import sys
@@ -133,6 +134,12 @@ class RecordingFile(CopyOnWriteFile):
         self.reads: list[tuple[int, int]] = []
         self.ops: list[tuple[int, bytes | None]] = []
         self.recording = True
+        self.sized = False  # whether the run asked the file's size (then its results depend on it)
+
+    def size(self) -> int:
+        if self.recording:
+            self.sized = True
+        return super().size()
 
     def pread(self, offset: int, length: int) -> bytes:
         if self.recording:
@@ -158,6 +165,10 @@ class ReadOnlyFile(CopyOnWriteFile):
 
     def truncate(self, size: int) -> None:
         raise ReadOnlyWrite(f"read-only open truncated the image to {size}")
+
+
+class RecordingReadOnlyFile(RecordingFile, ReadOnlyFile):
+    """A ReadOnlyFile that notes the range of every read: what a read-only open's ReadPlan is keyed by."""
 
 
 class ReadOnlyWrite(Exception):
@@ -318,23 +329,26 @@ class PythonTarget(Target):
         return result  # type: ignore[return-value]
 
     def read_only(self, raw: bytes, sectors: Iterable[int], *, allocated: bool = True,
-                  name: str = IMAGE_NAME) -> ReadOnlyView:
-        try:
-            raw = bytes(raw)
-            img = Qcow2Image.open(ReadOnlyFile(raw, name=name), readonly=True)
-            try:
-                wanted = set(sectors)
-                clusters: tuple[int, ...] = ()
-                if allocated:
-                    clusters = tuple(img.allocated_guest_clusters())
-                    wanted |= allocated_sectors(clusters, img.geo.cluster_size, img.size)
-                return ReadOnlyView(read_sectors(img, sorted(wanted), raw), clusters)
-            finally:
-                img.release()
-        except ReadOnlyWrite as exc:
-            return ReadOnlyView(changed=str(exc))
-        except Qcow2Error as exc:
-            return ReadOnlyView(error=str(exc))
+                  name: str = IMAGE_NAME, reuse: ReadMemo | None = None) -> ReadOnlyView:
+        """The read-only open's view; with `reuse`, replayed from the read plan of an earlier image that agrees
+        with this one wherever the open read its file (readmemo: a plan's guest data is re-sliced from `raw`)."""
+        raw = bytes(raw)
+        if reuse is None:
+            return _read_only(ReadOnlyFile(raw, name=name), raw, sectors, allocated, None)
+        wanted = sectors if isinstance(sectors, frozenset) else frozenset(sectors)
+        # Keyed by the file's size only when the open asked for it: an open that did not
+        # depends on the bytes it read alone, and crash images of one sweep differ in size.
+        keys = [reuse.call_key("read_only", size, wanted, allocated, name) for size in (None, len(raw))]
+        for key in keys:
+            found = reuse.lookup(key, raw)
+            if found is not None:
+                return found[0].replay(raw)  # type: ignore[attr-defined]
+        file = RecordingReadOnlyFile(raw, name=name)
+        plan = ReadPlan()
+        view = _read_only(file, raw, wanted, allocated, plan)
+        plan.finish(view)
+        reuse.store(keys[file.sized], merged(file.reads), raw, plan, plan.weight)
+        return view
 
     def recover(self, raw: bytes, path: RecoveryPath, options: OpenOptions, *, record: bool = True,
                 name: str = IMAGE_NAME) -> Recovery:
@@ -503,7 +517,88 @@ def allocated_sectors(clusters: Iterable[int], cluster_size: int, size: int) -> 
     return out
 
 
-def read_sectors(img: Qcow2Image, sectors: list[int], raw: bytes | None = None) -> dict[int, bytes]:
+def _read_only(file: ReadOnlyFile, raw: bytes, sectors: Iterable[int], allocated: bool,
+               plan: ReadPlan | None) -> ReadOnlyView:
+    try:
+        img = Qcow2Image.open(file, readonly=True)
+        try:
+            wanted = set(sectors)
+            clusters: tuple[int, ...] = ()
+            if allocated:
+                clusters = tuple(img.allocated_guest_clusters())
+                wanted |= allocated_sectors(clusters, img.geo.cluster_size, img.size)
+            return ReadOnlyView(read_sectors(img, sorted(wanted), raw, plan), clusters)
+        finally:
+            img.release()
+    except ReadOnlyWrite as exc:
+        return ReadOnlyView(changed=str(exc))
+    except Qcow2Error as exc:
+        return ReadOnlyView(error=str(exc))
+
+
+class ReadPlan:
+    """Where a read-only open's guest data came from, to be re-read from another image that agrees on its metadata.
+
+    Every piece of a run is either a slice of the image bytes taken straight from `raw`
+    (host offset, length: the data the open read without asking its file) or bytes the
+    open got otherwise (zeros, or a read through its file, which is in the read set and so
+    the same on any image the plan is replayed on). The open's decisions (which entries,
+    which clusters, errors) all came from file reads, so an image that agrees with the
+    recorded one on every read range gets the same plan; only the raw slices differ.
+    """
+
+    __slots__ = ("runs", "_pieces", "view", "weight")
+
+    def __init__(self) -> None:
+        self.runs: list[tuple[int, int, tuple]] = []  # (first sector, sectors, pieces)
+        self._pieces: list[tuple[int, int | bytes]] = []
+        self.view: ReadOnlyView | None = None  # an error or a refused write: replayed as it is
+        self.weight = 0
+
+    def piece(self, host: int, data: int | bytes) -> None:
+        """A piece of the current run: `raw[host:host+data]` (zero-padded past the end), `data` zero bytes (host
+        ZEROS) or the bytes `data` (host CONST)."""
+        self._pieces.append((host, data))
+
+    def end_run(self, first: int, count: int) -> None:
+        self.runs.append((first, count, tuple(self._pieces)))
+        self.weight += 64 + 32 * len(self._pieces) + sum(len(d) for h, d in self._pieces if h == CONST)
+        self._pieces = []
+
+    def finish(self, view: ReadOnlyView) -> None:
+        if view.changed is not None or view.error is not None:
+            self.runs, self.view = [], view
+        else:
+            self.view = dataclasses.replace(view, sectors={})
+
+    def replay(self, raw: bytes) -> ReadOnlyView:
+        assert self.view is not None
+        if not self.runs and (self.view.changed is not None or self.view.error is not None):
+            return self.view
+        out: dict[int, bytes] = {}
+        for first, count, pieces in self.runs:
+            if len(pieces) == 1:
+                data = _piece(raw, *pieces[0])
+            else:
+                data = b"".join([_piece(raw, h, d) for h, d in pieces])
+            out.update(zip(range(first, first + count), split_sectors(data)))
+        return dataclasses.replace(self.view, sectors=out)
+
+
+ZEROS, CONST = -2, -1  # ReadPlan pieces that are not slices of the image: `n` zero bytes, or given bytes
+
+
+def _piece(raw: bytes, host: int, data: int | bytes) -> bytes:
+    if host < 0:
+        return bytes(data) if host == ZEROS else data  # type: ignore[return-value, arg-type]
+    chunk = raw[host:host + data]  # type: ignore[operator]
+    if len(chunk) < data:  # past the end of the file reads zeros (read_exact)
+        chunk += bytes(data - len(chunk))  # type: ignore[operator]
+    return chunk
+
+
+def read_sectors(img: Qcow2Image, sectors: list[int], raw: bytes | None = None,
+                 plan: ReadPlan | None = None) -> dict[int, bytes]:
     """Read sorted sectors, one guest read per contiguous run (at most 4096 sectors), as `img.read` reads them.
 
     With `raw`, the bytes of `img`'s (read-only) file, a run is read from one L2 table
@@ -520,7 +615,9 @@ def read_sectors(img: Qcow2Image, sectors: list[int], raw: bytes | None = None) 
             data = img.read(offset, length)
         else:
             img._check_request(offset, length, "read")
-            data = _read_run(img, raw, offset, length)
+            data = _read_run(img, raw, offset, length, plan)
+            if plan is not None:
+                plan.end_run(sectors[i], j - i)
         out.update(zip(sectors[i:j], split_sectors(data)))
     return out
 
@@ -546,7 +643,7 @@ def _snapshot_sectors(img: Qcow2Image, name: str, sectors: list[int]) -> dict[in
         return read_sectors(img, sectors)
 
 
-def _read_run(img: Qcow2Image, raw: bytes, offset: int, length: int) -> bytes:
+def _read_run(img: Qcow2Image, raw: bytes, offset: int, length: int, plan: ReadPlan | None = None) -> bytes:
     """Guest bytes [offset, offset+length) of a read-only image whose file holds `raw` (see `read_sectors`)."""
     cs = img.geo.cluster_size
     per_l2 = img.geo.l2_entries
@@ -560,18 +657,21 @@ def _read_run(img: Qcow2Image, raw: bytes, offset: int, length: int) -> bytes:
         table = img.l2cache.get(l2_off) if l2_off else None
         if table is None:
             out += bytes(seg_end - pos)
+            if plan is not None:
+                plan.piece(ZEROS, seg_end - pos)
         else:
             first = cluster - l1_index * per_l2
             last = (seg_end - 1) // cs - l1_index * per_l2
             entries = array.array("Q", bytes(table[first * 8:(last + 1) * 8]))
             if sys.byteorder == "little":
                 entries.byteswap()
-            out += _read_segment(img, raw, pos, seg_end, entries)
+            out += _read_segment(img, raw, pos, seg_end, entries, plan)
         pos = seg_end
     return bytes(out)
 
 
-def _read_segment(img: Qcow2Image, raw: bytes, pos: int, end: int, entries: array.array) -> bytes:
+def _read_segment(img: Qcow2Image, raw: bytes, pos: int, end: int, entries: array.array,
+                  plan: ReadPlan | None = None) -> bytes:
     """Guest bytes [pos, end), all mapped by one L2 table whose entries for those clusters are `entries`."""
     cs = img.geo.cluster_size
     # A NORMAL entry: no compressed bit, no zero flag (v3; bit 0 is reserved in v2), an
@@ -579,6 +679,8 @@ def _read_segment(img: Qcow2Image, raw: bytes, pos: int, end: int, entries: arra
     special = spec.QCOW_OFLAG_COMPRESSED | (spec.QCOW_OFLAG_ZERO if img.hdr.version >= 3 else 0)
     offset_mask = spec.L2E_OFFSET_MASK
     if entries.count(0) == len(entries):  # nothing allocated
+        if plan is not None:
+            plan.piece(ZEROS, end - pos)
         return bytes(end - pos)
     e0 = entries[0]
     host0 = e0 & offset_mask
@@ -587,6 +689,8 @@ def _read_segment(img: Qcow2Image, raw: bytes, pos: int, end: int, entries: arra
             and entries == array.array("Q", range(e0, last + 1, cs)):
         # Every entry NORMAL (the same flags as the first) and their clusters contiguous in the file.
         start = host0 + pos % cs
+        if plan is not None:
+            plan.piece(start, end - pos)
         chunk = raw[start:start + end - pos]
         if len(chunk) < end - pos:  # past the end of the file reads zeros (read_exact)
             chunk += bytes(end - pos - len(chunk))
@@ -598,7 +702,11 @@ def _read_segment(img: Qcow2Image, raw: bytes, pos: int, end: int, entries: arra
         host = entry & offset_mask
         if entry == 0:
             out += bytes(n)
+            if plan is not None:
+                plan.piece(ZEROS, n)
         elif not entry & special and host and not host & (cs - 1):
+            if plan is not None:
+                plan.piece(host + in_off, n)
             chunk = raw[host + in_off:host + in_off + n]
             out += chunk
             if len(chunk) < n:  # past the end of the file reads zeros (read_exact)
@@ -606,8 +714,11 @@ def _read_segment(img: Qcow2Image, raw: bytes, pos: int, end: int, entries: arra
         else:
             _entry, ctype, host = img._lookup(pos)
             if ctype is ClusterType.NORMAL or (ctype is ClusterType.ZERO_ALLOC and inject.on("stale-l2-entry-read")):
-                out += read_exact(img.file, host + in_off, n)
+                got = read_exact(img.file, host + in_off, n)  # (a file read: in the read set)
             else:
-                out += bytes(n)
+                got = bytes(n)
+            out += got
+            if plan is not None:
+                plan.piece(CONST, got)
         pos += n
     return bytes(out)

@@ -60,7 +60,12 @@ def union(a: tuple[tuple[int, int], ...], b: tuple[tuple[int, int], ...]) -> tup
 
 
 def digest_of(data: bytes, ranges: tuple[tuple[int, int], ...]) -> bytes:
-    """XXH3-128 of `data` over the (offset, length) `ranges` (past the end they cover what exists: the size is keyed apart)."""
+    """XXH3-128 of `data` over the (offset, length) `ranges`.
+
+    A range past the end of `data` covers what exists. Two images of different sizes
+    hash alike only if every range returned as many bytes on both: a larger image reads
+    at least as much of every range, so one more byte anywhere makes a longer string.
+    """
     h = xxhash.xxh3_128()
     view = memoryview(data)
     for offset, length in ranges:

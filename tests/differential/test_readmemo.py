@@ -96,3 +96,44 @@ def test_reused_results_equal_fresh_ones(cfg: tuple) -> None:
             queue.append(images[-1])
     assert compared >= 6 * len(images) // 2
     assert replayed, "no recovery was replayed: the comparison proved nothing about reuse"
+
+
+def _view(view) -> tuple:
+    return view.sectors, view.allocated, view.changed, view.error
+
+
+@pytest.mark.parametrize("cfg", [c for c in CONFIGS if c[0] <= 1 << 16],
+                         ids=lambda c: f"cs{c[0]}-rc{c[1]}-v{c[2]}-{'lazy' if c[3] else 'eager'}")
+def test_replayed_read_plans_equal_fresh_reads(cfg: tuple) -> None:
+    """A read-only open replayed from a read plan reads exactly what a fresh open reads, whatever the file's size."""
+    target = PythonTarget()
+    reuse = ReadMemo()
+    seed = sum(cfg) % 7919 + 1
+    rng = random.Random(seed)
+    images = _crash_images(cfg, seed, per_config=3)
+    images += [_mutated(image, cfg[0], rng) for image in images]
+    sector_count = cfg[4] // 512
+    touched = frozenset(rng.sample(range(sector_count), 24)) | {sector_count - 1}
+    compared = replayed = 0
+    queue = list(images)
+    while queue:
+        image = queue.pop(0)
+        for allocated in (True, False):
+            hits = reuse.hits
+            got = _outcome(lambda: _view(target.read_only(image, touched, allocated=allocated, reuse=reuse)))
+            want = _outcome(lambda: _view(target.read_only(image, touched, allocated=allocated)))
+            assert got == want, f"{cfg} allocated={allocated}: a replayed read plan differs from a fresh read"
+            compared += 1
+            replayed += reuse.hits > hits
+        if len(images) < 48:
+            # The same metadata with other guest data, a shorter and a longer file, and a change where the open read.
+            read_set = _last_read_set(reuse, "read_only")
+            pos = _outside(read_set, len(image), rng)
+            variants = [] if pos is None else [_flipped(image, pos)]
+            variants += [image[:max(0, len(image) - cfg[0] - 7)], image + bytes(cfg[0] + 3), image[:50]]
+            offset, length = rng.choice([r for r in read_set if r[1]] or [(0, 1)])
+            variants.append(_flipped(image, min(offset + rng.randrange(length), len(image) - 1)))
+            images += variants
+            queue += variants
+    assert compared >= len(images)
+    assert replayed, "no read-only open was replayed: the comparison proved nothing about read plans"
