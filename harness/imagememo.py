@@ -166,12 +166,25 @@ class Memo:
         """
         def compute():
             checked = _checked_recovery(self.target)
+            handed: list[tuple[bytes, bytes]] = []  # (image, its digest) as image_for gave them
+
+            def image_for(key: bytes, join) -> bytes:
+                # A replayed recovery's image known here already is not joined again (readmemo.replay_writes).
+                found = self._entries.get(key)
+                data = found.data if found is not None else join()
+                handed.append((data, key))
+                return data
+
             if checked is not None:
+                extra = {"image_for": image_for} if self._reuse else {}
                 rec, known = checked(facts.data, path, options, record=record,
-                                     raw_check=facts.results.get(("check", False)), **self._reuse)
+                                     raw_check=facts.results.get(("check", False)), **self._reuse, **extra)
             else:
                 rec, known = self.target.recover(facts.data, path, options, record=record), None
-            return rec, digest(rec.image) if rec.image is not None else None, known
+            if rec.image is None:
+                return rec, None, known
+            key = next((k for data, k in handed if data is rec.image), None)
+            return rec, key or digest(rec.image), known
 
         def weigh(value) -> int:
             rec = value[0]

@@ -356,7 +356,7 @@ class PythonTarget(Target):
 
     def recover_checked(self, raw: bytes, path: RecoveryPath, options: OpenOptions, *, record: bool = True,
                         name: str = IMAGE_NAME, raw_check: CheckSummary | None = None,
-                        reuse: ReadMemo | None = None) -> tuple[Recovery, CheckSummary | None]:
+                        reuse: ReadMemo | None = None, image_for=None) -> tuple[Recovery, CheckSummary | None]:
         """`recover`, plus `check(recovered, past_eof=True)` when the recovery already computed it (else None).
 
         The open path checks the image after closing it; when nothing is written after
@@ -364,7 +364,9 @@ class PythonTarget(Target):
         recovered image's check, and the judge's memo need not check the same bytes again.
         `raw_check`, when given, is `check(raw)`: an open and close that wrote nothing leave
         the bytes `raw`, so the open path takes it instead of checking them again.
-        With `reuse`, a recovery that read what an earlier one read is replayed (readmemo).
+        With `reuse`, a recovery that read what an earlier one read is replayed (readmemo);
+        `image_for` is then asked for its image by digest before the image is joined
+        (`readmemo.replay_writes`).
         """
         raw = bytes(raw)
         if reuse is None:
@@ -375,7 +377,7 @@ class PythonTarget(Target):
         key = reuse.call_key("recover", len(raw), path, options, record, name)
         found = reuse.lookup(key, raw)
         if found is not None:
-            return _replayed_recovery(raw, record, found[0])  # type: ignore[arg-type]
+            return _replayed_recovery(raw, record, found[0], image_for)  # type: ignore[arg-type]
         inner = RecordingFile(raw, name=name)
         inner.recording = False  # (the log's copy of the base is not a read of the recovery)
         rec, known = self._recover_checked(inner, path, options, record, raw_check, recording=True)
@@ -415,7 +417,7 @@ def _check(file: CopyOnWriteFile, past_eof: bool) -> CheckSummary:
     return summary(result, tuple(checkmod.refcounts_past_eof(file)) if past_eof else ())
 
 
-def _replayed_recovery(raw: bytes, record: bool, replay: tuple) -> tuple[Recovery, CheckSummary | None]:
+def _replayed_recovery(raw: bytes, record: bool, replay: tuple, image_for=None) -> tuple[Recovery, CheckSummary | None]:
     """A recovery of `raw` rebuilt from an earlier one that read the same bytes (readmemo): same lines, events,
     error and check; its writes applied to `raw`; its host-operation log over `raw`."""
     messages, events, error, ops, log_ops, known = replay
@@ -426,7 +428,7 @@ def _replayed_recovery(raw: bytes, record: bool, replay: tuple) -> tuple[Recover
         log = WriteLog(raw)
         for op in log_ops:
             log.append(op.kind, op.offset, op.data, op.site, op.size_after)
-    return Recovery(replay_writes(raw, ops), log, messages, events), known
+    return Recovery(replay_writes(raw, ops, image_for), log, messages, events), known
 
 
 def _recover_open(file: BlockFile, options: OpenOptions, messages: list, events: list[str],

@@ -141,10 +141,14 @@ class ReadMemo:
         self.bytes = 0
 
 
-def replay_writes(data: bytes, ops: tuple[tuple[int, bytes | None], ...]) -> bytes:
+def replay_writes(data: bytes, ops: tuple[tuple[int, bytes | None], ...], image_for=None) -> bytes:
     """`data` with a run's writes (offset, bytes) and truncations (size, None) applied in order, as its file had them.
 
-    Laid over `data` as extents and joined in one copy (a 2 MiB-cluster image is tens of MiB)."""
+    Laid over `data` as extents and joined in one copy (a 2 MiB-cluster image is tens of MiB).
+    With `image_for(digest, join)`, the caller is asked for the result by its XXH3-128
+    digest (hashed over the extents) first: a caller holding those bytes already hands
+    them back and nothing is joined (most crashes of one recovery recover to an image seen
+    before); otherwise it calls `join`."""
     if not ops:
         return data
     image = Extents(data)
@@ -157,6 +161,8 @@ def replay_writes(data: bytes, ops: tuple[tuple[int, bytes | None], ...]) -> byt
             image.put(offset, offset + len(payload), payload, 0)
         else:
             image.grow(offset)  # (an empty write past the end grows a MemoryFile to its offset)
+    if image_for is not None:
+        return image_for(image.digest(), image.join)
     return image.join()
 
 

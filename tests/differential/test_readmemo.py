@@ -137,3 +137,24 @@ def test_replayed_read_plans_equal_fresh_reads(cfg: tuple) -> None:
             queue += variants
     assert compared >= len(images)
     assert replayed, "no read-only open was replayed: the comparison proved nothing about read plans"
+
+
+def test_replayed_writes_are_asked_for_by_their_digest_before_joining() -> None:
+    """replay_writes hands `image_for` the digest of the bytes it would join; what it returns is the result."""
+    from harness.imagememo import digest
+    from harness.targets.readmemo import replay_writes
+
+    rng = random.Random(5)
+    base = bytes(rng.randrange(256) for _ in range(9000))
+    ops = ((100, b"x" * 700), (8000, b"y" * 3000), (5000, None), (4000, b""), (6000, b"z" * 10))
+    want = replay_writes(base, ops)
+    asked: list[bytes] = []
+
+    def unknown(key: bytes, join) -> bytes:
+        asked.append(key)
+        return join()
+
+    assert replay_writes(base, ops, unknown) == want
+    assert asked == [digest(want)]
+    held = bytes(want)
+    assert replay_writes(base, ops, lambda key, join: held if key == digest(held) else join()) is held
