@@ -101,7 +101,7 @@ class Judge:
         self.stats = stats
         # fast=False is the full path: every judging call goes to the target (the differential test's reference).
         self.memo = Memo(target, enabled=fast)
-        self._compared: list[tuple[dict, dict, int | None]] = []  # the last few (post, pre, first difference)
+        self._compared: list[tuple[dict, dict, int | None]] = []  # the last few (post, pre, first difference) of a state
 
     def judge(self, where: Where, image: bytes | bytearray, model: ReferenceDisk, log: WriteLog, *, deep: bool,
               key: bytes | None = None) -> Judged:
@@ -120,6 +120,7 @@ class Judge:
         except Exception as exc:  # noqa: BLE001 - any crash of the implementation is a finding
             return Judged(where.finding(Verdict.UNEXPECTED_EXCEPTION, exc_text(exc), "raw"))
         finally:
+            self._compared = []  # (they pin views the memo may have dropped: only while one state is judged)
             collect_after(image)
 
     def _count_sites(self, state: CrashState, log: WriteLog) -> None:

@@ -717,10 +717,12 @@ def _read_segment(img: Qcow2Image, raw: bytes, pos: int, end: int, entries: arra
             _entry, ctype, host = img._lookup(pos)
             if ctype is ClusterType.NORMAL or (ctype is ClusterType.ZERO_ALLOC and inject.on("stale-l2-entry-read")):
                 got = read_exact(img.file, host + in_off, n)  # (a file read: in the read set)
+                if plan is not None:
+                    plan.piece(CONST, got)
             else:
                 got = bytes(n)
+                if plan is not None:
+                    plan.piece(ZEROS, n)  # (a zero cluster: not held, a 2 MiB one least of all)
             out += got
-            if plan is not None:
-                plan.piece(CONST, got)
         pos += n
     return bytes(out)
