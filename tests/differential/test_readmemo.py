@@ -158,3 +158,33 @@ def test_replayed_writes_are_asked_for_by_their_digest_before_joining() -> None:
     assert asked == [digest(want)]
     held = bytes(want)
     assert replay_writes(base, ops, lambda key, join: held if key == digest(held) else join()) is held
+
+
+def test_consecutive_replays_share_unchanged_sectors_and_read_changed_ones() -> None:
+    """A plan replayed on images that differ only in guest data: each view equals a fresh read; an image read
+    just as the last one was gets that very dict back, and a changed run gets new sector objects."""
+    cfg = CONFIGS[0]
+    target = PythonTarget()
+    reuse = ReadMemo()
+    image = next(i for i in _crash_images(cfg, 11, per_config=3) if len(i) > 4 * cfg[0])
+    touched = frozenset(range(0, 64))
+    first = target.read_only(image, touched, reuse=reuse)
+    read_set = _last_read_set(reuse, "read_only")
+    data_sector = next((s for s, v in first.sectors.items() if any(v)), None)
+    assert data_sector is not None, "the image holds no guest data: nothing to vary"
+    rng = random.Random(3)
+    variants = [image]
+    for _ in range(6):  # guest data changed where the open read no metadata
+        pos = _outside(read_set, len(image), rng)
+        assert pos is not None
+        variants.append(_flipped(variants[-1] if rng.random() < 0.5 else image, pos))
+    views = []
+    for variant in variants + variants[::-1]:
+        got = target.read_only(variant, touched, reuse=reuse)
+        assert _view(got) == _view(target.read_only(variant, touched)), "a replay differs from a fresh read"
+        views.append(got)
+    again = target.read_only(variants[0], touched, reuse=reuse)
+    assert _view(again) == _view(views[-1])
+    assert again.sectors is views[-1].sectors, "an image read just as the last one was did not share its view"
+    changed = [v for v in views if v.sectors != first.sectors]
+    assert changed, "no variant changed a sector the open read: the comparison proved nothing"
