@@ -1,4 +1,4 @@
-"""The python target's memo of checks and recoveries keyed by the bytes they read: a result is reused on any image that agrees with an earlier one wherever that one was read.
+"""The python target's memo of checks, recoveries and read-only opens keyed by the bytes they read: a result is reused on any image that agrees with an earlier one wherever that one was read.
 
 Crash states of one sweep differ mostly in guest data (a kept or lost data write, a torn
 sector), which neither a check nor a repair reads: both read metadata only. The image
@@ -18,7 +18,12 @@ written is stricter than needed, never wrong.
 
 What is replayed: a check's summary as it was; a recovery's messages, events and error
 as they were, its writes and truncations applied to the new image's bytes, and its
-host-operation log rebuilt over the new image.
+host-operation log rebuilt over the new image; a read-only open's view from its read
+plan (harness/targets/python.py, `ReadPlan`): the guest data it took straight from the
+image bytes, without asking its file, is sliced again from the new image's bytes at the
+same host offsets. A read-only open that never asked its file's size is keyed without it
+(a shorter or longer image of one sweep shares the plan); a read past the end of one of
+two images then hashes differently (`digest_of`).
 
 Hazards:
 - the ranges of one run are compared through an XXH3-128 digest of the bytes they cover
