@@ -229,6 +229,10 @@ def test_enumeration_is_distinct_seeded_and_the_size_promised(fl, k, samples, se
             assert len({s.choice for s in states}) == len(states)
             assert states == enumerate_states(log, point, policy, k=k, samples=samples, seed=seed)
             assert all(not s.problems(log) for s in states)
+            # States are made unchecked (CrashState.trusted): each must pass the checking constructor, field for field.
+            assert all(CrashState(s.point, s.policy, s.kept, s.tears, s.size, s.garbage) == s
+                       and type(s.kept) is tuple and all(type(t) is tuple and type(t[1]) is tuple for t in s.tears)
+                       for s in states)
             unsynced = tuple(op.index for op in log.unsynced(point))
             if policy is Policy.SUBSETS and count > max(2**k, samples):
                 assert [s.kept for s in states[:2]] == [(), unsynced][:samples]
