@@ -253,6 +253,7 @@ class Judge:
         for point in sorted(picks):
             for sub in enumerate_states(log, point, Policy.SUBSETS, k=4, seed=self.seed, samples=2):
                 # An image the memo knows is never joined (image None): its facts are found by digest.
+                self.stats.recovery_crash_states += 1
                 image, key = builder.image_and_digest(sub, known=self.memo.has)
                 rec, recovered = self._recover(self.memo.facts(image, key), path, record=False)
                 bad = self._judge_recovery(where, rec, recovered, pre, wanted, _recovery_crash(sub, path))

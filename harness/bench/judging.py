@@ -43,6 +43,7 @@ for i in range(examples):
     c0, w0 = time.process_time(), time.perf_counter()
     out = run_example((i, seed, overrides, profile, [], False))
     print(json.dumps({"index": i, "seed": out.example_seed, "states": out.stats.crash_states,
+                      "recovery_states": getattr(out.stats, "recovery_crash_states", None),
                       "cpu": time.process_time() - c0, "wall": time.perf_counter() - w0,
                       "finding": out.finding.verdict.value if out.finding else None,
                       "maxrss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}), flush=True)
@@ -106,10 +107,14 @@ def summarise(rows: list[dict], unfinished: dict | None) -> dict:
     times = sorted(r["cpu"] for r in rows)
     slowest = max(rows, key=lambda r: r["cpu"], default=None)
     rates = [r["states"] / r["cpu"] for r in rows if r["cpu"] > 0]
+    # Crash states of the recoveries (older checkouts do not count them: None)
+    recovery = None if any(r.get("recovery_states") is None for r in rows) else sum(r["recovery_states"] for r in rows)
     return {
         "examples": len(rows), "crash_states": states, "cpu_seconds": round(cpu, 3),
         "wall_seconds": round(sum(r["wall"] for r in rows), 3),
         "states_per_second_per_core": round(states / cpu, 1) if cpu else None,
+        "recovery_crash_states": recovery,
+        "all_states_per_second_per_core": round((states + recovery) / cpu, 1) if cpu and recovery is not None else None,
         "median_example_seconds": round(statistics.median(times), 3) if times else None,
         "p99_example_seconds": round(_percentile(times, 0.99), 3) if times else None,
         "slowest_example_seed": slowest["seed"] if slowest else None,
@@ -217,6 +222,19 @@ def render(r: dict) -> list[str]:
             row += (f" {old['states_per_second_per_core']} | {old['median_example_seconds']} | "
                     f"{old['peak_worker_rss_mib']} | {_unf(old)} | {cell['ratio_new_over_old']['states_per_second_per_core']} |")
         lines.append(row)
+    lines += ["", "Work per crash state on the new checkout: a deep state also crashes its own recovery at "
+              "sampled points (the profile's recovery_every and recovery_points), and each of those crash states "
+              "is recovered and judged again. They are not crash states of the workload and are not in the "
+              "figures above; here they are counted beside them.", "",
+              "| profile | class | crash states | recovery crash states | per crash state | all judged states/s/core |",
+              "|---|---|---|---|---|---|"]
+    for cell in r["cells"]:
+        new = cell["new"]
+        extra = new.get("recovery_crash_states")
+        if extra is None or not new["crash_states"]:
+            continue
+        lines.append(f"| {cell['profile']} | {cell['class']} | {new['crash_states']} | {extra} | "
+                     f"{extra / new['crash_states']:.2f} | {new['all_states_per_second_per_core']} |")
     lines += ["", "Goals on the new checkout:", ""]
     for key, ok in r["goals"].items():
         lines.append(f"- {key}: " + ", ".join(f"{name} {'yes' if v else 'NO'}" for name, v in ok.items()))

@@ -37,3 +37,27 @@ def test_goals_flag_a_slow_example_an_unfinished_one_and_memory() -> None:
     assert goals["dev 2MiB"]["peak worker RSS <= 300 MiB"] is False
     fine = judging.summarise([row(0, 1000, 0.5)], None)
     assert all(judging.goals([{"profile": "dev", "class": "mix", "new": fine}])["dev mix"].values())
+
+
+def test_recovery_crash_states_are_counted_beside_the_crash_states_not_in_them() -> None:
+    rows = [dict(row(0, 100, 0.5), recovery_states=300), dict(row(1, 100, 0.5), recovery_states=100)]
+    s = judging.summarise(rows, None)
+    assert s["crash_states"] == 200 and s["states_per_second_per_core"] == 200.0
+    assert s["recovery_crash_states"] == 400 and s["all_states_per_second_per_core"] == 600.0
+    old = judging.summarise([row(0, 100, 0.5)], None)  # an older checkout's child reports no recovery states
+    assert old["recovery_crash_states"] is None and old["all_states_per_second_per_core"] is None
+    report = {"baseline": None, "seed": 7, "commit": "x", "cell_seconds": 1, "goals": {},
+              "cells": [{"profile": "nightly", "class": "mix", "new": s}]}
+    assert "| nightly | mix | 200 | 400 | 2.00 | 600.0 |" in judging.render(report)
+
+
+def test_a_run_counts_the_crash_states_of_its_recoveries() -> None:
+    from harness.fuzz.engine import run_example
+
+    out = run_example((2, 7, {}, "nightly", [], False))  # (380 states, 162 of them deep)
+    deep = out.stats.coverage["recovery crashed"]
+    assert deep and out.stats.recovery_crash_states >= deep  # every deep state judged at least one crash of its recovery
+    again = judging.summarise([{"index": 0, "seed": 1, "states": out.stats.crash_states, "cpu": 1.0, "wall": 1.0,
+                                "finding": None, "maxrss_kib": 1, "recovery_states": out.stats.recovery_crash_states}],
+                               None)
+    assert again["recovery_crash_states"] == out.stats.recovery_crash_states
