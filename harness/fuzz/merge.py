@@ -79,7 +79,8 @@ def merge(dirs: list[Path], out: Path, *, force: bool = False) -> dict:
     merged.update(shard=[shards[0], total], shards_held=shards, shard_count=total, shard_label=label(shards, total),
                   missing_shards=sorted(set(range(total)) - set(shards)), merged_from=[str(d) for d in dirs],
                   merge_problems=problems, interrupted=any(s.get("interrupted") for _d, s in pairs))
-    for key in ("examples", "ops", "crash_states", "unfinished_examples", "error_examples", "error_points_judged"):
+    for key in ("examples", "ops", "crash_states", "recovery_crash_states", "unfinished_examples", "error_examples",
+                "error_points_judged"):
         merged[key] = sum(s.get(key, 0) for _d, s in pairs)
     for key in ("crash_states_by_policy", "crash_points_by_site", "coverage", "verdicts", "configs",
                 "known_failures_seen", "structural_events"):

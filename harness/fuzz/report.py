@@ -64,6 +64,8 @@ def build_summary(result, opts, *, argv: list[str], report_dir: Path | None = No
         "ops": stats.ops,
         "crash_states": stats.crash_states,
         "crash_states_by_policy": dict(sorted(stats.by_policy.items())),
+        # Crash states of the recoveries of deep crash states, judged beside them (not crash states of the workload).
+        "recovery_crash_states": stats.recovery_crash_states,
         # Error points (harness.errorpoints): examples swept for failed host operations, and runs judged.
         "error_examples": sum(1 for o in result.outcomes if getattr(o, "error_points", 0)),
         "error_points_judged": sum(getattr(o, "error_points", 0) for o in result.outcomes),
@@ -156,6 +158,8 @@ def render_markdown(s: dict, *, for_step_summary: bool = False) -> str:
         f"({t['crash_states_per_second']} states/s, {t['examples_per_second']} examples/s)",
         f"- verdicts: {', '.join(f'{k}: {v}' for k, v in s['verdicts'].items()) or 'no findings'}",
     ]
+    if s.get("recovery_crash_states"):
+        lines.append(f"- beside them, {s['recovery_crash_states']} crash states of their recoveries judged")
     if s.get("error_points_judged"):
         lines.append(f"- error points judged: {s['error_points_judged']} in {s['error_examples']} examples")
     lines += [f"- **merged despite:** {p}" for p in s.get("merge_problems", [])]

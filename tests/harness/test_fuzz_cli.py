@@ -76,7 +76,7 @@ def test_shards_do_not_overlap_and_merge_adds_up(tmp_path: Path) -> None:
     proc = qcrash("report", "merge", str(reports[0]), str(reports[1]), "--out", str(merged))
     assert proc.returncode == 0, proc.stderr
     m = json.loads((merged / "summary.json").read_text())
-    for key in ("examples", "ops", "crash_states"):
+    for key in ("examples", "ops", "crash_states", "recovery_crash_states"):
         assert m[key] == s0[key] + s1[key]
     for policy, count in m["crash_states_by_policy"].items():
         assert count == s0["crash_states_by_policy"].get(policy, 0) + s1["crash_states_by_policy"].get(policy, 0)
