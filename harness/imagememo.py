@@ -74,6 +74,7 @@ class Memo:
         self.reads = ReadMemo() if enabled and _reuses_reads(target) else None
         self._reuse = {"reuse": self.reads} if self.reads is not None else {}
         self._reuse_view = self._reuse if self.reads is not None and _reuses_reads(target, ("read_only",)) else {}
+        self._reuse_snapshots = self._reuse if self.reads is not None and _reuses_reads(target, ("snapshots",)) else {}
 
     def has(self, key: bytes) -> bool:
         """Whether the memo holds the facts of the image with digest `key` (then `facts(None, key)` gives them)."""
@@ -146,7 +147,7 @@ class Memo:
         """
         if not self.enabled:
             return dataclasses.replace(self.target.snapshots(facts.data), read_many=None)
-        reader = self._get(facts, ("snapshots",), lambda: self.target.snapshots(facts.data),
+        reader = self._get(facts, ("snapshots",), lambda: self.target.snapshots(facts.data, **self._reuse_snapshots),
                            lambda _r: len(facts.data))  # the reader holds an open copy of the image
         many = reader.read_many
         if many is None:

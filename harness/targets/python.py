@@ -296,12 +296,17 @@ class PythonTarget(Target):
         snapshot.delete(img, name=name)
         return shared_data_events(img)
 
-    def snapshots(self, raw: bytes) -> SnapshotReader:
-        img = Qcow2Image.open(CopyOnWriteFile(bytes(raw)), readonly=True)
+    def snapshots(self, raw: bytes, *, reuse: ReadMemo | None = None) -> SnapshotReader:
+        """The snapshot reader; with `reuse`, its `read_many` is answered from read plans (as `read_only`'s)."""
+        raw = bytes(raw)
+        img = Qcow2Image.open(CopyOnWriteFile(raw), readonly=True)
         names = tuple(sn.name for sn in snapshot.list_snapshots(img))
+        if reuse is None:
+            many = lambda name, sectors: _snapshot_sectors(img, name, sectors)  # noqa: E731
+        else:
+            many = lambda name, sectors: _snapshot_view(raw, name, sectors, reuse)  # noqa: E731
         return SnapshotReader(names, img.geo.cluster_size,
-                              lambda name, offset, length: snapshot.read(img, name, offset, length),
-                              lambda name, sectors: _snapshot_sectors(img, name, sectors))
+                              lambda name, offset, length: snapshot.read(img, name, offset, length), many)
 
     # ---- judging -----------------------------------------------------------------------------
     def inspect(self, raw: bytes) -> HeaderInfo:
@@ -539,6 +544,31 @@ def _read_only(file: ReadOnlyFile, raw: bytes, sectors: Iterable[int], allocated
         return ReadOnlyView(error=str(exc))
 
 
+def _snapshot_view(raw: bytes, name: str, sectors: list[int], reuse: ReadMemo) -> dict[int, bytes]:
+    """A snapshot's sectors, as `_snapshot_sectors` reads them, from a read plan when an earlier image read alike.
+
+    The snapshot's L1 is swapped in on an image opened on a recording file; what it reads
+    (header, snapshot table, the snapshot's L1 and L2 tables) keys the plan, and its
+    plain data clusters are sliced from `raw` (`read_sectors`' path). A failed read raises
+    as `_snapshot_sectors` does, and is not memoised.
+    """
+    key = reuse.call_key("snapshot", name, tuple(sectors))
+    found = reuse.lookup(key, raw)
+    if found is not None:
+        return found[0].replay(raw).sectors  # type: ignore[attr-defined]
+    file = RecordingReadOnlyFile(raw)  # (named as `snapshots` names its image: errors read alike)
+    img = Qcow2Image.open(file, readonly=True)
+    try:
+        plan = ReadPlan()
+        view = ReadOnlyView(_snapshot_sectors(img, name, sectors, raw, plan))
+    finally:
+        img.release()
+    if not file.sized:  # (keyed without the size: a read-only open that asked for it is not memoised)
+        plan.finish(view)
+        reuse.store(key, merged(file.reads), raw, plan, plan.weight)
+    return view.sectors
+
+
 class ReadPlan:
     """Where a read-only open's guest data came from, to be re-read from another image that agrees on its metadata.
 
@@ -694,10 +724,15 @@ def _sector_runs(sectors: list[int], limit: int):
             i = j
 
 
-def _snapshot_sectors(img: Qcow2Image, name: str, sectors: list[int]) -> dict[int, bytes]:
-    """Sectors of a snapshot through its L1, one guest read per run (as `snapshot.read` swaps the L1 in)."""
+def _snapshot_sectors(img: Qcow2Image, name: str, sectors: list[int], raw: bytes | None = None,
+                      plan: ReadPlan | None = None) -> dict[int, bytes]:
+    """Sectors of a snapshot through its L1, one guest read per run (as `snapshot.read` swaps the L1 in).
+
+    With `raw`, the bytes of `img`'s read-only file, by `read_sectors`' path over them (and
+    into `plan`): the snapshot's L2 tables found through the swapped-in L1, their plain
+    clusters sliced from `raw`, every other entry through the image's own lookup."""
     with snapshot.loaded(img, name):
-        return read_sectors(img, sectors)
+        return read_sectors(img, sectors, raw, plan)
 
 
 def _read_run(img: Qcow2Image, raw: bytes, offset: int, length: int, plan: ReadPlan | None = None) -> bytes:

@@ -47,3 +47,67 @@ def test_fast_read_path_agrees_with_the_image_read(cfg: tuple, bug: str) -> None
     finally:
         inject.set_active(before)
     assert compared >= 4, "too few images got past the header to compare anything"
+
+
+def _snapshot_image(cluster_size: int, rng: random.Random) -> bytes:
+    """An image with three snapshots sharing, copying and zeroing clusters with the active layer."""
+    from models.blockio import MemoryFile
+    from models.qcow2 import snapshot
+
+    f = MemoryFile(name="s.qcow2")
+    size = 2 << 20
+    Qcow2Image.create(f, size, cluster_size=cluster_size, refcount_bits=16, version=3, lazy_refcounts=True)
+    img = Qcow2Image.open(f)
+    for round_ in range(3):
+        for _ in range(12):
+            off = rng.randrange(size // SECTOR - 8) * SECTOR
+            img.write(off, bytes([round_ + 1 + rng.randrange(200)]) * (SECTOR * rng.randrange(1, 8)))
+        if round_ == 1:
+            img.write_zeroes(0, cluster_size * 2)
+        snapshot.create(img, f"s{round_}")
+    img.write(0, b"\x7f" * SECTOR * 4)
+    img.close()
+    return f.getvalue()
+
+
+@pytest.mark.parametrize("bug", ["", "stale-l2-entry-read"])
+@pytest.mark.parametrize("cluster_size", [512, 4096, 65536])
+def test_snapshot_reads_agree_on_every_path(cluster_size: int, bug: str) -> None:
+    """A snapshot's sectors by the image's own read, by the fast path over the raw bytes, and from a read plan
+    (`_snapshot_view`, replayed on later images), on an image with snapshots and on copies with flipped bytes
+    (metadata: reads may fail, and then fail alike; data: a replayed plan must read the new bytes)."""
+    from harness.targets.python import _snapshot_sectors, _snapshot_view
+    from harness.targets.readmemo import ReadMemo
+
+    rng = random.Random(cluster_size)
+    base = _snapshot_image(cluster_size, rng)
+    images = [base]
+    for _ in range(10):
+        flipped = bytearray(base)
+        flipped[rng.randrange(cluster_size, len(flipped))] ^= 0x41
+        images.append(bytes(flipped))
+    total = (2 << 20) // SECTOR
+    reuse = ReadMemo()
+    before = inject.active()
+    inject.set_active(bug)
+    compared = 0
+    try:
+        for image in images:
+            for name in ("s0", "s1", "s2", "missing"):
+                for sectors in (list(range(total)), sorted(random.Random(name).sample(range(total), 200))):
+                    def read(how: str):
+                        try:
+                            if how == "plan":
+                                return _snapshot_view(image, name, sectors, reuse)
+                            ro = Qcow2Image.open(ReadOnlyFile(image), readonly=True)
+                            return _snapshot_sectors(ro, name, sectors, image if how == "fast" else None)
+                        except Qcow2Error as exc:
+                            return ("raised", type(exc).__name__, str(exc))
+                    want = read("image")
+                    assert read("fast") == want, f"cluster {cluster_size}, snapshot {name}, bug {bug!r}: fast path"
+                    assert read("plan") == want, f"cluster {cluster_size}, snapshot {name}, bug {bug!r}: read plan"
+                    compared += 1
+    finally:
+        inject.set_active(before)
+    assert compared == len(images) * 4 * 2
+    assert reuse.hits, "no snapshot read was replayed from a plan: the comparison proved nothing about plans"

@@ -127,14 +127,14 @@ def _snapshot_examples(count: int) -> list[int]:
 
 @pytest.mark.parametrize("cluster_size", CLUSTER_CLASSES[:-1])
 def test_fast_and_full_path_agree_on_snapshot_rules(cluster_size: int) -> None:
-    # The fast path reads each snapshot's sectors in runs, memoised per recovered image;
-    # the full path reads them one at a time through the target's reader.
+    # The fast path reads each snapshot's sectors in runs, memoised per recovered image and
+    # replayed from read plans; the full path reads them one at a time through the target's reader.
     many = 0
     real = PythonTarget.snapshots
 
-    def counting(self, raw):
+    def counting(self, raw, **memo):  # (`reuse`: the runs then come from read plans, compared all the same)
         nonlocal many
-        reader = real(self, raw)
+        reader = real(self, raw, **memo)
 
         def read_many(name, sectors):
             nonlocal many
