@@ -216,3 +216,27 @@ def test_time_budget_ends_the_run_with_jobs(tmp_path: Path) -> None:
     assert time.monotonic() - t0 < 60
     s = json.loads((tmp_path / "r" / "summary.json").read_text())
     assert s["examples"] >= 1 and s["jobs"] == 2
+
+
+@pytest.mark.skipif(not (ROOT / ".venv" / "bin" / "qcrash").exists(), reason="./dev has not set up .venv here")
+def test_dev_runs_qcrash_where_it_is_called_so_relative_paths_mean_what_they_say(tmp_path: Path) -> None:
+    """`../dev qcrash ...` from another directory: the report, --known and replay paths are relative to that directory."""
+    here = tmp_path / "work"
+    here.mkdir()
+    env = {k: v for k, v in os.environ.items() if k not in ("QCRASH_INJECT", "PYTHONPATH")}
+
+    def dev(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([str(ROOT / "dev"), "qcrash", *args], capture_output=True, text=True, cwd=here,
+                              env=env, timeout=300)
+
+    bug = ["--inject", "dirty-no-flush", "fuzz", "--examples", "6", "--seed", "2", "--no-shrink",
+           "--config", SMALL + ",lazy_refcounts=on,version=3"]
+    first = dev(*bug, "--report", "r1")
+    assert first.returncode == 1, first.stdout + first.stderr
+    files = sorted((here / "r1" / "findings").glob("*.json"))
+    assert files, "the report was not made in the directory ./dev was called from"
+    again = dev("replay", str(files[0].relative_to(here)))
+    assert again.returncode == 1 and "still failing" in again.stdout, again.stdout + again.stderr
+    second = dev(*bug, "--known", "r1/findings", "--report", "r2")
+    assert "known:" in second.stdout, second.stdout + second.stderr
+    assert json.loads((here / "r2" / "summary.json").read_text())["known_failures_seen"]
