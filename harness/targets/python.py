@@ -342,19 +342,8 @@ class PythonTarget(Target):
         if reuse is None:
             return _read_only(ReadOnlyFile(raw, name=name), raw, sectors, allocated, None)
         wanted = sectors if isinstance(sectors, frozenset) else frozenset(sectors)
-        # Keyed by the file's size only when the open asked for it: an open that did not
-        # depends on the bytes it read alone, and crash images of one sweep differ in size.
-        keys = [reuse.call_key("read_only", size, wanted, allocated, name) for size in (None, len(raw))]
-        for key in keys:
-            found = reuse.lookup(key, raw)
-            if found is not None:
-                return found[0].replay(raw)  # type: ignore[attr-defined]
-        file = RecordingReadOnlyFile(raw, name=name)
-        plan = ReadPlan()
-        view = _read_only(file, raw, wanted, allocated, plan)
-        plan.finish(view)
-        reuse.store(keys[file.sized], merged(file.reads), raw, plan, plan.weight)
-        return view
+        return _planned(reuse, ("read_only", wanted, allocated, name), raw, name,
+                        lambda file, plan: _read_only(file, raw, wanted, allocated, plan))
 
     def recover(self, raw: bytes, path: RecoveryPath, options: OpenOptions, *, record: bool = True,
                 name: str = IMAGE_NAME) -> Recovery:
@@ -544,29 +533,43 @@ def _read_only(file: ReadOnlyFile, raw: bytes, sectors: Iterable[int], allocated
         return ReadOnlyView(error=str(exc))
 
 
+def _planned(reuse: ReadMemo, parts: tuple, raw: bytes, name: str, read) -> ReadOnlyView:
+    """`read(file, plan)` on a recording file over `raw`, or its ReadPlan replayed on `raw` when an earlier image read
+    alike (readmemo). A read that raises is not memoised.
+
+    Keyed by the file's size only when the read asked for it: one that did not depends on
+    the bytes it read alone, and crash images of one sweep differ in size.
+    """
+    keys = [reuse.call_key(*parts, size) for size in (None, len(raw))]
+    for key in keys:
+        found = reuse.lookup(key, raw)
+        if found is not None:
+            return found[0].replay(raw)  # type: ignore[attr-defined]
+    file = RecordingReadOnlyFile(raw, name=name)
+    plan = ReadPlan()
+    view = read(file, plan)
+    plan.finish(view)
+    reuse.store(keys[file.sized], merged(file.reads), raw, plan, plan.weight)
+    return view
+
+
 def _snapshot_view(raw: bytes, name: str, sectors: list[int], reuse: ReadMemo) -> dict[int, bytes]:
     """A snapshot's sectors, as `_snapshot_sectors` reads them, from a read plan when an earlier image read alike.
 
     The snapshot's L1 is swapped in on an image opened on a recording file; what it reads
     (header, snapshot table, the snapshot's L1 and L2 tables) keys the plan, and its
     plain data clusters are sliced from `raw` (`read_sectors`' path). A failed read raises
-    as `_snapshot_sectors` does, and is not memoised.
+    as `_snapshot_sectors` does.
     """
-    key = reuse.call_key("snapshot", name, tuple(sectors))
-    found = reuse.lookup(key, raw)
-    if found is not None:
-        return found[0].replay(raw).sectors  # type: ignore[attr-defined]
-    file = RecordingReadOnlyFile(raw)  # (named as `snapshots` names its image: errors read alike)
-    img = Qcow2Image.open(file, readonly=True)
-    try:
-        plan = ReadPlan()
-        view = ReadOnlyView(_snapshot_sectors(img, name, sectors, raw, plan))
-    finally:
-        img.release()
-    if not file.sized:  # (keyed without the size: a read-only open that asked for it is not memoised)
-        plan.finish(view)
-        reuse.store(key, merged(file.reads), raw, plan, plan.weight)
-    return view.sectors
+    def read(file: ReadOnlyFile, plan: ReadPlan) -> ReadOnlyView:
+        img = Qcow2Image.open(file, readonly=True)
+        try:
+            return ReadOnlyView(_snapshot_sectors(img, name, sectors, raw, plan))
+        finally:
+            img.release()
+
+    # (the file is named as `snapshots` names its image: errors read alike)
+    return _planned(reuse, ("snapshot", name, tuple(sectors)), raw, "<memory>", read).sectors
 
 
 class ReadPlan:
