@@ -649,26 +649,26 @@ class _LastReplays:
     MAX_BYTES = 16 << 20
 
     def __init__(self) -> None:
-        self._held: OrderedDict[int, tuple[ReadPlan, tuple, int]] = OrderedDict()
+        self._held: OrderedDict[ReadPlan, tuple[tuple, int]] = OrderedDict()  # (plans hash by identity)
         self._bytes = 0
 
     def get(self, plan: ReadPlan):
-        held = self._held.get(id(plan))
-        if held is None or held[0] is not plan:
+        held = self._held.get(plan)
+        if held is None:
             return None
-        self._held.move_to_end(id(plan))
-        return held[1]
+        self._held.move_to_end(plan)
+        return held[0]
 
     def put(self, plan: ReadPlan, value: tuple, size: int) -> None:
-        old = self._held.pop(id(plan), None)
+        old = self._held.pop(plan, None)
         if old is not None:
-            self._bytes -= old[2]
+            self._bytes -= old[1]
         if size > self.MAX_BYTES // 2:
             return
-        self._held[id(plan)] = (plan, value, size)
+        self._held[plan] = (value, size)
         self._bytes += size
         while len(self._held) > self.MAX_PLANS or self._bytes > self.MAX_BYTES:
-            _key, (_p, _v, dropped) = self._held.popitem(last=False)
+            _plan, (_value, dropped) = self._held.popitem(last=False)
             self._bytes -= dropped
 
 
