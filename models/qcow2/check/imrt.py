@@ -46,6 +46,11 @@ class Imrt:
             if self._sorted is not None:
                 del self._sorted[bisect.bisect_left(self._sorted, cluster)]
 
+    @property
+    def ordered(self) -> bool:
+        """Whether the sorted list of used clusters is kept (then every count goes through `set`)."""
+        return self._sorted is not None
+
     def grow(self, new_size: int) -> None:
         if new_size > self.size:
             self.size = new_size

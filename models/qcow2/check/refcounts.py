@@ -17,7 +17,7 @@ import os
 
 from models.blockio import WriteSite, read_exact
 from models.qcow2 import inject, spec
-from models.qcow2.check import blockmemo
+from models.qcow2.check import blockmemo, l2memo
 from models.qcow2.check.imrt import Imrt, nonzero_refcounts
 from models.qcow2.check.overlap import pre_write_overlap_check
 from models.qcow2.check.result import FIX_ERRORS, FIX_LEAKS, CheckCounts, Finding, Kind
@@ -91,10 +91,20 @@ def _spend(s: CheckState, entries: int) -> None:
 def check_refcounts_l2(s: CheckState, imrt: Imrt, l2_offset: int, frag: bool, fix: int) -> None:
     """Count the data clusters of one L2 table (QEMU 7.2 honours the zero flag even in v2 images)."""
     cs, geo, res = s.cs, s.geo, s.res
-    items = nonzero_u64_items(read_exact(s.file, l2_offset, cs))
+    table = read_exact(s.file, l2_offset, cs)
+    key = l2memo.key(cs, table)
+    plan = l2memo.lookup(key)
+    if plan:  # a plain table walked before (l2memo): its references, counted at once
+        _spend(s, cs // 8)
+        if l2memo.replay(s, imrt, plan, frag):
+            return
+    items = nonzero_u64_items(table)
     if not items:
         return
-    _spend(s, cs // 8)
+    if plan is None:
+        l2memo.remember(key, cs, items)
+    if not plan:
+        _spend(s, cs // 8)
     next_contiguous = 0
     for i, entry in items:
         if entry & _COMPRESSED:
