@@ -188,3 +188,42 @@ def test_consecutive_replays_share_unchanged_sectors_and_read_changed_ones() -> 
     assert again.sectors is views[-1].sectors, "an image read just as the last one was did not share its view"
     changed = [v for v in views if v.sectors != first.sectors]
     assert changed, "no variant changed a sector the open read: the comparison proved nothing"
+
+
+@pytest.mark.parametrize("cfg", [c for c in CONFIGS if c[0] <= 1 << 16 and c[3]],
+                         ids=lambda c: f"cs{c[0]}-rc{c[1]}-v{c[2]}-lazy")
+def test_crashed_recoveries_reuse_the_final_check_and_equal_fresh_ones(cfg: tuple) -> None:
+    """The crashes of one recovery recover to the bytes it left: their final checks come from the memo
+    (`python._final_check`) while the recoveries themselves run, and everything equals a fresh recovery."""
+    from harness.crashstates import CrashImageBuilder, Policy, enumerate_states
+
+    target = PythonTarget()
+    reuse = ReadMemo()
+    options = OpenOptions(CacheMode.WRITEBACK, None)
+    seed = sum(cfg) % 7919 + 2
+    final_hits = compared = 0
+    lookup = reuse.lookup
+
+    def counting(key, data):
+        nonlocal final_hits
+        found = lookup(key, data)
+        final_hits += found is not None and key[1] == "final check"
+        return found
+
+    reuse.lookup = counting  # type: ignore[method-assign]
+    for image in _crash_images(cfg, seed, per_config=4):
+        rec, _known = target.recover_checked(image, RecoveryPath.OPEN, options, record=True, reuse=reuse)
+        if rec.log is None or not len(rec.log):
+            continue
+        builder = CrashImageBuilder(rec.log)
+        for point in range(1, len(rec.log) + 1, max(1, len(rec.log) // 6)):
+            for sub in enumerate_states(rec.log, point, Policy.SUBSETS, k=4, seed=seed, samples=2):
+                crashed = builder.build_bytes(sub)
+                got = _outcome(lambda: _observable(target.recover_checked(crashed, RecoveryPath.OPEN, options,
+                                                                          record=False, reuse=reuse)))
+                want = _outcome(lambda: _observable(target.recover_checked(crashed, RecoveryPath.OPEN, options,
+                                                                           record=False)))
+                assert got == want, f"{cfg} [{sub.id}]: a recovery with the memo differs from a fresh one"
+                compared += 1
+    assert compared, "no recovery wrote anything: nothing was crashed"
+    assert final_hits, "no final check came from the memo: the comparison proved nothing about it"
