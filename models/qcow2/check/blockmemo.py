@@ -50,14 +50,29 @@ def clear() -> None:
 
 
 def _weight(key: tuple, value: tuple) -> int:
-    after = value[3]
-    return len(key[6]) + (len(after) if after is not None else 0) + 8 * len(key[7])
+    after, computed = value[3], key[7]
+    return len(key[6]) + (len(after) if after is not None else 0) + (
+        len(computed) if type(computed) is bytes else 8 * len(computed))
 
 
-def compare_block(s, imrt, fix: int, block_index: int, clusters: list[int], compute):
-    """`compute(s, imrt, fix, block_index, clusters)` (refcounts._compare_block), answered from the memo when it can be."""
-    if len(clusters) > _MAX_CANDIDATES or s.cs > _MAX_BLOCK:
-        return compute(s, imrt, fix, block_index, clusters)
+def compare_block(s, imrt, fix: int, block_index: int, clusters, compute, signature: bytes | None = None):
+    """`compute(s, imrt, fix, block_index, clusters)` (refcounts._compare_block), answered from the memo when it can be.
+
+    With `signature`, the IMRT's counts of every cluster of the block (as far as the
+    compare goes) as native u64 bytes (`Imrt.dense`), the key holds them instead of the
+    candidates and their counts (which they determine, with the block's bytes), and
+    `clusters` is a callable that gives the candidates, called only when the memo misses.
+    """
+    if signature is None:
+        if len(clusters) > _MAX_CANDIDATES or s.cs > _MAX_BLOCK:
+            return compute(s, imrt, fix, block_index, clusters)
+        computed: tuple = (tuple(clusters), tuple(map(imrt.counts.get, clusters, repeat(0))))
+    else:
+        if s.cs > _MAX_BLOCK:
+            return compute(s, imrt, fix, block_index, clusters())
+        if len(signature) > _MAX_KEY_BYTES:
+            signature = hashlib.blake2b(signature, digest_size=16).digest()
+        computed = (signature,)
     try:
         offset = s.refblock_offset(block_index)
     except RefcountIOError:
@@ -69,13 +84,14 @@ def compare_block(s, imrt, fix: int, block_index: int, clusters: list[int], comp
         content = b""
     if len(content) > _MAX_KEY_BYTES:
         content = hashlib.blake2b(content, digest_size=16).digest()
-    key = (inject.active(), s.order, s.rb_entries, s.cs, block_index, offset, content, tuple(clusters),
-           tuple(map(imrt.counts.get, clusters, repeat(0))), fix)
+    key = (inject.active(), s.order, s.rb_entries, s.cs, block_index, offset, content, *computed, fix)
     found = _memo.get(key)
     if found is not None:
         _memo.move_to_end(key)
         return _replay(s, offset, fix, found)
     stats["misses"] += 1
+    if signature is not None:
+        clusters = clusters()
     res = s.res
     before = (res.corruptions, res.leaks, res.corruptions_fixed, res.leaks_fixed)
     start = len(s.findings)

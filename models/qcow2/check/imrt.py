@@ -24,18 +24,21 @@ class Imrt:
     from then on, so counting references (the hot path) is one dict update.
     """
 
-    __slots__ = ("size", "per_block", "counts", "_sorted")
+    __slots__ = ("size", "per_block", "counts", "_sorted", "version", "_dense")
 
     def __init__(self, size: int, per_block: int) -> None:
         self.size = size  # QEMU's *nb_clusters / *refcount_table_size
         self.per_block = per_block
         self.counts: dict[int, int] = {}
         self._sorted: list[int] | None = None
+        self.version = 0  # bumped by every change of the counts (`changed`): what `dense` is cached by
+        self._dense: tuple[int, int, numpy.ndarray] | None = None
 
     def get(self, cluster: int) -> int:
         return self.counts.get(cluster, 0)
 
     def set(self, cluster: int, value: int) -> None:
+        self.version += 1
         counts = self.counts
         if value:
             if self._sorted is not None and cluster not in counts:
@@ -45,6 +48,31 @@ class Imrt:
             del counts[cluster]
             if self._sorted is not None:
                 del self._sorted[bisect.bisect_left(self._sorted, cluster)]
+
+    def changed(self) -> None:
+        """Note a change made to `counts` directly (not through `set`)."""
+        self.version += 1
+
+    def dense(self, limit: int) -> numpy.ndarray:
+        """The counts of clusters [0, limit) as one native u64 array, built in C and kept until the counts change.
+
+        The compare pass diffs it against the on-disk refcounts at once; a repair's dry
+        pass and its fixing pass, which see the same counts, share one.
+        """
+        cached = self._dense
+        if cached is not None and cached[0] == self.version and cached[1] == limit:
+            return cached[2]
+        counts = self.counts
+        n = len(counts)
+        out = numpy.zeros(limit, dtype=numpy.uint64)
+        if n:
+            keys = numpy.fromiter(counts.keys(), dtype=numpy.int64, count=n)
+            values = numpy.fromiter(counts.values(), dtype=numpy.uint64, count=n)
+            inside = keys < limit
+            out[keys[inside]] = values[inside]
+        out.flags.writeable = False
+        self._dense = (self.version, limit, out)
+        return out
 
     @property
     def ordered(self) -> bool:

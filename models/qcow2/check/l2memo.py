@@ -103,6 +103,7 @@ def replay(s, imrt, plan: tuple, frag: bool) -> bool:
     counts.update(zip(clusters, repeat(1)))
     if raised:
         counts.update(raised)
+    imrt.changed()
     if frag:
         res = s.res
         res.allocated_clusters += allocated
