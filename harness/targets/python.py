@@ -74,6 +74,10 @@ class CopyOnWriteFile(MemoryFile):
         return self._slice(offset, length)
 
     def pwrite(self, offset: int, data: bytes, site: WriteSite = WriteSite.OTHER) -> None:
+        buf = self.buf
+        if type(buf) is bytearray and 0 <= offset and offset + len(data) <= len(buf):
+            buf[offset:offset + len(data)] = data  # (a copy already, and the range inside it: nothing to check)
+            return
         over = self._overlay()
         if over is None:
             self._writable()

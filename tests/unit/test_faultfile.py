@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import random
 
 import pytest
@@ -50,6 +51,10 @@ def test_records_every_op_with_its_size_after():
     assert log[4] == HostOp(4, HostOpKind.TRUNCATE, 1536, b"", WriteSite.OTHER, 1536)
     assert log.base == b"o" * 1024 and log.base_size == 1024
     assert f.point() == len(log) == 7
+    # (Recorded ops are built slot by slot, not through __init__: still the same frozen, hashable values.)
+    assert hash(log[3]) == hash(HostOp(3, HostOpKind.WRITE, 1024, b"c" * 1024, WriteSite.L2_ALLOC, 2048))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        log[3].offset = 0  # type: ignore[misc]
 
 
 def test_bytes_are_kept_by_reference_and_mutable_buffers_copied():
