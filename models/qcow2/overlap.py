@@ -131,9 +131,9 @@ class OverlapGuard:
                 return "inactive-l1"
         l2, rb = self._sets()
         clusters = range(first, last + 1)
-        if "l2" not in ignore and l2 and any(c in l2 for c in clusters):
+        if "l2" not in ignore and l2 and not l2.isdisjoint(clusters):
             return "l2"
-        if "refblock" not in ignore and rb and any(c in rb for c in clusters):
+        if "refblock" not in ignore and rb and not rb.isdisjoint(clusters):
             return "refblock"
         return None
 

@@ -90,7 +90,7 @@ class Refcounts:
                 self._ensure_refblocks(start, n)
             finally:
                 self.reserved = (0, 0)
-            if not any(self.refcount(c) for c in range(start, start + n)):
+            if not (self.refcount(start) if n == 1 else any(self.refcount(c) for c in range(start, start + n))):
                 break
             self.free_cluster_index = hint  # the range was taken after all: search again
         for c in range(start, start + n):
