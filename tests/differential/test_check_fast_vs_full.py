@@ -342,3 +342,28 @@ def test_vectorised_compare_agrees_with_the_block_loop(cfg: tuple, monkeypatch: 
         assert not taken, "sub-byte refcounts must be declined"
     else:
         assert taken, "the vectorised compare declined every image: it was never compared"
+
+
+@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: f"cs{c[0]}-rc{c[1]}-v{c[2]}-{'lazy' if c[3] else 'eager'}")
+def test_copied_flags_found_right_by_arrays_agree_with_the_loop(cfg: tuple, monkeypatch: pytest.MonkeyPatch) -> None:
+    # check_oflag_copied skips its loop when array compares find every COPIED flag right
+    # (refcounts._copied_all_right, from 1,024 clusters on: lowered here). Every check and repair must equal the loop's, on the
+    # seeded images and their metadata mutations (wrong flags among them).
+    from models.qcow2.check import refcounts
+
+    images = [image for image in _seeded_images(cfg) if _header_ok(image)]
+    answers: list[bool] = []
+    right = refcounts._copied_all_right
+
+    def noting(s):
+        answers.append(right(s))
+        return answers[-1]
+
+    monkeypatch.setattr(refcounts, "_VECTOR_FROM", 1)  # (the seeded images are below the threshold)
+    monkeypatch.setattr(refcounts, "_copied_all_right", noting)
+    fast_runs = [_run(fast, image, fix, None) for image in images for fix in FIXES]
+    monkeypatch.setattr(refcounts, "_copied_all_right", lambda s: False)
+    loop_runs = [_run(fast, image, fix, None) for image in images for fix in FIXES]
+    assert fast_runs == loop_runs, f"config {cfg}: skipping the COPIED loop changed a check or a repair"
+    if cfg[1] >= 8:
+        assert True in answers, "no image had its flags found right by the arrays: the skip was never compared"
