@@ -769,35 +769,62 @@ def _snapshot_sectors(img: Qcow2Image, name: str, sectors: list[int], raw: bytes
 
 
 def _read_run(img: Qcow2Image, raw: bytes, offset: int, length: int, plan: ReadPlan | None = None) -> bytes:
-    """Guest bytes [offset, offset+length) of a read-only image whose file holds `raw` (see `read_sectors`)."""
+    """Guest bytes [offset, offset+length) of a read-only image whose file holds `raw` (see `read_sectors`).
+
+    The run's pieces (views of `raw`, shared zeros, bytes read through the file) are
+    joined once: each piece used to be copied out of `raw`, into a buffer, and the
+    buffer into bytes (a 2 MiB run three times over)."""
     cs = img.geo.cluster_size
     per_l2 = img.geo.l2_entries
-    out = bytearray()
+    parts: list = []
     pos, end = offset, offset + length
-    while pos < end:
-        cluster = pos // cs
-        l1_index = cluster // per_l2
-        seg_end = min(end, (l1_index + 1) * per_l2 * cs)  # the part of the run this L2 table maps
-        l2_off = img._l2_table_offset(l1_index)
-        table = img.l2cache.get(l2_off) if l2_off else None
-        if table is None:
-            out += bytes(seg_end - pos)
-            if plan is not None:
-                plan.piece(ZEROS, seg_end - pos)
-        else:
-            first = cluster - l1_index * per_l2
-            last = (seg_end - 1) // cs - l1_index * per_l2
-            entries = array.array("Q", bytes(table[first * 8:(last + 1) * 8]))
-            if sys.byteorder == "little":
-                entries.byteswap()
-            out += _read_segment(img, raw, pos, seg_end, entries, plan)
-        pos = seg_end
-    return bytes(out)
+    with memoryview(raw) as view:
+        while pos < end:
+            cluster = pos // cs
+            l1_index = cluster // per_l2
+            seg_end = min(end, (l1_index + 1) * per_l2 * cs)  # the part of the run this L2 table maps
+            l2_off = img._l2_table_offset(l1_index)
+            table = img.l2cache.get(l2_off) if l2_off else None
+            if table is None:
+                _zeros(parts, seg_end - pos)
+                if plan is not None:
+                    plan.piece(ZEROS, seg_end - pos)
+            else:
+                first = cluster - l1_index * per_l2
+                last = (seg_end - 1) // cs - l1_index * per_l2
+                entries = array.array("Q", bytes(table[first * 8:(last + 1) * 8]))
+                if sys.byteorder == "little":
+                    entries.byteswap()
+                _read_segment(img, view, pos, seg_end, entries, plan, parts)
+            pos = seg_end
+        try:
+            return b"".join(parts)
+        finally:
+            parts.clear()  # (the views into `raw` go before it is released)
 
 
-def _read_segment(img: Qcow2Image, raw: bytes, pos: int, end: int, entries: array.array,
-                  plan: ReadPlan | None = None) -> bytes:
-    """Guest bytes [pos, end), all mapped by one L2 table whose entries for those clusters are `entries`."""
+_ZERO_RUN = bytes(1 << 21)
+
+
+def _zeros(parts: list, n: int) -> None:
+    """Append `n` zero bytes to `parts` (views of one shared zero buffer)."""
+    while n > 0:
+        k = min(n, len(_ZERO_RUN))
+        parts.append(_ZERO_RUN if k == len(_ZERO_RUN) else memoryview(_ZERO_RUN)[:k])
+        n -= k
+
+
+def _raw_piece(parts: list, view: memoryview, start: int, n: int) -> None:
+    """Append raw[start:start+n] to `parts`, zero-padded past the end of the file (read_exact)."""
+    chunk = view[start:start + n]
+    parts.append(chunk)
+    if len(chunk) < n:
+        _zeros(parts, n - len(chunk))
+
+
+def _read_segment(img: Qcow2Image, view: memoryview, pos: int, end: int, entries: array.array,
+                  plan: ReadPlan | None, parts: list) -> None:
+    """Append guest bytes [pos, end) to `parts`, all mapped by one L2 table whose entries for those clusters are `entries`."""
     cs = img.geo.cluster_size
     # A NORMAL entry: no compressed bit, no zero flag (v3; bit 0 is reserved in v2), an
     # aligned non-zero host offset. Such an entry is read as `_lookup` would, without it.
@@ -806,7 +833,8 @@ def _read_segment(img: Qcow2Image, raw: bytes, pos: int, end: int, entries: arra
     if entries.count(0) == len(entries):  # nothing allocated
         if plan is not None:
             plan.piece(ZEROS, end - pos)
-        return bytes(end - pos)
+        _zeros(parts, end - pos)
+        return
     e0 = entries[0]
     host0 = e0 & offset_mask
     last = e0 + (len(entries) - 1) * cs
@@ -816,36 +844,29 @@ def _read_segment(img: Qcow2Image, raw: bytes, pos: int, end: int, entries: arra
         start = host0 + pos % cs
         if plan is not None:
             plan.piece(start, end - pos)
-        chunk = raw[start:start + end - pos]
-        if len(chunk) < end - pos:  # past the end of the file reads zeros (read_exact)
-            chunk += bytes(end - pos - len(chunk))
-        return chunk
-    out = bytearray()
+        _raw_piece(parts, view, start, end - pos)
+        return
     for entry in entries:
         in_off = pos % cs
         n = min(cs - in_off, end - pos)
         host = entry & offset_mask
         if entry == 0:
-            out += bytes(n)
+            _zeros(parts, n)
             if plan is not None:
                 plan.piece(ZEROS, n)
         elif not entry & special and host and not host & (cs - 1):
             if plan is not None:
                 plan.piece(host + in_off, n)
-            chunk = raw[host + in_off:host + in_off + n]
-            out += chunk
-            if len(chunk) < n:  # past the end of the file reads zeros (read_exact)
-                out += bytes(n - len(chunk))
+            _raw_piece(parts, view, host + in_off, n)
         else:
             _entry, ctype, host = img._lookup(pos)
             if ctype is ClusterType.NORMAL or (ctype is ClusterType.ZERO_ALLOC and inject.on("stale-l2-entry-read")):
                 got = read_exact(img.file, host + in_off, n)  # (a file read: in the read set)
                 if plan is not None:
                     plan.piece(CONST, got)
+                parts.append(got)
             else:
-                got = bytes(n)
+                _zeros(parts, n)
                 if plan is not None:
                     plan.piece(ZEROS, n)  # (a zero cluster: not held, a 2 MiB one least of all)
-            out += got
         pos += n
-    return bytes(out)
