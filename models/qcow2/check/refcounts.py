@@ -345,7 +345,8 @@ def _compare_vectorised(s: CheckState, imrt: Imrt, fix: int) -> tuple[bool, int]
     clean image's, most of a repaired one's) prints nothing and writes nothing: only
     its last used cluster counts (`highest`). Here the on-disk refcounts of every block
     and the IMRT (`Imrt.dense`) are diffed at once, and only the blocks that differ go
-    through the loop's own per-block step, with the same candidates, in the same order.
+    through the loop's own per-block step, in the same order, with their differing
+    clusters as candidates (a cluster that reads as it counts prints and writes nothing).
     The same blocks are loaded in the same order first, as `_compare_candidates` loads them.
 
     Declines, before loading anything, where a lookup would fail (an unaligned or
@@ -382,11 +383,13 @@ def _compare_vectorised(s: CheckState, imrt: Imrt, fix: int) -> tuple[bool, int]
         base = block_index * rbe
         end = min(base + rbe, limit)
 
-        def block(base=base, end=end) -> list[int]:  # the block's candidates, as _compare_candidates finds them
-            return used[numpy.searchsorted(used, base):numpy.searchsorted(used, end)].tolist()
+        def block(base=base, end=end) -> list[int]:
+            # The block's differing clusters: the only candidates _compare_block prints, repairs or
+            # frees (its `highest`, from all of them, is not used here: `highest` above is).
+            return diff[numpy.searchsorted(diff, base):numpy.searchsorted(diff, end)].tolist()
 
         done = blockmemo.compare_block(s, imrt, fix, block_index, block, _compare_block, comp[base:end].tobytes())
-        if done is None:
+        if done is None:  # (not reached: a freed cached refcount block was declined above)
             done = _compare_clusters(s, imrt, fix, block())
         rebuild = rebuild or done[0]
     s.write_pending_zeros()
