@@ -21,6 +21,8 @@ from __future__ import annotations
 import dataclasses
 import random
 import traceback
+import weakref
+from collections.abc import Callable
 
 from harness import snapshots
 from harness.crashstates import CrashImageBuilder, CrashState, Policy, enumerate_states
@@ -102,6 +104,8 @@ class Judge:
         # fast=False is the full path: every judging call goes to the target (the differential test's reference).
         self.memo = Memo(target, enabled=fast)
         self._compared: list[tuple[dict, dict, int | None]] = []  # the last few (post, pre, first difference) of a state
+        self._sites_of: Callable[[], WriteLog | None] = lambda: None  # the log `_sites` holds spans of (weakly)
+        self._sites: dict[tuple[int, int], frozenset] = {}
 
     def judge(self, where: Where, image: bytes | bytearray, model: ReferenceDisk, log: WriteLog, *, deep: bool,
               key: bytes | None = None) -> Judged:
@@ -139,9 +143,19 @@ class Judge:
 
     def _count_snapshot_crash(self, where: Where, model: ReferenceDisk, log: WriteLog) -> None:
         assert where.state is not None
-        ops = log.ops[where.start:where.state.point]
-        sites = {op.site for op in ops if op.kind is HostOpKind.WRITE}
-        self.stats.coverage.update(snapshots.crash_coverage(where.op_kind, model, sites))
+        self.stats.coverage.update(snapshots.crash_coverage(where.op_kind, model,
+                                                            self._written_sites(log, where.start, where.state.point)))
+
+    def _written_sites(self, log: WriteLog, start: int, point: int) -> frozenset:
+        """The write sites of log.ops[start:point], remembered for the current log: the states of one sweep
+        share their op's span and mostly their points (a log's ops are never changed, only appended)."""
+        if self._sites_of() is not log:  # (held weakly: an old log holds a whole image)
+            self._sites_of, self._sites = weakref.ref(log), {}
+        sites = self._sites.get((start, point))
+        if sites is None:
+            sites = self._sites[(start, point)] = frozenset(
+                op.site for op in log.ops[start:point] if op.kind is HostOpKind.WRITE)
+        return sites
 
     def _judge(self, where: Where, raw: Facts, model: ReferenceDisk, *, deep: bool) -> Judged:
         assert where.state is not None

@@ -158,7 +158,7 @@ def shared_data_events(img: "Qcow2Image") -> tuple[str, ...]:
     return ("refcount above 1 reached",) if any(img.refcount(c) > 1 for c in clusters) else ()
 
 
-def crash_coverage(op_kind: str, model: "ReferenceDisk", sites: set) -> list[str]:
+def crash_coverage(op_kind: str, model: "ReferenceDisk", sites: "set | frozenset") -> list[str]:
     """Coverage labels of a crash inside an op of kind `op_kind` (the guest op in flight, judged with `model`).
 
     Called only when snapshots exist or one is in flight; `sites` are the write sites of the

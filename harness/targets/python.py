@@ -804,13 +804,19 @@ def _read_run(img: Qcow2Image, raw: bytes, offset: int, length: int, plan: ReadP
 
 
 _ZERO_RUN = bytes(1 << 21)
+_ZERO_VIEWS: dict[int, memoryview] = {}  # views of _ZERO_RUN by length (a few cluster and run sizes)
 
 
 def _zeros(parts: list, n: int) -> None:
     """Append `n` zero bytes to `parts` (views of one shared zero buffer)."""
     while n > 0:
         k = min(n, len(_ZERO_RUN))
-        parts.append(_ZERO_RUN if k == len(_ZERO_RUN) else memoryview(_ZERO_RUN)[:k])
+        piece = _ZERO_VIEWS.get(k)
+        if piece is None:
+            piece = memoryview(_ZERO_RUN)[:k]
+            if len(_ZERO_VIEWS) < 64:
+                _ZERO_VIEWS[k] = piece
+        parts.append(piece)
         n -= k
 
 
