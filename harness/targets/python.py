@@ -119,6 +119,10 @@ class CopyOnWriteFile(MemoryFile):
             return self._over.join()
         return self.buf if type(self.buf) is bytes else bytes(self.buf)
 
+    def contents(self) -> bytes | bytearray | Extents:
+        """The file's bytes as they lie (its buffer, or its extents), for reading in place until it next changes."""
+        return self._over if self._over is not None else self.buf
+
     def release(self) -> None:
         """Drop the buffer now. The image opened on this file sits in reference cycles (its
         table caches call back into it) that keep the file alive until a garbage collection;
@@ -428,8 +432,8 @@ def _final_check(file: BlockFile, inner: CopyOnWriteFile, reuse: ReadMemo | None
     """
     if reuse is None or not isinstance(inner, RecordingFile):
         return summary(checkmod.check(file))
-    data = inner.getvalue()  # (not a read of the recovery: a copy of what it wrote so far)
-    key = reuse.call_key("final check", inner.name, len(data))
+    data = inner.contents()  # (not a read of the recovery, and not a copy: hashed where it lies)
+    key = reuse.call_key("final check", inner.name, inner.size())
     found = reuse.lookup(key, data)
     if found is not None:
         inner.reads.extend(found[1])

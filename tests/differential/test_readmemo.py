@@ -227,3 +227,24 @@ def test_crashed_recoveries_reuse_the_final_check_and_equal_fresh_ones(cfg: tupl
                 compared += 1
     assert compared, "no recovery wrote anything: nothing was crashed"
     assert final_hits, "no final check came from the memo: the comparison proved nothing about it"
+
+
+def test_digest_over_extents_equals_the_digest_over_their_joined_bytes() -> None:
+    """digest_of reads an image laid out as Extents where it lies: the same digest as over the joined bytes,
+    ranges past the end included (a recovery's final check is keyed so, without joining its image)."""
+    from harness.crashstates.images import Extents
+    from harness.targets.readmemo import digest_of
+
+    rng = random.Random(9)
+    base = bytes(rng.randrange(256) for _ in range(20000))
+    image = Extents(base)
+    for _ in range(40):
+        offset = rng.randrange(24000)
+        data = bytes(rng.randrange(256) for _ in range(rng.randrange(1, 900)))
+        image.grow(offset + len(data))
+        image.put(offset, offset + len(data), data, 0)
+    image.cut(23000)
+    joined = image.join()
+    ranges = tuple(sorted((rng.randrange(25000), rng.randrange(0, 3000)) for _ in range(60)))
+    assert digest_of(image, ranges) == digest_of(joined, ranges)
+    assert digest_of(image, ranges) != digest_of(joined[:-1], ranges)
