@@ -421,6 +421,9 @@ def _check(file: CopyOnWriteFile, past_eof: bool) -> CheckSummary:
     return summary(result, tuple(checkmod.refcounts_past_eof(file)) if past_eof else ())
 
 
+_FINAL_CHECK_MEMO_FROM = 256 << 10  # image bytes below which checking costs less than keying the check
+
+
 def _final_check(file: BlockFile, inner: CopyOnWriteFile, reuse: ReadMemo | None) -> CheckSummary:
     """`check(file)` of a recovery's final bytes; with `reuse`, from an earlier such check that read what they hold.
 
@@ -430,7 +433,7 @@ def _final_check(file: BlockFile, inner: CopyOnWriteFile, reuse: ReadMemo | None
     replayed one leaves the file and its host-operation log as the check would; its reads
     are noted as the check would have made them (the recovery's own read set).
     """
-    if reuse is None or not isinstance(inner, RecordingFile):
+    if reuse is None or not isinstance(inner, RecordingFile) or inner.size() < _FINAL_CHECK_MEMO_FROM:
         return summary(checkmod.check(file))
     data = inner.contents()  # (not a read of the recovery, and not a copy: hashed where it lies)
     key = reuse.call_key("final check", inner.name, inner.size())

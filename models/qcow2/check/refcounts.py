@@ -94,8 +94,8 @@ def check_refcounts_l2(s: CheckState, imrt: Imrt, l2_offset: int, frag: bool, fi
     """Count the data clusters of one L2 table (QEMU 7.2 honours the zero flag even in v2 images)."""
     cs, geo, res = s.cs, s.geo, s.res
     table = read_exact(s.file, l2_offset, cs)
-    key = l2memo.key(cs, table)
-    plan = l2memo.lookup(key)
+    key = l2memo.key(cs, table) if s.walk_memo else None
+    plan = l2memo.lookup(key) if key is not None else ()
     if plan:  # a plain table walked before (l2memo): its references, counted at once
         _spend(s, cs // 8)
         if l2memo.replay(s, imrt, plan, frag):
@@ -244,6 +244,8 @@ def _grow_file(s: CheckState, new_size: int) -> int | None:
 def calculate_refcounts(s: CheckState, fix: int, nb_clusters: int) -> tuple[Imrt, bool]:
     """Count every reference into a fresh IMRT; returns it and whether a rebuild is needed."""
     imrt = Imrt(nb_clusters, s.rb_entries)
+    # (A small image's walk costs less than keying its tables: the memo from as many clusters as the arrays.)
+    s.walk_memo = nb_clusters >= _VECTOR_FROM
     qcow2_inc_refcounts_imrt(s, imrt, 0, s.cs)  # header
     check_refcounts_l1(s, imrt, True, fix)  # active L1, L2 tables, data
     _count_snapshots(s, imrt, fix)

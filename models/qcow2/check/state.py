@@ -107,6 +107,7 @@ class CheckState:
         self.rebuilt = False
         self.past_eof_clusters: set[int] = set()
         self.l2_budget = 0
+        self.walk_memo = False  # whether the L2 walk uses models/qcow2/check/l2memo (set per calculate_refcounts)
         self._used_for: object = None  # the reftable `_used` was computed for (see reftable_used)
         self._used: list[int] = []
         # Zeroed clusters not yet written (start, end): see discard_cluster.
