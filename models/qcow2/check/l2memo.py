@@ -38,7 +38,7 @@ _MAX_KEY_BYTES = 4096
 _BAD = spec.QCOW_OFLAG_COMPRESSED | spec.L2E_STD_RESERVED_MASK
 _OFFSET_MASK = spec.L2E_OFFSET_MASK
 
-_memo: OrderedDict[tuple, tuple | None] = OrderedDict()
+_memo: OrderedDict[tuple, tuple] = OrderedDict()  # () for a table that is not plain
 stats = {"hits": 0, "misses": 0, "declined": 0, "clusters": 0}
 
 
@@ -63,6 +63,7 @@ def lookup(k: tuple) -> tuple | None:
 
 def remember(k: tuple, cs: int, items: list[tuple[int, int]]) -> None:
     """Note the plan of the table whose non-zero (index, entry) items are `items`, if it is plain."""
+    stats["misses"] += 1
     plan = _plan(cs, items)
     _memo[k] = plan
     stats["clusters"] += len(plan[0]) if plan else 0

@@ -356,17 +356,13 @@ def _compare_vectorised(s: CheckState, imrt: Imrt, fix: int) -> tuple[bool, int]
     before changing anything, where a freed cluster is a cached refcount block (the loop
     drops it, and later lookups re-read the disk).
     """
-    order, limit, rbe = s.order, imrt.size, s.rb_entries
-    dtype = _REFCOUNT_DTYPES.get(order)
-    if dtype is None or not _VECTOR_FROM <= limit <= _VECTOR_LIMIT:
+    limit, rbe = imrt.size, s.rb_entries
+    if not _VECTOR_FROM <= limit <= _VECTOR_LIMIT:
         return None
-    nblocks = min(len(s.reftable), (limit + rbe - 1) // rbe)
-    offsets = [s.reftable[i] & spec.REFT_OFFSET_MASK for i in range(nblocks)]
-    if any(o and (not s.geo.is_aligned(o) or s.refblock_unreadable(o)) for o in offsets):
+    disk = _disk_refcounts(s, min(len(s.reftable), (limit + rbe - 1) // rbe))
+    if disk is None:
         return None
-    zero_block = bytes(s.cs)
-    disk = numpy.frombuffer(b"".join([s.raw_refblock(o) if o else zero_block for o in offsets]), dtype=dtype)
-    disk = disk[:limit].astype(numpy.uint64)
+    disk = disk[:limit]
     if len(disk) < limit:  # blocks past the refcount table: no refcount on disk
         disk = numpy.concatenate([disk, numpy.zeros(limit - len(disk), dtype=numpy.uint64)])
     comp = imrt.dense(limit)
@@ -396,6 +392,19 @@ def _compare_vectorised(s: CheckState, imrt: Imrt, fix: int) -> tuple[bool, int]
         rebuild = rebuild or done[0]
     s.write_pending_zeros()
     return rebuild, highest
+
+
+def _disk_refcounts(s: CheckState, nblocks: int) -> numpy.ndarray | None:
+    """The on-disk refcounts of the clusters of refcount-table entries [0, nblocks) as one native u64 array
+    (blocks loaded in table order; an absent block reads zeros); None, before loading anything, for sub-byte
+    entries or where a lookup would fail (an unaligned or unreadable block)."""
+    dtype = _REFCOUNT_DTYPES.get(s.order)
+    offsets = [s.reftable[i] & spec.REFT_OFFSET_MASK for i in range(nblocks)]
+    if dtype is None or any(o and (not s.geo.is_aligned(o) or s.refblock_unreadable(o)) for o in offsets):
+        return None
+    zero_block = bytes(s.cs)
+    joined = b"".join([s.raw_refblock(o) if o else zero_block for o in offsets])
+    return numpy.frombuffer(joined, dtype=dtype).astype(numpy.uint64)
 
 
 def _classify(res, refcount1: int, refcount2: int, fix_leaks: int, fix_errors: int):
@@ -530,22 +539,18 @@ def _copied_all_right(s: CheckState) -> bool:
     The loop looks up the refcount of every L2 table's and every allocated entry's
     cluster, one entry at a time: a tenth of a 512-byte-cluster recovery, on images
     whose flags are nearly always all right. Here the on-disk refcounts (every block of
-    the refcount table, as `_compare_vectorised` joins them) and the entries of every
+    the refcount table, `_disk_refcounts`) and the entries of every
     table are compared at once; any wrong flag, a lookup that would fail (unaligned or
     unreadable block), sub-byte entries or a budget the walk would exhaust leave it to the loop.
     """
-    dtype = _REFCOUNT_DTYPES.get(s.order)
-    if dtype is None or s.file.size() >> s.geo.cluster_bits < _VECTOR_FROM:
+    if s.file.size() >> s.geo.cluster_bits < _VECTOR_FROM:
         return False  # (below, numpy's fixed cost is more than the loop, as for the compare pass)
     used = s.reftable_used()
     if not used or (used[-1] + 1) * s.rb_entries > _VECTOR_LIMIT:
         return False
-    offsets = [s.reftable[i] & spec.REFT_OFFSET_MASK for i in range(used[-1] + 1)]
-    if any(o and (not s.geo.is_aligned(o) or s.refblock_unreadable(o)) for o in offsets):
+    disk = _disk_refcounts(s, used[-1] + 1)
+    if disk is None:
         return False
-    zero_block = bytes(s.cs)
-    disk = numpy.frombuffer(b"".join([s.raw_refblock(o) if o else zero_block for o in offsets]),
-                            dtype=dtype).astype(numpy.uint64)
     bits, cs = s.geo.cluster_bits, s.cs
     l1 = [s.l1[i] for i in _nonzero(s.l1)]
     l2_offsets = [e & _L1E_OFFSET_MASK for e in l1]
