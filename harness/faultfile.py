@@ -132,7 +132,10 @@ class WriteLog:
     """
 
     def __init__(self, base: bytes = b"") -> None:
-        self.base = bytes(base)
+        from harness.crashstates.images import Extents  # (that module builds on this one)
+
+        # A large image being judged may be laid out as Extents over immutable bytes: kept as it is.
+        self.base = base if type(base) is Extents else bytes(base)
         self.base_size = len(self.base)
         self.ops: list[HostOp] = []
         # _flush_before[p] = index of the last FLUSH among ops[0:p], or -1; one entry per point.
@@ -255,7 +258,9 @@ class FaultInjectingFile:
         self.inner = inner
         self.name = inner.name
         self._size = inner.size()
-        self.log = WriteLog(inner.pread(0, self._size))
+        # A file that can hand over its bytes as they lie (a judged image as Extents) is not read whole.
+        image = getattr(inner, "frozen_image", None)
+        self.log = WriteLog(image() if image is not None else inner.pread(0, self._size))
         # I/O errors (device model, failing disk): an operation an ErrorPlan fails is not
         # passed on and not recorded, except the sectors a short write did land.
         self.errors = errors

@@ -30,6 +30,7 @@ from collections.abc import Iterable
 
 import xxhash
 
+from harness.crashstates.images import Extents, Image, as_bytes
 from harness.targets.readmemo import ReadMemo
 from harness.targets import (CheckSummary, HeaderInfo, OpenOptions, ReadOnlyView, Recovery, RecoveryPath,
                              SnapshotReader, Target)
@@ -38,9 +39,9 @@ DEFAULT_MAX_BYTES = 48 << 20
 DEFAULT_MAX_ENTRIES = 64
 
 
-def digest(data: bytes | bytearray) -> bytes:
-    """The memo's key for image bytes (the runner's dedup key uses the same hash)."""
-    return xxhash.xxh3_128_digest(data)
+def digest(data: bytes | bytearray | Extents) -> bytes:
+    """The memo's key for image bytes (the runner's dedup key uses the same hash; `Extents` hash where they lie)."""
+    return data.digest() if type(data) is Extents else xxhash.xxh3_128_digest(data)
 
 
 class Facts:
@@ -48,7 +49,7 @@ class Facts:
 
     __slots__ = ("data", "key", "results", "cost")
 
-    def __init__(self, data: bytes, key: bytes) -> None:
+    def __init__(self, data: Image, key: bytes) -> None:
         self.data = data
         self.key = key
         self.results: dict[tuple, object] = {}
@@ -75,20 +76,24 @@ class Memo:
         self._reuse = {"reuse": self.reads} if self.reads is not None else {}
         self._reuse_view = self._reuse if self.reads is not None and _reuses_reads(target, ("read_only",)) else {}
         self._reuse_snapshots = self._reuse if self.reads is not None and _reuses_reads(target, ("snapshots",)) else {}
+        # A large image may reach the memo as `Extents` (harness/crashstates/images.py); a target that
+        # cannot judge those, or the full path, gets it joined.
+        self._extents = enabled and _judges_extents(target)
 
     def has(self, key: bytes) -> bool:
         """Whether the memo holds the facts of the image with digest `key` (then `facts(None, key)` gives them)."""
         return self.enabled and key in self._entries
 
-    def facts(self, data: bytes | bytearray | None, key: bytes | None = None) -> Facts:
+    def facts(self, data: Image | bytearray | None, key: bytes | None = None) -> Facts:
         """The facts of `data` (`key`, its digest, when the caller has it already; `data` may be None when `has(key)`).
 
         A bytearray is copied to bytes only when the image is new to the memo (with 2 MiB
-        clusters an image is tens of MiB, and most crash images repeat).
+        clusters an image is tens of MiB, and most crash images repeat); `Extents` are kept
+        as they are for a target that judges them, else joined then.
         """
         if not self.enabled:
             assert data is not None
-            return Facts(bytes(data), b"")
+            return Facts(as_bytes(data), b"")
         key = key or digest(data)
         found = self._entries.get(key)
         if found is not None:
@@ -96,7 +101,7 @@ class Memo:
             return found
         if data is None:
             raise ValueError(f"imagememo: no facts held for digest {key.hex()} and no image bytes given")
-        facts = Facts(bytes(data), key)
+        facts = Facts(data if type(data) is Extents and self._extents else as_bytes(data), key)
         self._entries[key] = facts
         self._bytes += facts.cost
         self._evict()
@@ -212,6 +217,16 @@ def _reuses_reads(target: Target, names: tuple[str, ...] = ("check", "recover", 
         return False
     mro = type(target).__mro__
     owner = next(k for k in mro if "reuses_reads" in vars(k))
+    return all(next(k for k in mro if name in vars(k)) is owner for name in names)
+
+
+def _judges_extents(target: Target) -> bool:
+    """Whether the target's judging functions take `Extents` (`judges_extents`, and no subclass below overrides one)."""
+    if not getattr(target, "judges_extents", False):
+        return False
+    mro = type(target).__mro__
+    owner = next(k for k in mro if "judges_extents" in vars(k))
+    names = ("inspect", "check", "read_only", "snapshots", "recover", "recover_checked")
     return all(next(k for k in mro if name in vars(k)) is owner for name in names)
 
 

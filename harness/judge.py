@@ -26,6 +26,7 @@ from collections.abc import Callable
 
 from harness import snapshots
 from harness.crashstates import CrashImageBuilder, CrashState, Policy, enumerate_states
+from harness.crashstates.images import as_bytes
 from harness.faultfile import HostOpKind, WriteLog
 from harness.heap import collect_after
 from harness.imagememo import Facts, Memo
@@ -191,7 +192,7 @@ class Judge:
         self.stats.coverage["dirty at open" if hdr.dirty else "clean at open"] += 1
         # The order of the rng calls is part of every seed's behaviour digest.
         if self.budget.qemu_every and self.rng.randrange(self.budget.qemu_every) == 0:
-            disagreement = qemu_disagreement(raw.data)
+            disagreement = qemu_disagreement(as_bytes(raw.data))
             if disagreement:
                 return where.finding(Verdict.QEMU_DISAGREES, disagreement, "raw"), {}
             self.stats.coverage["qemu-img check agreed"] += 1

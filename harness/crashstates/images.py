@@ -65,7 +65,9 @@ class CrashImageBuilder:
     def __init__(self, log: WriteLog) -> None:
         self.log = log
         # The log's base itself until an op must be applied: a recovery's crash states
-        # mostly start from it, and a copy is 20 MiB with 2 MiB clusters.
+        # mostly start from it, and a copy is 20 MiB with 2 MiB clusters. (A base that is
+        # itself `Extents`, a recovery of a large image, is copied before anything is laid
+        # over it: the log's base never changes.)
         self._durable: bytes | bytearray | Extents = log.base
         self._applied = 0  # ops[0:_applied] are applied to _durable
 
@@ -82,9 +84,13 @@ class CrashImageBuilder:
         if self._applied > target:
             self._durable = self.log.base
             self._applied = 0
-        if target > self._applied and type(self._durable) is bytes:
-            size = max(len(self._durable), self.log.ops[target - 1].size_after)
-            self._durable = Extents(self._durable) if size >= DURABLE_EXTENTS_FROM else bytearray(self._durable)
+        if target > self._applied and self._durable is self.log.base:
+            base = self.log.base
+            size = max(len(base), self.log.ops[target - 1].size_after)
+            if type(base) is Extents:
+                self._durable = base.copy()
+            else:
+                self._durable = Extents(base) if size >= DURABLE_EXTENTS_FROM else bytearray(base)
         durable = self._durable
         for op in self.log.ops[self._applied : target]:
             if type(durable) is Extents:
@@ -139,16 +145,25 @@ class CrashImageBuilder:
             extents.cut(state.size)
         return extents
 
-    def image_and_digest(self, state: CrashState, known=lambda _key: False) -> tuple[bytes | None, bytes]:
+    def image_and_digest(self, state: CrashState, known=lambda _key: False) -> tuple[Image | None, bytes]:
         """The crash image of `state` and its digest (XXH3-128, as harness.imagememo.digest); the image is None when
-        `known(digest)` says the caller has it already, and then it was never joined."""
+        `known(digest)` says the caller has it already, and then it was never joined.
+
+        A large image (`IMAGE_EXTENTS_FROM`) whose extents lie over immutable bytes only (the
+        log's base and ops, not the builder's own buffer) is handed out as those `Extents`,
+        never joined: judging reads it where it lies (an image `Image`).
+        """
         extents = self.extents(state)
         if extents is None:
             image = bytes(self.build(state))
             key = Extents(image).digest()  # (one place computes the digest)
             return (None if known(key) else image), key
         key = extents.digest()
-        return (None if known(key) else extents.join()), key
+        if known(key):
+            return None, key
+        if extents.size >= IMAGE_EXTENTS_FROM and type(self._durable) is not bytearray:
+            return extents, key
+        return extents.join(), key
 
     def build_bytes(self, state: CrashState) -> bytes:
         """The crash image of `state` as immutable bytes (what `build` makes), copied once.
@@ -169,13 +184,24 @@ class CrashImageBuilder:
         return f
 
 
+# From this size a crash image is judged as `Extents` over the log's bytes, never joined
+# (a 2 MiB-cluster image is tens of MiB: joining each new one was a quarter of an example,
+# and the judge's memo held a whole copy of each).
+IMAGE_EXTENTS_FROM = 4 << 20
+
+
 _ZEROS = memoryview(bytes(1 << 20))  # fed to the digest for zero extents, a MiB at a time
 
 
 class Extents:
     """An image as ascending, disjoint extents [start, end) over source buffers (None: zeros), joined once.
 
-    For `build_bytes` and for replaying a recovery's writes (harness/targets/readmemo.py)."""
+    For `build_bytes` and for replaying a recovery's writes (harness/targets/readmemo.py),
+    and, for a large image, the image itself while it is judged (`Image`). Hazard: an
+    Extents handed on as an image must lie over immutable sources only (bytes, never a
+    buffer that changes later), and nobody lays anything over it: whoever changes an
+    image's bytes works on a `copy`.
+    """
 
     MAX = 256  # extents past which a state is built the plain way (many torn pieces)
 
@@ -185,6 +211,16 @@ class Extents:
         # Each part's end, in step with `parts`: searched in C (a bisect with a key function called
         # back into Python a dozen times per write of a recovery replayed over thousands of parts).
         self.ends: list[int] = [self.size] if self.size else []
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, index: slice) -> bytes:
+        """A slice of the image as bytes (clipped to the image, as a slice of bytes is); only plain slices."""
+        if type(index) is not slice or index.step not in (None, 1):
+            raise TypeError(f"Extents take plain slices, not {index!r}")
+        start, stop, _ = index.indices(self.size)
+        return self.read(start, stop - start) if stop > start else b""
 
     def copy(self) -> "Extents":
         """Another image over the same source buffers (the parts are immutable tuples)."""
@@ -266,6 +302,25 @@ class Extents:
             i += 1
         return b"".join(chunks)
 
+    def hash_range(self, h, offset: int, length: int) -> None:
+        """Feed bytes [offset, offset + length), clipped to the image, to the hash `h` where they lie (no copy:
+        `read` would copy every range a memoised check read, a table of 2 MiB at a time)."""
+        end = min(offset + length, self.size)
+        if offset >= end:
+            return
+        parts = self.parts
+        i = bisect.bisect_right(self.ends, offset)
+        while i < len(parts) and parts[i][0] < end:
+            a, b, src, off = parts[i]
+            lo, hi = max(a, offset), min(b, end)
+            if src is None:
+                for z in range(lo, hi, len(_ZEROS)):
+                    h.update(_ZEROS[:min(hi - z, len(_ZEROS))])
+            else:
+                with memoryview(src) as view:
+                    h.update(view[off + lo - a:off + hi - a])
+            i += 1
+
     def digest(self) -> bytes:
         """XXH3-128 of the image's bytes (what `join` would return), hashed where they lie, without joining them."""
         h = xxhash.xxh3_128()
@@ -290,6 +345,14 @@ class Extents:
             for chunk in chunks:
                 if type(chunk) is memoryview:
                     chunk.release()
+
+
+Image = bytes | Extents  # a crash or recovered image while it is judged (large ones as extents)
+
+
+def as_bytes(image: "bytes | bytearray | Extents") -> bytes:
+    """An image's bytes, joined when it is `Extents` (for whatever needs one buffer: a file, qemu-img)."""
+    return image.join() if type(image) is Extents else bytes(image)
 
 
 def _runs(sectors: tuple[int, ...]) -> list[tuple[int, int]]:

@@ -157,6 +157,10 @@ class Target(abc.ABC):
     """
 
     name: str = ""
+    # Whether the judging functions (inspect, check, read_only, snapshots, recover) also take a large
+    # image as `harness.crashstates.images.Extents`, read where its bytes lie; the judge's memo
+    # joins it first for a target that does not (harness/imagememo.py).
+    judges_extents: bool = False
 
     # ---- description ---------------------------------------------------------------------
     @abc.abstractmethod

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import array
+import contextlib
 import dataclasses
 import errno
 import operator
@@ -11,7 +12,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable
 
 from harness.config import Config
-from harness.crashstates.images import Extents
+from harness.crashstates.images import Extents, Image, as_bytes
 from harness.faultfile import FaultInjectingFile, WriteLog
 from harness.targets.readmemo import ReadMemo, merged, replay_writes, union
 from harness.snapshots import benign_copied, shared_data_events
@@ -29,6 +30,12 @@ from models.qcow2.image import Qcow2Image
 IMAGE_NAME = "qcrash.qcow2"
 
 
+def _image(raw: Image | bytearray) -> Image:
+    """An image as the judging functions take it: bytes, or a large image's `Extents` as they are (a buffer is copied:
+    it must not change under a memoised result)."""
+    return raw if type(raw) is bytes or type(raw) is Extents else bytes(raw)
+
+
 class CopyOnWriteFile(MemoryFile):
     """A MemoryFile over immutable image bytes that copies them only at its first change.
 
@@ -38,17 +45,24 @@ class CopyOnWriteFile(MemoryFile):
     never copied whole while it changes: its writes are laid over the bytes as extents
     (`Extents`) and `getvalue` joins them once. A recovery of a 16 MiB image otherwise held
     the image, its writable copy and, while `getvalue` ran, a third copy at once: the peak
-    of a worker's memory with 2 MiB clusters.
+    of a worker's memory with 2 MiB clusters. A file made over an image judged as
+    `Extents` lays its writes over a copy of those, and `frozen_image` hands the result on
+    unjoined.
     """
 
     _EXTENTS_FROM = 4 << 20
     _MAX_EXTENTS = 4096  # past this the extents are joined into one buffer (many small writes)
 
-    def __init__(self, data: bytes, name: str = "<memory>") -> None:
+    def __init__(self, data: bytes | Extents, name: str = "<memory>") -> None:
         super().__init__(b"", name)
+        self._over: Extents | None = None
+        self._changed = False
+        if type(data) is Extents:  # an image judged as extents: its own copy to write over, never joined
+            self.buf = b""  # type: ignore[assignment]
+            self._over = data.copy()
+            return
         # bytes until the first change (a caller's bytearray is copied: it must not change under us)
         self.buf = data if type(data) is bytes else bytes(data)  # type: ignore[assignment]
-        self._over: Extents | None = None
 
     def _writable(self) -> None:
         if type(self.buf) is bytes:
@@ -62,7 +76,7 @@ class CopyOnWriteFile(MemoryFile):
 
     def pristine(self) -> bool:
         """Whether nothing was written or truncated yet (the file still holds the bytes it was made with)."""
-        return self._over is None and type(self.buf) is bytes
+        return not self._changed and type(self.buf) is bytes
 
     def _slice(self, offset: int, length: int) -> bytes:
         if self._over is not None:
@@ -83,6 +97,7 @@ class CopyOnWriteFile(MemoryFile):
             self._writable()
             super().pwrite(offset, data, site)
             return
+        self._changed = True  # (from the first attempt, as the copy on change is made then)
         _check_range(self.name, offset, len(data))
         end = offset + len(data)
         self._check_growth("write", offset, end)
@@ -106,6 +121,7 @@ class CopyOnWriteFile(MemoryFile):
             self._writable()
             super().truncate(size)
             return
+        self._changed = True
         _check_range(self.name, size, 0)
         self._check_growth("truncate", size, size)
         over.cut(size)
@@ -117,6 +133,13 @@ class CopyOnWriteFile(MemoryFile):
     def getvalue(self) -> bytes:
         if self._over is not None:
             return self._over.join()
+        return self.buf if type(self.buf) is bytes else bytes(self.buf)
+
+    def frozen_image(self) -> bytes | Extents:
+        """The file's bytes now, as an immutable image: its bytes, or a copy of its extents (a large image, never
+        joined: what the judge holds of a recovered image, and what a host-operation log starts from)."""
+        if self._over is not None:
+            return self._over.copy()
         return self.buf if type(self.buf) is bytes else bytes(self.buf)
 
     def contents(self) -> bytes | bytearray | Extents:
@@ -283,8 +306,8 @@ class PythonTarget(Target):
     def abort(self) -> None:
         self.live.abort()
 
-    def restart(self, image: bytes) -> None:
-        self._attach(MemoryFile(image, name=IMAGE_NAME))
+    def restart(self, image: Image) -> None:
+        self._attach(MemoryFile(as_bytes(image), name=IMAGE_NAME))
 
     # ---- internal snapshots ------------------------------------------------------------------
     def snapshot_create(self, name: str, *, date_sec: int = 0) -> tuple[str, ...]:
@@ -304,9 +327,9 @@ class PythonTarget(Target):
         snapshot.delete(img, name=name)
         return shared_data_events(img)
 
-    def snapshots(self, raw: bytes, *, reuse: ReadMemo | None = None) -> SnapshotReader:
+    def snapshots(self, raw: Image, *, reuse: ReadMemo | None = None) -> SnapshotReader:
         """The snapshot reader; with `reuse`, its `read_many` is answered from read plans (as `read_only`'s)."""
-        raw = bytes(raw)
+        raw = _image(raw)
         img = Qcow2Image.open(CopyOnWriteFile(raw), readonly=True)
         names = tuple(sn.name for sn in snapshot.list_snapshots(img))
         if reuse is None:
@@ -317,17 +340,18 @@ class PythonTarget(Target):
                               lambda name, offset, length: snapshot.read(img, name, offset, length), many)
 
     # ---- judging -----------------------------------------------------------------------------
-    def inspect(self, raw: bytes) -> HeaderInfo:
+    def inspect(self, raw: Image) -> HeaderInfo:
         try:
-            hdr = read_header(CopyOnWriteFile(bytes(raw)), writable=False, check_mode=True).header
+            hdr = read_header(CopyOnWriteFile(_image(raw)), writable=False, check_mode=True).header
         except Qcow2Error as exc:
             return HeaderInfo(error=str(exc))
         return HeaderInfo(hdr.incompatible_features)
 
     reuses_reads = True  # check and recover_checked take a readmemo.ReadMemo (`reuse`)
+    judges_extents = True  # the judging functions take a large image as `Extents` (harness/crashstates/images.py)
 
-    def check(self, raw: bytes, *, past_eof: bool = False, reuse: ReadMemo | None = None) -> CheckSummary:
-        raw = bytes(raw)
+    def check(self, raw: Image, *, past_eof: bool = False, reuse: ReadMemo | None = None) -> CheckSummary:
+        raw = _image(raw)
         if reuse is None:
             return _check(CopyOnWriteFile(raw), past_eof)
         key = reuse.call_key("check", len(raw), past_eof)
@@ -342,22 +366,25 @@ class PythonTarget(Target):
         reuse.note_check(raw, ranges)
         return result  # type: ignore[return-value]
 
-    def read_only(self, raw: bytes, sectors: Iterable[int], *, allocated: bool = True,
+    def read_only(self, raw: Image, sectors: Iterable[int], *, allocated: bool = True,
                   name: str = IMAGE_NAME, reuse: ReadMemo | None = None) -> ReadOnlyView:
         """The read-only open's view; with `reuse`, replayed from the read plan of an earlier image that agrees
         with this one wherever the open read its file (readmemo: a plan's guest data is re-sliced from `raw`)."""
-        raw = bytes(raw)
+        raw = _image(raw)
         if reuse is None:
             return _read_only(ReadOnlyFile(raw, name=name), raw, sectors, allocated, None)
         wanted = sectors if isinstance(sectors, frozenset) else frozenset(sectors)
         return _planned(reuse, ("read_only", wanted, allocated, name), raw, name,
                         lambda file, plan: _read_only(file, raw, wanted, allocated, plan))
 
-    def recover(self, raw: bytes, path: RecoveryPath, options: OpenOptions, *, record: bool = True,
+    def recover(self, raw: Image, path: RecoveryPath, options: OpenOptions, *, record: bool = True,
                 name: str = IMAGE_NAME) -> Recovery:
-        return self.recover_checked(raw, path, options, record=record, name=name)[0]
+        rec = self.recover_checked(raw, path, options, record=record, name=name)[0]
+        if type(rec.image) is Extents:  # (the seam's recovered image is bytes; only the judge's memo takes extents)
+            rec = dataclasses.replace(rec, image=rec.image.join())
+        return rec
 
-    def recover_checked(self, raw: bytes, path: RecoveryPath, options: OpenOptions, *, record: bool = True,
+    def recover_checked(self, raw: Image, path: RecoveryPath, options: OpenOptions, *, record: bool = True,
                         name: str = IMAGE_NAME, raw_check: CheckSummary | None = None,
                         reuse: ReadMemo | None = None, image_for=None) -> tuple[Recovery, CheckSummary | None]:
         """`recover`, plus `check(recovered, past_eof=True)` when the recovery already computed it (else None).
@@ -369,9 +396,10 @@ class PythonTarget(Target):
         the bytes `raw`, so the open path takes it instead of checking them again.
         With `reuse`, a recovery that read what an earlier one read is replayed (readmemo);
         `image_for` is then asked for its image by digest before the image is joined
-        (`readmemo.replay_writes`).
+        (`readmemo.replay_writes`). A large image (`Extents`, or bytes laid over as extents
+        by its file) recovers to `Extents`.
         """
-        raw = bytes(raw)
+        raw = _image(raw)
         if reuse is None:
             return self._recover_checked(CopyOnWriteFile(raw, name=name), path, options, record, raw_check)
         check_ranges = reuse.check_reads(raw) if raw_check is not None else None
@@ -411,7 +439,7 @@ class PythonTarget(Target):
         if recording:
             inner.recording = False  # type: ignore[attr-defined]
         log = file.log if isinstance(file, FaultInjectingFile) else None
-        image = inner.getvalue()
+        image = inner.frozen_image()
         inner.release()
         return Recovery(image, log, checkmod.Lines(messages), tuple(events)), (known[0] if known else None)
 
@@ -447,7 +475,7 @@ def _final_check(file: BlockFile, inner: CopyOnWriteFile, reuse: ReadMemo | None
     return result
 
 
-def _replayed_recovery(raw: bytes, record: bool, replay: tuple, image_for=None) -> tuple[Recovery, CheckSummary | None]:
+def _replayed_recovery(raw: Image, record: bool, replay: tuple, image_for=None) -> tuple[Recovery, CheckSummary | None]:
     """A recovery of `raw` rebuilt from an earlier one that read the same bytes (readmemo): same lines, events,
     error and check; its writes applied to `raw`; its host-operation log over `raw`."""
     messages, events, error, ops, log_ops, known = replay
@@ -785,7 +813,8 @@ def _read_run(img: Qcow2Image, raw: bytes, offset: int, length: int, plan: ReadP
     per_l2 = img.geo.l2_entries
     parts: list = []
     pos, end = offset, offset + length
-    with memoryview(raw) as view:
+    # (an image as Extents is sliced as it is: each slice a copy of what it covers)
+    with (contextlib.nullcontext(raw) if type(raw) is Extents else memoryview(raw)) as view:
         while pos < end:
             cluster = pos // cs
             l1_index = cluster // per_l2
@@ -827,7 +856,7 @@ def _zeros(parts: list, n: int) -> None:
         n -= k
 
 
-def _raw_piece(parts: list, view: memoryview, start: int, n: int) -> None:
+def _raw_piece(parts: list, view: memoryview | Extents, start: int, n: int) -> None:
     """Append raw[start:start+n] to `parts`, zero-padded past the end of the file (read_exact)."""
     chunk = view[start:start + n]
     parts.append(chunk)

@@ -74,7 +74,7 @@ def digest_of(data: bytes | bytearray | Extents, ranges: tuple[tuple[int, int], 
     h = xxhash.xxh3_128()
     if isinstance(data, Extents):  # (read where it lies, never joined: a 2 MiB-cluster image is tens of MiB)
         for offset, length in ranges:
-            h.update(data.read(offset, length))
+            data.hash_range(h, offset, length)
         return h.digest()
     view = memoryview(data)
     for offset, length in ranges:
@@ -150,17 +150,19 @@ class ReadMemo:
         self.bytes = 0
 
 
-def replay_writes(data: bytes, ops: tuple[tuple[int, bytes | None], ...], image_for=None) -> bytes:
+def replay_writes(data: bytes | Extents, ops: tuple[tuple[int, bytes | None], ...], image_for=None) -> bytes | Extents:
     """`data` with a run's writes (offset, bytes) and truncations (size, None) applied in order, as its file had them.
 
     Laid over `data` as extents and joined in one copy (a 2 MiB-cluster image is tens of MiB).
     With `image_for(digest, join)`, the caller is asked for the result by its XXH3-128
     digest (hashed over the extents) first: a caller holding those bytes already hands
     them back and nothing is joined (most crashes of one recovery recover to an image seen
-    before); otherwise it calls `join`."""
+    before); otherwise it calls `join`. A large image (`CopyOnWriteFile._EXTENTS_FROM`,
+    as the recovery's own file would have laid its writes) stays `Extents`, never joined:
+    the recovery it replays would have handed its image on so."""
     if not ops:
         return data
-    image = Extents(data)
+    image = data.copy() if type(data) is Extents else Extents(data)
     for offset, payload in ops:
         if payload is None:
             image.cut(offset)
@@ -170,9 +172,14 @@ def replay_writes(data: bytes, ops: tuple[tuple[int, bytes | None], ...], image_
             image.put(offset, offset + len(payload), payload, 0)
         else:
             image.grow(offset)  # (an empty write past the end grows a MemoryFile to its offset)
+    from harness.targets.python import CopyOnWriteFile  # (that module builds on this one)
+
+    join = image.join
+    if type(data) is Extents or len(data) >= CopyOnWriteFile._EXTENTS_FROM:
+        join = lambda: image  # noqa: E731
     if image_for is not None:
-        return image_for(image.digest(), image.join)
-    return image.join()
+        return image_for(image.digest(), join)
+    return join()
 
 
 __all__ = ["ReadMemo", "merged", "union", "digest_of", "replay_writes"]

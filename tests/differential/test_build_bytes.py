@@ -8,6 +8,7 @@ import pytest
 
 from harness.crashstates import CrashImageBuilder, CrashState, Policy, enumerate_states
 from harness.crashstates import images as imagesmod
+from harness.crashstates.images import Extents, as_bytes
 from harness.imagememo import digest
 from tests.differential.test_check_fast_vs_full import CONFIGS, _workload
 
@@ -16,16 +17,24 @@ from tests.differential.test_check_fast_vs_full import CONFIGS, _workload
 def test_build_bytes_equals_build(cfg: tuple) -> None:
     log = _workload(cfg, sum(cfg) % 613).log
     fast, plain = CrashImageBuilder(log), CrashImageBuilder(log)
-    compared = 0
+    compared = large = 0
     for state in _states(log):
         image = bytes(plain.build(state))
         assert fast.build_bytes(state) == image, f"state [{state.id}]"
         # The digest hashed over the extents is the memo's digest of the joined image; a known one is not joined.
         got, key = fast.image_and_digest(state)
-        assert got == image and key == digest(image), f"state [{state.id}]"
+        assert as_bytes(got) == image and key == digest(image), f"state [{state.id}]"
+        # A large image is handed out unjoined (unless its tears make too many pieces: then built whole),
+        # over the log's immutable bytes only.
+        if type(got) is Extents:
+            assert len(image) >= imagesmod.IMAGE_EXTENTS_FROM, f"state [{state.id}]"
+            large += 1
+            assert digest(got) == key and got[0:len(image)] == image
+            assert all(src is None or type(src) is bytes for _a, _b, src, _o in got.parts), f"state [{state.id}]"
         assert fast.image_and_digest(state, known={key}.__contains__) == (None, key)
         compared += 1
     assert compared > 50
+    assert large or cfg[0] < 1 << 20  # (the 2 MiB-cluster workload's images are all large)
 
 
 @pytest.mark.parametrize("cfg", CONFIGS[1::2], ids=lambda c: f"cs{c[0]}-rc{c[1]}")
