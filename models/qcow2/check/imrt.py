@@ -164,6 +164,19 @@ def nonzero_entries(table: array.array, start: int = 0) -> list[int]:
     return (nonzero_words(view) + start).tolist()
 
 
+def as_u64_table(table) -> array.array:
+    """A table of u64 entries (a refcount table, an L1) as an array: itself, or a list copied in C."""
+    return table if isinstance(table, array.array) and table.typecode == "Q" else array.array("Q", table)
+
+
+def nonzero_values(table) -> list[int]:
+    """The non-zero entries of a u64 table, in table order (a 2 MiB-cluster refcount table: by `nonzero_entries`)."""
+    if len(table) < _NUMPY_ENTRIES:
+        return [e for e in table if e]
+    table = as_u64_table(table)
+    return [table[i] for i in nonzero_entries(table)]
+
+
 _ARRAY_CODE = {4: "H", 5: "I", 6: "Q"}
 # For sub-byte widths: for each position k within a byte, a 256-byte translation table that
 # extracts entry k (bit 0 at the least significant end, as the spec packs them).

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import itertools
-
 from models.qcow2 import spec
+from models.qcow2.check.imrt import nonzero_values
 from models.qcow2.check.state import CheckState
 from models.qcow2.overlap import OL_NAMES  # QEMU's names, one table for the image's guard and the check's
 
@@ -18,12 +17,13 @@ def _clusters_of(s: CheckState, start: int, length: int) -> range:
 def _metadata_clusters(s: CheckState) -> dict[str, set[int]]:
     """Host clusters of the active L2 tables and of the refcount blocks (rebuilt after a reftable switch)."""
     if s.ol_cache is None:
+        # (non-zero entries only, found in C: a 2 MiB-cluster refcount table holds 262,144, nearly all zero)
         l2: set[int] = set()
-        for entry in itertools.compress(s.l1, s.l1):  # non-zero entries only, skipped in C
+        for entry in nonzero_values(s.l1):
             if entry & spec.L1E_OFFSET_MASK:
                 l2.update(_clusters_of(s, entry & spec.L1E_OFFSET_MASK, s.cs))
         refblocks: set[int] = set()
-        for entry in itertools.compress(s.reftable, s.reftable):  # non-zero entries only, skipped in C
+        for entry in nonzero_values(s.reftable):
             if entry & spec.REFT_OFFSET_MASK:
                 refblocks.update(_clusters_of(s, entry & spec.REFT_OFFSET_MASK, s.cs))
         s.ol_cache = {"l2": l2, "refblock": refblocks}

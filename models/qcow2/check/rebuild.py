@@ -13,7 +13,9 @@ Each refcount block is built in memory from the IMRT and written once.
 
 from __future__ import annotations
 
+import array
 import struct
+import sys
 
 from models.blockio import WriteSite
 from models.qcow2.check.imrt import Imrt
@@ -103,7 +105,7 @@ def rebuild_refcount_structure(s: CheckState, imrt: Imrt) -> None:
             break
     if not pre_write_overlap_check(s, rt_offset, length):
         raise s.fail(Kind.REBUILD_FAILED, "qemu-img: ERROR writing reftable: Input/output error")
-    s.file.pwrite(rt_offset, struct.pack(f">{len(reftable)}Q", *reftable), WriteSite.REPAIR)
+    s.file.pwrite(rt_offset, _be_u64(reftable), WriteSite.REPAIR)
     # Everything the new header will point at must be durable before the header does.
     s.repair_flush()
     start = FIELD_OFFSET["refcount_table_offset"]
@@ -113,3 +115,11 @@ def rebuild_refcount_structure(s: CheckState, imrt: Imrt) -> None:
     s.reftable = reftable
     s.reftable_offset = rt_offset
     s.ol_cache = None
+
+
+def _be_u64(entries: list[int]) -> bytes:
+    """The entries as big-endian u64s, in C (struct.pack took them as 262,144 arguments with 2 MiB clusters)."""
+    table = array.array("Q", entries)
+    if sys.byteorder == "little":
+        table.byteswap()
+    return table.tobytes()

@@ -177,8 +177,10 @@ class CheckState:
         """Indices of the non-zero refcount-table entries, ascending (found in C; recomputed after a rebuild swaps the table)."""
         table = self.reftable
         if self._used_for is not table:
-            if isinstance(table, array.array):
+            if isinstance(table, array.array) and table.typecode == "Q":
                 self._used = nonzero_entries(table)
+            elif len(table) >= 4096:  # (a rebuilt table is a list: a 2 MiB-cluster one of 262,144 entries)
+                self._used = nonzero_entries(array.array("Q", table))
             else:
                 self._used = list(itertools.compress(range(len(table)), table))
             self._used_for = table
