@@ -13,8 +13,10 @@ from harness.imagememo import digest
 from tests.differential.test_check_fast_vs_full import CONFIGS, _workload
 
 
+@pytest.mark.parametrize("torn_runs", [imagesmod.Extents.TORN_RUNS, 0])  # (0: every torn write laid as one buffer)
 @pytest.mark.parametrize("cfg", CONFIGS[::2], ids=lambda c: f"cs{c[0]}-rc{c[1]}")
-def test_build_bytes_equals_build(cfg: tuple) -> None:
+def test_build_bytes_equals_build(cfg: tuple, torn_runs: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(imagesmod.Extents, "TORN_RUNS", torn_runs)
     log = _workload(cfg, sum(cfg) % 613).log
     fast, plain = CrashImageBuilder(log), CrashImageBuilder(log)
     compared = large = 0
