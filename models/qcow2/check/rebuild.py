@@ -57,7 +57,7 @@ def alloc_clusters_imrt(s: CheckState, imrt: Imrt, count: int, first_free: int) 
     return s.geo.cluster_to_offset(cluster), first_free
 
 
-def rebuild_refcounts_write_refblocks(s: CheckState, imrt: Imrt, first: int, end: int, reftable: list[int]) -> bool:
+def rebuild_refcounts_write_refblocks(s: CheckState, imrt: Imrt, first: int, end: int, reftable: array.array) -> bool:
     """Write a refcount block for every block range of [first, end) in use; returns whether the new reftable grew."""
     cs, geo = s.cs, s.geo
     first_free = 0
@@ -79,7 +79,7 @@ def rebuild_refcounts_write_refblocks(s: CheckState, imrt: Imrt, first: int, end
                 end = geo.offset_to_cluster(offset) + 1
             if len(reftable) <= index:
                 entries = geo.size_to_clusters((index + 1) * 8) * cs // 8
-                reftable.extend([0] * (entries - len(reftable)))
+                reftable.frombytes(bytes(8 * (entries - len(reftable))))  # (zeros)
                 grown = True
             reftable[index] = offset
         if not pre_write_overlap_check(s, offset, cs):
@@ -93,7 +93,8 @@ def rebuild_refcount_structure(s: CheckState, imrt: Imrt) -> None:
     """Write new refcount blocks and a new table for the IMRT, make them durable, then switch the header to them."""
     s.flush_refblocks()
     s.drop_refblocks()
-    reftable: list[int] = []
+    # An array, as the table the check decoded (`CheckState.reftable`): scanned in C after the switch.
+    reftable = array.array("Q")
     grown = rebuild_refcounts_write_refblocks(s, imrt, 0, imrt.size, reftable)
     assert grown
     while True:
@@ -117,7 +118,7 @@ def rebuild_refcount_structure(s: CheckState, imrt: Imrt) -> None:
     s.ol_cache = None
 
 
-def _be_u64(entries: list[int]) -> bytes:
+def _be_u64(entries) -> bytes:
     """The entries as big-endian u64s, in C (struct.pack took them as 262,144 arguments with 2 MiB clusters)."""
     table = array.array("Q", entries)
     if sys.byteorder == "little":
