@@ -15,9 +15,10 @@ Hazards, and why the memo is safe against them:
   accepted, as the runner's own image dedup, which uses this digest, already accepts it);
 - cached results are shared objects: `Recovery.image` is immutable bytes, its `log` is
   only read (crash images are built from it), and views are never mutated by the judge;
-- memory is bounded by bytes (`max_bytes`, counting each image and what was derived from
-  it) and by entries, least recently used first, so with 2 MiB clusters a worker holds a
-  few copies of an image, not one per crash state;
+- memory is bounded by bytes (`max_bytes`, counting each buffer the entries hold once:
+  a large image judged as `Extents` lies over its log's base and ops, which many entries
+  share, and what was derived from them) and by entries, least recently used first, so
+  with 2 MiB clusters a worker holds a few copies of an image, not one per crash state;
 - `Memo(target, enabled=False)` is the full path: every call goes to the target, which is
   what the differential test compares the memo against.
 """
@@ -47,13 +48,63 @@ def digest(data: bytes | bytearray | Extents) -> bytes:
 class Facts:
     """What is known about one image: its bytes, digest and the target's results computed so far."""
 
-    __slots__ = ("data", "key", "results", "cost")
+    __slots__ = ("data", "key", "results", "extra", "held")
 
     def __init__(self, data: Image, key: bytes) -> None:
         self.data = data
         self.key = key
         self.results: dict[tuple, object] = {}
-        self.cost = len(data)
+        self.extra = 0  # bytes of derived results (views), held by this entry alone
+        self.held: list[int] = []  # the buffers it holds (`_Buffers`), its image's and its results'
+
+
+class _Buffers:
+    """The distinct buffers the memo's entries hold, each counted once however many entries lie over it.
+
+    Hazard: buffers are told apart by `id`, which is safe because each one is held here
+    (so it cannot be freed and its id reused) until the last entry holding it goes.
+    """
+
+    def __init__(self) -> None:
+        self._held: dict[int, list] = {}  # id -> [buffer, entries holding it]
+        self.bytes = 0
+
+    def hold(self, buffers) -> list[int]:
+        ids = []
+        for buf in buffers:
+            k = id(buf)
+            held = self._held.get(k)
+            if held is None:
+                self._held[k] = [buf, 1]
+                self.bytes += len(buf)
+            else:
+                held[1] += 1
+            ids.append(k)
+        return ids
+
+    def release(self, ids: list[int]) -> None:
+        for k in ids:
+            held = self._held[k]
+            held[1] -= 1
+            if not held[1]:
+                del self._held[k]
+                self.bytes -= len(held[0])
+
+
+def _buffers_of(image) -> list:
+    """The distinct buffers an image's bytes lie in: itself, or its extents' sources."""
+    if type(image) is not Extents:
+        return [image]
+    return list({id(src): src for _a, _b, src, _o in image.parts if src is not None}.values())
+
+
+def _recovery_buffers(rec: Recovery) -> list:
+    """What a memoised recovery holds: its image's buffers, its log's base and the data of its log's ops."""
+    out = _buffers_of(rec.image) if rec.image is not None else []
+    if rec.log is not None:
+        out += _buffers_of(rec.log.base)
+        out += [op.data for op in rec.log.ops if op.data]
+    return out
 
 
 class Memo:
@@ -66,7 +117,8 @@ class Memo:
         self.max_bytes = max_bytes
         self.max_entries = max_entries
         self._entries: OrderedDict[bytes, Facts] = OrderedDict()
-        self._bytes = 0
+        self._buffers = _Buffers()
+        self._extra = 0
         self.hits = 0
         self.misses = 0
         # A target whose check and recovery can be keyed by the bytes they read (the python
@@ -103,17 +155,23 @@ class Memo:
             raise ValueError(f"imagememo: no facts held for digest {key.hex()} and no image bytes given")
         facts = Facts(data if type(data) is Extents and self._extents else as_bytes(data), key)
         self._entries[key] = facts
-        self._bytes += facts.cost
+        facts.held = self._buffers.hold(_buffers_of(facts.data))
         self._evict()
         return facts
+
+    @property
+    def _bytes(self) -> int:
+        """What the entries hold: each distinct buffer once, and their derived results."""
+        return self._buffers.bytes + self._extra
 
     def _evict(self) -> None:
         # The newest entry always stays, however large: the judge is using it.
         while len(self._entries) > 1 and (self._bytes > self.max_bytes or len(self._entries) > self.max_entries):
             _key, old = self._entries.popitem(last=False)
-            self._bytes -= old.cost
+            self._buffers.release(old.held)
+            self._extra -= old.extra
 
-    def _get(self, facts: Facts, key: tuple, compute, weigh=lambda _r: 0):
+    def _get(self, facts: Facts, key: tuple, compute, weigh=lambda _r: 0, holds=None):
         if not self.enabled:
             return compute()
         results = facts.results
@@ -124,11 +182,12 @@ class Memo:
         value = compute()
         results[key] = value
         extra = weigh(value)
-        if extra:
-            facts.cost += extra
-            if facts.key in self._entries:
-                self._bytes += extra
-                self._evict()
+        buffers = holds(value) if holds is not None else ()
+        if (extra or buffers) and self._entries.get(facts.key) is facts:
+            facts.extra += extra
+            self._extra += extra
+            facts.held += self._buffers.hold(buffers)
+            self._evict()
         return value
 
     # ---- the target's judging functions, memoised ------------------------------------------------
@@ -192,17 +251,13 @@ class Memo:
             key = next((k for data, k in handed if data is rec.image), None)
             return rec, key or digest(rec.image), known
 
-        def weigh(value) -> int:
-            rec = value[0]
-            size = len(rec.image or b"")
-            if rec.log is not None:
-                size += len(rec.log.base) + sum(len(op.data) for op in rec.log.ops)
-            return size
+        def holds(value) -> list:
+            return _recovery_buffers(value[0])
 
         if not self.enabled:  # the full path: the target's own recover, nothing learnt on the side
             rec = self.target.recover(facts.data, path, options, record=record)
             return rec, (None if rec.image is None else Facts(rec.image, b""))
-        rec, key, known = self._get(facts, ("recover", path, options, record), compute, weigh)
+        rec, key, known = self._get(facts, ("recover", path, options, record), compute, holds=holds)
         if rec.image is None:
             return rec, None
         recovered = self.facts(rec.image, key)

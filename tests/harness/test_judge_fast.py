@@ -110,6 +110,28 @@ def test_memo_is_bounded_and_counts_hits() -> None:
     assert (memo.hits, memo.misses) == (1, 1)
 
 
+def test_memo_counts_a_buffer_its_entries_share_once() -> None:
+    """Large images judged as extents over one base: the base counts once, each entry its own bytes, and the bound
+    still evicts by what is held."""
+    from harness.crashstates.images import Extents
+
+    base = bytes(1 << 20)
+    memo = Memo(PythonTarget(), max_bytes=(1 << 20) + 3000, max_entries=10)
+    images = []
+    for i in range(4):
+        image = Extents(base)
+        image.put(i * 4096, i * 4096 + 1000, bytes([i + 1]) * 1000, 0)
+        images.append(image)
+    first = [memo.facts(image) for image in images[:3]]
+    assert all(type(f.data) is Extents for f in first)  # (the python target judges extents: never joined)
+    assert len(memo._entries) == 3 and memo._bytes == (1 << 20) + 3000
+    memo.facts(images[3])  # one more entry's own bytes: over the bound, the oldest goes and the base stays counted
+    assert len(memo._entries) == 3 and memo._bytes == (1 << 20) + 3000
+    assert not memo.has(first[0].key) and memo.has(first[1].key)
+    joined = Memo(PythonTarget(), enabled=False).facts(images[0])
+    assert type(joined.data) is bytes and joined.data == images[0].join()  # (the full path: one buffer)
+
+
 def test_full_path_memoises_nothing() -> None:
     memo = Memo(PythonTarget(), enabled=False)
     facts = memo.facts(b"x" * 100)
