@@ -9,7 +9,7 @@ import xxhash
 
 from harness.crashstates.state import CrashState
 from harness.faultfile import HostOp, HostOpKind, WriteLog, sector_pieces
-from models.blockio import MemoryFile
+from models.blockio import SECTOR, MemoryFile
 
 def _resize(image: bytearray, size: int) -> None:
     if size < len(image):
@@ -242,21 +242,19 @@ class Extents:
         if sectors is None:
             self.put(start, end, op.data, 0)
         else:
-            pieces = sector_pieces(start, len(op.data))
-            runs = _runs(sectors)
+            runs = _byte_runs(start, end, _runs(sectors))
             if len(runs) > self.TORN_RUNS:
-                self.put(start, end, self._torn(op, pieces, runs, garbage), 0)
+                self.put(start, end, self._torn(op, runs, garbage), 0)
                 return len(self.parts) <= self.MAX
             if garbage is not None:
                 self.put(start, end, _garbage_bytes(garbage, op.index, len(op.data)), 0)
-            for first, last in runs:
-                lo, hi = pieces[first][0], pieces[last][1]
+            for lo, hi in runs:
                 self.put(lo, hi, op.data, lo - start)
                 if len(self.parts) > self.MAX:
                     return False
         return len(self.parts) <= self.MAX
 
-    def _torn(self, op: HostOp, pieces: list, runs: list[tuple[int, int]], garbage: int | None) -> bytes:
+    def _torn(self, op: HostOp, runs: list[tuple[int, int]], garbage: int | None) -> bytes:
         """The bytes a torn write leaves over its range: its kept runs over the old bytes (or garbage), as one
         buffer. (A 2 MiB write torn at random keeps about 2,000 runs of sectors: as extents it overflowed
         `MAX` and the whole image was built as a buffer instead, a tenth of a 2 MiB-cluster example.)"""
@@ -264,9 +262,8 @@ class Extents:
         out = bytearray(_garbage_bytes(garbage, op.index, len(op.data)) if garbage is not None
                         else self.read(start, len(op.data)))
         data = memoryview(op.data)
-        for first, last in runs:
-            lo, hi = pieces[first][0] - start, pieces[last][1] - start
-            out[lo:hi] = data[lo:hi]
+        for lo, hi in runs:
+            out[lo - start:hi - start] = data[lo - start:hi - start]
         return bytes(out)
 
     def grow(self, size: int) -> None:
@@ -371,6 +368,14 @@ Image = bytes | Extents  # a crash or recovered image while it is judged (large 
 def as_bytes(image: "bytes | bytearray | Extents") -> bytes:
     """An image's bytes, joined when it is `Extents` (for whatever needs one buffer: a file, qemu-img)."""
     return image.join() if type(image) is Extents else bytes(image)
+
+
+def _byte_runs(start: int, end: int, runs: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Runs of pieces of the write [start, end) (as `sector_pieces` numbers them) as absolute byte ranges,
+    without listing every piece (a 2 MiB write has 4,096)."""
+    first_sector = start // SECTOR
+    return [(start if first == 0 else (first_sector + first) * SECTOR, min(end, (first_sector + last + 1) * SECTOR))
+            for first, last in runs]
 
 
 def _runs(sectors: tuple[int, ...]) -> list[tuple[int, int]]:

@@ -78,3 +78,18 @@ def test_many_torn_pieces_fall_back_to_build(monkeypatch: pytest.MonkeyPatch) ->
         assert builder.build_bytes(state) == bytes(CrashImageBuilder(log).build(state))
     assert calls, "no state had enough torn pieces to take the plain path"
     assert isinstance(states[0], CrashState)
+
+
+def test_byte_runs_are_the_runs_of_sector_pieces() -> None:
+    """`_byte_runs` (a torn write's kept runs as byte ranges, without listing its pieces) against `sector_pieces`,
+    on unaligned starts and ends too."""
+    from harness.faultfile import sector_pieces
+
+    rng = random.Random(3)
+    for _ in range(300):
+        start, length = rng.randrange(0, 1 << 16), rng.randrange(1, 40000)
+        pieces = sector_pieces(start, length)
+        kept = sorted(rng.sample(range(len(pieces)), rng.randrange(1, len(pieces) + 1)))
+        runs = imagesmod._runs(tuple(kept))
+        assert imagesmod._byte_runs(start, start + length, runs) == \
+            [(pieces[first][0], pieces[last][1]) for first, last in runs]
