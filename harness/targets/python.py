@@ -231,9 +231,12 @@ class PythonTarget(Target):
         self._attach(base)
 
     def _attach(self, inner: MemoryFile) -> None:
+        old = self.image
         self._inner = inner
         self._ff = FaultInjectingFile(inner)
         self.image = self._open_live()
+        if old is not None:
+            old.release()  # (closed or aborted before: its cycles and tables go now, not at a collection)
 
     def _open_live(self) -> Qcow2Image:
         return Qcow2Image.open(self.ff, cache_mode=self._options.cache_mode,
@@ -278,11 +281,13 @@ class PythonTarget(Target):
         return self.live.read(offset, length)
 
     def reopen(self, cache_mode: str | None, lazy_refcounts: bool | None) -> None:
-        self.live.close()
+        old = self.live
+        old.close()
         self._options = OpenOptions(
             CacheMode(cache_mode) if cache_mode is not None else self._options.cache_mode,
             lazy_refcounts if lazy_refcounts is not None else self._options.lazy_refcounts)
         self.image = self._open_live()
+        old.release()
 
     def live_check(self) -> CheckSummary:
         # Like qemu-img check on an open image: write every cached table first.
@@ -290,10 +295,12 @@ class PythonTarget(Target):
         return summary(checkmod.check(self.ff))
 
     def live_repair(self, mode: str) -> CheckSummary:
-        self.live.close()
+        old = self.live
+        old.close()
         fix = checkmod.Fix.ALL if mode == "all" else checkmod.Fix.LEAKS
         result = checkmod.repair(self.ff, fix)
         self.image = self._open_live()
+        old.release()
         return summary(result)
 
     def close(self) -> None:

@@ -225,6 +225,13 @@ class Qcow2Image:
         self.refcache.tables.clear()
         self.l2cache.dirty.clear()
         self.refcache.dirty.clear()
+        # The cycles themselves are broken too (the I/O choke point, the refcount and overlap helpers
+        # point back at the image, the caches call its methods), so reference counting frees the image,
+        # its tables and its file at once, without waiting for the collector.
+        self.l1 = self.reftable = []
+        for cache in (self.l2cache, self.refcache):
+            cache.read = cache.write_fn = cache.file_flush = cache.depends = None
+        self.io = self.refcounts = self.overlap = self._pwrite = self._file_flush = None
 
     def __enter__(self) -> "Qcow2Image":
         return self

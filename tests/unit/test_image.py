@@ -455,3 +455,34 @@ def test_zero_length_requests_are_no_ops():
     img.write_zeroes(0, 0)
     img.discard(0, 0)
     assert counted.writes == []
+
+
+def test_a_released_image_is_freed_without_the_cyclic_collector():
+    """release() breaks the image's reference cycles (I/O choke point, helpers, caches): with 2 MiB clusters each
+    image left to the collector held megabytes, and the judge collected after every crash state."""
+    import gc
+    import weakref
+
+    from harness.targets.python import PythonTarget
+
+    f = MemoryFile()
+    Qcow2Image.create(f, 1 << 20, cluster_size=65536)
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        img = Qcow2Image.open(f)
+        img.write(0, b"x" * 512)
+        img.close()
+        img.release()
+        ref = weakref.ref(img)
+        del img
+        assert ref() is None
+        target = PythonTarget()  # the live image a reopen replaces goes the same way
+        from harness.config import Config
+        target.create(Config())
+        old = weakref.ref(target.image)
+        target.reopen(None, None)
+        assert old() is None
+    finally:
+        if was_enabled:
+            gc.enable()
