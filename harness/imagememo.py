@@ -15,10 +15,11 @@ Hazards, and why the memo is safe against them:
   accepted, as the runner's own image dedup, which uses this digest, already accepts it);
 - cached results are shared objects: `Recovery.image` is immutable bytes, its `log` is
   only read (crash images are built from it), and views are never mutated by the judge;
-- memory is bounded by bytes (`max_bytes`, counting each buffer the entries hold once:
+- memory is bounded by bytes (`max_bytes`: each image and what was derived from it;
   a large image judged as `Extents` lies over its log's base and ops, which many entries
-  share, and what was derived from them) and by entries, least recently used first, so
-  with 2 MiB clusters a worker holds a few copies of an image, not one per crash state;
+  share, so those buffers are counted once however many entries hold them) and by
+  entries, least recently used first, so with 2 MiB clusters a worker holds a few copies
+  of an image, not one per crash state;
 - `Memo(target, enabled=False)` is the full path: every call goes to the target, which is
   what the differential test compares the memo against.
 """
@@ -155,7 +156,11 @@ class Memo:
             raise ValueError(f"imagememo: no facts held for digest {key.hex()} and no image bytes given")
         facts = Facts(data if type(data) is Extents and self._extents else as_bytes(data), key)
         self._entries[key] = facts
-        facts.held = self._buffers.hold(_buffers_of(facts.data))
+        if type(facts.data) is Extents:
+            facts.held = self._buffers.hold(_buffers_of(facts.data))
+        else:  # (a buffer of its own: counted whole per entry, as the results derived from it are)
+            facts.extra = len(facts.data)
+            self._extra += facts.extra
         self._evict()
         return facts
 
@@ -252,12 +257,22 @@ class Memo:
             return rec, key or digest(rec.image), known
 
         def holds(value) -> list:
-            return _recovery_buffers(value[0])
+            rec = value[0]
+            return _recovery_buffers(rec) if type(rec.image) is Extents else []
+
+        def weigh(value) -> int:
+            rec = value[0]
+            if type(rec.image) is Extents:
+                return 0  # (its buffers are held, each counted once: `holds`)
+            size = len(rec.image or b"")
+            if rec.log is not None:
+                size += len(rec.log.base) + sum(len(op.data) for op in rec.log.ops)
+            return size
 
         if not self.enabled:  # the full path: the target's own recover, nothing learnt on the side
             rec = self.target.recover(facts.data, path, options, record=record)
             return rec, (None if rec.image is None else Facts(rec.image, b""))
-        rec, key, known = self._get(facts, ("recover", path, options, record), compute, holds=holds)
+        rec, key, known = self._get(facts, ("recover", path, options, record), compute, weigh, holds)
         if rec.image is None:
             return rec, None
         recovered = self.facts(rec.image, key)
