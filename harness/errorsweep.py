@@ -156,44 +156,49 @@ def run_point(w: Workload, point: ErrorPoint | None, variant: str, base: bytes |
         img = Qcow2Image.open(f, cache_mode=w.cache_mode, lazy_refcounts=w.lazy)
     except Qcow2Error:
         return _judge(base if variant == "crash" else f.inner.getvalue(), model, finding)
-    failed = False
-    swallowed: list[ErrorFinding] = []
-    for i, op in enumerate(w.ops):
-        at[0] = i
+    # Released however the run ends: the image's reference cycles would keep it, its file and that file's
+    # log (every byte the run wrote) until the next collection.
+    try:
+        failed = False
+        swallowed: list[ErrorFinding] = []
+        for i, op in enumerate(w.ops):
+            at[0] = i
+            fired = len(plan.fired)
+            try:
+                _apply(img, op)
+            except Qcow2Error:
+                failed = True
+                if op[0] == "write":
+                    model.wrote(op[1], op[2], op[3], durable=False)
+                if variant == "crash":
+                    img.abort()
+                    return _judge(_durable(f), model, finding)
+                continue
+            if len(plan.fired) > fired and not swallowed:
+                # Judged at the end: what the swallowed error cost (lost data, corruption) is the better evidence.
+                swallowed.append(finding("swallowed", f"{op[0]} returned success although {plan.fired[-1]} failed"))
+            if op[0] == "write":
+                model.wrote(op[1], op[2], op[3], durable=writethrough)
+            elif op[0] == "flush":
+                model.flushed()
+            if op[0] == "discard":
+                model.wrote(op[1], op[2], 0, durable=False)
         fired = len(plan.fired)
+        at[0] = len(w.ops)
         try:
-            _apply(img, op)
+            img.close()
         except Qcow2Error:
             failed = True
-            if op[0] == "write":
-                model.wrote(op[1], op[2], op[3], durable=False)
             if variant == "crash":
-                img.abort()
-                return _judge(_durable(f), model, finding)
-            continue
-        if len(plan.fired) > fired and not swallowed:
-            # Judged at the end: what the swallowed error cost (lost data, corruption) is the better evidence.
-            swallowed.append(finding("swallowed", f"{op[0]} returned success although {plan.fired[-1]} failed"))
-        if op[0] == "write":
-            model.wrote(op[1], op[2], op[3], durable=writethrough)
-        elif op[0] == "flush":
-            model.flushed()
-        if op[0] == "discard":
-            model.wrote(op[1], op[2], 0, durable=False)
-    fired = len(plan.fired)
-    at[0] = len(w.ops)
-    try:
-        img.close()
-    except Qcow2Error:
-        failed = True
-        if variant == "crash":
-            return _judge(_durable(f), model, finding) or (swallowed[0] if swallowed else None)
-    else:
-        if len(plan.fired) > fired and not swallowed:
-            swallowed.append(finding("swallowed", f"close returned success although {plan.fired[-1]} failed"))
-        if not failed:
-            model.flushed()  # a clean close made everything durable
-    return _judge(f.inner.getvalue(), model, finding) or (swallowed[0] if swallowed else None)
+                return _judge(_durable(f), model, finding) or (swallowed[0] if swallowed else None)
+        else:
+            if len(plan.fired) > fired and not swallowed:
+                swallowed.append(finding("swallowed", f"close returned success although {plan.fired[-1]} failed"))
+            if not failed:
+                model.flushed()  # a clean close made everything durable
+        return _judge(f.inner.getvalue(), model, finding) or (swallowed[0] if swallowed else None)
+    finally:
+        img.release()
 
 
 def _judge(raw: bytes, model: _Model, finding) -> ErrorFinding | None:
@@ -205,18 +210,23 @@ def _judge(raw: bytes, model: _Model, finding) -> ErrorFinding | None:
             return finding("corrupt", f"dirty bit clear but check finds {result.corruptions} corruptions, "
                                       f"{result.check_errors} check errors: {result.messages[:3]}")
     try:
-        Qcow2Image.open(mem).close()  # repairs a dirty image
+        repaired = Qcow2Image.open(mem)  # repairs a dirty image
+        repaired.close()
+        repaired.release()
         img = Qcow2Image.open(mem, readonly=True)
     except Qcow2Error as exc:
         return finding("corrupt", f"the next open fails: {exc}")
-    for s in model.sectors():
-        if s * SECTOR >= img.size:
-            continue
-        got = img.read(s * SECTOR, SECTOR)
-        allowed = model.allowed(s)
-        if got != bytes([got[0]]) * SECTOR or got[0] not in allowed:
-            return finding("lost", f"sector {s} reads {got[:4].hex()}..., allowed {sorted(allowed)}")
-    return None
+    try:
+        for s in model.sectors():
+            if s * SECTOR >= img.size:
+                continue
+            got = img.read(s * SECTOR, SECTOR)
+            allowed = model.allowed(s)
+            if got != bytes([got[0]]) * SECTOR or got[0] not in allowed:
+                return finding("lost", f"sector {s} reads {got[:4].hex()}..., allowed {sorted(allowed)}")
+        return None
+    finally:
+        img.release()
 
 
 def error_points(w: Workload, base: bytes) -> list[ErrorPoint]:
@@ -227,6 +237,7 @@ def error_points(w: Workload, base: bytes) -> list[ErrorPoint]:
     for op in w.ops:
         _apply(img, op)
     img.close()
+    img.release()
     points = []
     for op, n in plan.counts.items():
         kinds = {"write": (ErrorKind.EIO, ErrorKind.SHORT, ErrorKind.ENOSPC), "truncate": (ErrorKind.EIO, ErrorKind.ENOSPC)}
