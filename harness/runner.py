@@ -188,8 +188,10 @@ class Runner:
         log = self.target.log
         state = self.resolve_crash(op)
         model = self.executor.model_at(state.point)
-        image = self.executor.builder.build_bytes(state)
-        judged = self.judge.judge(self._where(n, state), image, model, log, deep=True)
+        # (a large image stays extents over the log, as a sweep's do: never a whole second copy)
+        image, key = self.executor.builder.image_and_digest(state)
+        judged = self.judge.judge(self._where(n, state), image, model, log, deep=True, key=key)
+        del image
         if judged.finding:
             self.findings.append(judged.finding)
             return
