@@ -13,8 +13,9 @@ Hazards, and why the memo is safe against them:
   collide; it hashes at memory speed, where BLAKE2b cost a tenth of a nightly example); a
   collision would merge two images' results (about 2**-64 for the images of a whole night:
   accepted, as the runner's own image dedup, which uses this digest, already accepts it);
-- cached results are shared objects: `Recovery.image` is immutable bytes, its `log` is
-  only read (crash images are built from it), and views are never mutated by the judge;
+- cached results are shared objects: `Recovery.image` is immutable bytes, or `Extents`
+  over immutable bytes that nobody lays anything over (harness/crashstates/images.py), its
+  `log` is only read (crash images are built from it), and views are never mutated by the judge;
 - memory is bounded by bytes (`max_bytes`: each image and what was derived from it;
   a large image judged as `Extents` lies over its log's base and ops, which many entries
   share, so those buffers are counted once however many entries hold them) and by
@@ -281,23 +282,25 @@ class Memo:
         return rec, recovered
 
 
-def _reuses_reads(target: Target, names: tuple[str, ...] = ("check", "recover", "recover_checked")) -> bool:
-    """Whether the target's `names` (check and recover_checked) take a ReadMemo (a subclass that overrides one does not)."""
-    if not getattr(target, "reuses_reads", False):
+def _declared(target: Target, flag: str, names: tuple[str, ...]) -> bool:
+    """Whether the target sets `flag` and the class that sets it also defines every one of `names`
+    (a subclass that overrides one of them below, a test double or a wrapper, did not promise the flag)."""
+    if not getattr(target, flag, False):
         return False
     mro = type(target).__mro__
-    owner = next(k for k in mro if "reuses_reads" in vars(k))
+    owner = next(k for k in mro if flag in vars(k))
     return all(next(k for k in mro if name in vars(k)) is owner for name in names)
+
+
+def _reuses_reads(target: Target, names: tuple[str, ...] = ("check", "recover", "recover_checked")) -> bool:
+    """Whether the target's `names` (check and recover_checked) take a ReadMemo."""
+    return _declared(target, "reuses_reads", names)
 
 
 def _judges_extents(target: Target) -> bool:
-    """Whether the target's judging functions take `Extents` (`judges_extents`, and no subclass below overrides one)."""
-    if not getattr(target, "judges_extents", False):
-        return False
-    mro = type(target).__mro__
-    owner = next(k for k in mro if "judges_extents" in vars(k))
-    names = ("inspect", "check", "read_only", "snapshots", "recover", "recover_checked")
-    return all(next(k for k in mro if name in vars(k)) is owner for name in names)
+    """Whether the target's judging functions take `Extents` (`judges_extents`)."""
+    return _declared(target, "judges_extents", ("inspect", "check", "read_only", "snapshots", "recover",
+                                                 "recover_checked"))
 
 
 def _checked_recovery(target: Target):

@@ -339,13 +339,7 @@ class Extents:
     def digest(self) -> bytes:
         """XXH3-128 of the image's bytes (what `join` would return), hashed where they lie, without joining them."""
         h = xxhash.xxh3_128()
-        for a, b, src, off in self.parts:
-            if src is None:
-                for lo in range(a, b, len(_ZEROS)):
-                    h.update(_ZEROS[:min(b - lo, len(_ZEROS))])
-            else:
-                with memoryview(src) as view:
-                    h.update(view[off:off + b - a])
+        self.hash_range(h, 0, self.size)
         return h.digest()
 
     def join(self) -> bytes:

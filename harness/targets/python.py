@@ -131,9 +131,7 @@ class CopyOnWriteFile(MemoryFile):
         return self._over.size if self._over is not None else len(self.buf)
 
     def getvalue(self) -> bytes:
-        if self._over is not None:
-            return self._over.join()
-        return self.buf if type(self.buf) is bytes else bytes(self.buf)
+        return as_bytes(self.frozen_image())
 
     def frozen_image(self) -> bytes | Extents:
         """The file's bytes now, as an immutable image: its bytes, or a copy of its extents (a large image, never
@@ -493,7 +491,9 @@ def _replayed_recovery(raw: Image, record: bool, replay: tuple, image_for=None) 
         log = WriteLog(raw)
         for op in log_ops:
             log.append(op.kind, op.offset, op.data, op.site, op.size_after)
-    return Recovery(replay_writes(raw, ops, image_for), log, messages, events), known
+    # (as the recovery's own CopyOnWriteFile would: a large image's writes laid over it as extents, handed on so)
+    keep = type(raw) is Extents or len(raw) >= CopyOnWriteFile._EXTENTS_FROM
+    return Recovery(replay_writes(raw, ops, image_for, keep_extents=keep), log, messages, events), known
 
 
 def _recover_open(file: BlockFile, options: OpenOptions, messages: list, events: list[str],

@@ -150,16 +150,17 @@ class ReadMemo:
         self.bytes = 0
 
 
-def replay_writes(data: bytes | Extents, ops: tuple[tuple[int, bytes | None], ...], image_for=None) -> bytes | Extents:
+def replay_writes(data: bytes | Extents, ops: tuple[tuple[int, bytes | None], ...], image_for=None, *,
+                  keep_extents: bool = False) -> bytes | Extents:
     """`data` with a run's writes (offset, bytes) and truncations (size, None) applied in order, as its file had them.
 
     Laid over `data` as extents and joined in one copy (a 2 MiB-cluster image is tens of MiB).
     With `image_for(digest, join)`, the caller is asked for the result by its XXH3-128
     digest (hashed over the extents) first: a caller holding those bytes already hands
     them back and nothing is joined (most crashes of one recovery recover to an image seen
-    before); otherwise it calls `join`. A large image (`CopyOnWriteFile._EXTENTS_FROM`,
-    as the recovery's own file would have laid its writes) stays `Extents`, never joined:
-    the recovery it replays would have handed its image on so."""
+    before); otherwise it calls `join`. With `keep_extents` (the caller's file would have
+    laid the writes over the image as extents and handed them on so) the result stays
+    `Extents`, never joined."""
     if not ops:
         return data
     image = data.copy() if type(data) is Extents else Extents(data)
@@ -172,11 +173,7 @@ def replay_writes(data: bytes | Extents, ops: tuple[tuple[int, bytes | None], ..
             image.put(offset, offset + len(payload), payload, 0)
         else:
             image.grow(offset)  # (an empty write past the end grows a MemoryFile to its offset)
-    from harness.targets.python import CopyOnWriteFile  # (that module builds on this one)
-
-    join = image.join
-    if type(data) is Extents or len(data) >= CopyOnWriteFile._EXTENTS_FROM:
-        join = lambda: image  # noqa: E731
+    join = (lambda: image) if keep_extents else image.join
     if image_for is not None:
         return image_for(image.digest(), join)
     return join()

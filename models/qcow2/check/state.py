@@ -7,16 +7,14 @@ only the refusals of what it does not implement.
 
 from __future__ import annotations
 
-import array
 import errno
-import itertools
 import os
 from typing import Callable, MutableSequence
 
 from models.blockio import BlockFile, WriteSite, read_exact
 from models.qcow2 import inject, spec
 from models.qcow2.cache import TableCache
-from models.qcow2.check.imrt import PackedView, decode_refblock, nonzero_entries, refblock_view
+from models.qcow2.check.imrt import PackedView, as_u64_table, decode_refblock, nonzero_entries, refblock_view
 from models.qcow2.check.result import CheckCounts, Finding, Kind
 from models.qcow2.errors import UnsupportedFeature
 from models.qcow2.geometry import set_refcount
@@ -177,12 +175,7 @@ class CheckState:
         """Indices of the non-zero refcount-table entries, ascending (found in C; recomputed after a rebuild swaps the table)."""
         table = self.reftable
         if self._used_for is not table:
-            if isinstance(table, array.array) and table.typecode == "Q":
-                self._used = nonzero_entries(table)
-            elif len(table) >= 4096:  # (a rebuilt table is a list: a 2 MiB-cluster one of 262,144 entries)
-                self._used = nonzero_entries(array.array("Q", table))
-            else:
-                self._used = list(itertools.compress(range(len(table)), table))
+            self._used = nonzero_entries(as_u64_table(table))
             self._used_for = table
         return self._used
 
