@@ -271,6 +271,16 @@ def test_recording_file_repairs_as_the_memory_file_does(cfg: tuple) -> None:
     assert zero_writes > 0, "no repair freed a cluster, so the zeroed runs were not compared"
 
 
+def _cold_runs(images: list[bytes], clear) -> list:
+    """Every check and repair of `images` on the fast path, each with a memo emptied by `clear` just before it."""
+    out = []
+    for image in images:
+        for fix in FIXES:
+            clear()
+            out.append(_run(fast, image, fix, None))
+    return out
+
+
 @pytest.mark.parametrize("cfg", [c for c in CONFIGS if c[0] <= 1 << 16], ids=lambda c: f"cs{c[0]}-rc{c[1]}-v{c[2]}-{'lazy' if c[3] else 'eager'}")
 def test_block_memo_replays_what_the_compare_computes(cfg: tuple) -> None:
     # (Not with 2 MiB clusters: their blocks are never memoised, see blockmemo._MAX_BLOCK.)
@@ -280,11 +290,7 @@ def test_block_memo_replays_what_the_compare_computes(cfg: tuple) -> None:
     from models.qcow2.check import blockmemo
 
     images = [image for image in _seeded_images(cfg) if _header_ok(image)]
-    cold = []
-    for image in images:
-        for fix in FIXES:
-            blockmemo.clear()
-            cold.append(_run(fast, image, fix, None))
+    cold = _cold_runs(images, blockmemo.clear)
     hits = blockmemo.stats["hits"]
     warm = [_run(fast, image, fix, None) for image in images for fix in FIXES]
     assert warm == cold, f"config {cfg}: a replayed block verdict differs from the computed one"
@@ -302,11 +308,7 @@ def test_l2_memo_replays_what_the_walk_counts(cfg: tuple, monkeypatch: pytest.Mo
     monkeypatch.setattr(refcounts, "_VECTOR_FROM", 1)
 
     images = [image for image in _seeded_images(cfg) if _header_ok(image)]
-    cold = []
-    for image in images:
-        for fix in FIXES:
-            l2memo.clear()
-            cold.append(_run(fast, image, fix, None))
+    cold = _cold_runs(images, l2memo.clear)
     found = l2memo.stats["hits"] + l2memo.stats["declined"]
     warm = [_run(fast, image, fix, None) for image in images for fix in FIXES]
     assert warm == cold, f"config {cfg}: a replayed L2 walk differs from the walked one"
