@@ -22,7 +22,8 @@ import dataclasses
 import random
 import traceback
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 from harness import snapshots
 from harness.crashstates import CrashImageBuilder, CrashState, Policy, enumerate_states
@@ -106,7 +107,24 @@ class Judge:
         self.memo = Memo(target, enabled=fast)
         self._compared: list[tuple[dict, dict, int | None]] = []  # the last few (post, pre, first difference) of a state
         self._sites_of: Callable[[], WriteLog | None] = lambda: None  # the log `_sites` holds spans of (weakly)
-        self._sites: dict[tuple[int, int], frozenset] = {}
+        self._sites: dict[int, tuple[int, dict]] = {}  # start -> (ops scanned up to, site -> first write)
+        # (the sweep's model, views it accepted, snapshot views it found matching): see `sweep`
+        self._accepted: tuple[ReferenceDisk, list[dict[int, bytes]], list[tuple[str, dict[int, bytes]]]] | None = None
+
+    @contextmanager
+    def sweep(self, model: ReferenceDisk) -> Iterator[None]:
+        """Judge the states of one sweep, against `model`, which does not change until the sweep ends.
+
+        Inside, a read-only view equal to one the model accepted earlier in the sweep is
+        accepted without judging it again: the states of one sweep mostly read back the
+        same guest data (a nightly 512-byte example: 6 distinct views in 60 states), and
+        the model's verdicts are a function of the view and of the model alone.
+        """
+        self._accepted = (model, [], [])
+        try:
+            yield
+        finally:
+            self._accepted = None
 
     def judge(self, where: Where, image: bytes | bytearray, model: ReferenceDisk, log: WriteLog, *, deep: bool,
               key: bytes | None = None) -> Judged:
@@ -148,15 +166,24 @@ class Judge:
                                                             self._written_sites(log, where.start, where.state.point)))
 
     def _written_sites(self, log: WriteLog, start: int, point: int) -> frozenset:
-        """The write sites of log.ops[start:point], remembered for the current log: the states of one sweep
-        share their op's span and mostly their points (a log's ops are never changed, only appended)."""
+        """The write sites of log.ops[start:point], from where each site first appears after `start`.
+
+        The states of one sweep share their op's span but mostly not their points: listing
+        the span again for every point was a nightly example's thousandth of a million
+        iterations. Per start, each site's first write is found once (a log's ops are
+        never changed, only appended: the scan resumes where it stopped).
+        """
         if self._sites_of() is not log:  # (held weakly: an old log holds a whole image)
             self._sites_of, self._sites = weakref.ref(log), {}
-        sites = self._sites.get((start, point))
-        if sites is None:
-            sites = self._sites[(start, point)] = frozenset(
-                op.site for op in log.ops[start:point] if op.kind is HostOpKind.WRITE)
-        return sites
+        scanned, first = self._sites.get(start, (start, {}))
+        if point > scanned:
+            ops, write = log.ops, HostOpKind.WRITE
+            for index in range(scanned, point):
+                op = ops[index]
+                if op.kind is write and op.site not in first:
+                    first[op.site] = index
+            self._sites[start] = (point, first)
+        return frozenset(site for site, index in first.items() if index < point)
 
     def _judge(self, where: Where, raw: Facts, model: ReferenceDisk, *, deep: bool) -> Judged:
         assert where.state is not None
@@ -173,7 +200,8 @@ class Judge:
         if bad:
             return Judged(bad)
         assert rec.image is not None
-        bad = snapshots.judge(self.target, where, rec.image, pre, model, lambda: self.memo.snapshots(recovered))
+        bad = snapshots.judge(self.target, where, rec.image, pre, model, lambda: self.memo.snapshots(recovered),
+                              self._snapshots_accepted(model))
         if bad:
             return Judged(bad)
         if deep and rec.log is not None and len(rec.log):
@@ -210,10 +238,30 @@ class Judge:
             return where.finding(Verdict.READONLY_OPEN_CHANGED, view.changed, "raw"), {}
         if view.error is not None:
             return where.finding(Verdict.UNOPENABLE, f"read-only open: {view.error}", "raw"), {}
-        verdicts = model.judge_view(view.sectors)
+        verdicts = self._judge_view(model, view.sectors)
         if verdicts:
             return data_finding(where, verdicts, "raw"), {}
         return None, view.sectors
+
+    def _judge_view(self, model: ReferenceDisk, sectors: dict[int, bytes]) -> list[SectorVerdict]:
+        """`model.judge_view`, or no verdicts for a view equal to one the sweep's model accepted (`sweep`)."""
+        scope = self._accepted
+        if scope is None or scope[0] is not model or not self.memo.enabled:
+            return model.judge_view(sectors)
+        accepted = scope[1]
+        for known in accepted:
+            if known is sectors or known == sectors:  # (compared at C speed; views are never mutated)
+                return []
+        verdicts = model.judge_view(sectors)
+        if not verdicts and len(sectors) <= _ACCEPTED_SECTORS:
+            # (held views pin their bytes: a few, and small ones only)
+            accepted.insert(0, sectors)
+            del accepted[_ACCEPTED_VIEWS:]
+        return verdicts
+
+    def _snapshots_accepted(self, model: ReferenceDisk) -> list[tuple[str, dict[int, bytes]]] | None:
+        scope = self._accepted
+        return scope[2] if scope is not None and scope[0] is model and self.memo.enabled else None
 
     def _recover(self, raw: Facts, path: RecoveryPath, *, record: bool) -> tuple[Recovery, Facts | None]:
         rec, recovered = self.memo.recover(raw, path, self.target.options, record=record)
@@ -277,6 +325,9 @@ class Judge:
                 if image is not None:
                     collect_after(image)
         return None
+
+
+_ACCEPTED_VIEWS, _ACCEPTED_SECTORS = 4, 8192  # views a sweep remembers as accepted: at most 4 of 4 MiB each
 
 
 def _first_difference(post: dict[int, bytes], pre: dict[int, bytes]) -> int | None:

@@ -19,6 +19,7 @@ from typing import Callable
 from harness.config import Config
 from harness.crashstates import CrashState
 from harness.executor import Executor, Span
+from harness.faultfile import WriteLog
 from harness.judge import Judge, Where, exc_text, judge_clean_image, judge_closed_reads, read_view
 from harness import snapshots
 from harness.ops import SNAPSHOT_OPS, Check, Crash, Op, Read, validate_op
@@ -163,6 +164,12 @@ class Runner:
         log = self.target.log
         points = choose_points(log, span, self.budget, self.rng)
         candidates = choose_states(log, points, self.budget, self.seed, self.rng)
+        with self.judge.sweep(self.model):  # (the model stays as it is until the sweep ends)
+            self._judge_states(span, log, candidates)
+        self.stats.phase_seconds["sweep"] += time.perf_counter() - t0
+
+    def _judge_states(self, span: Span, log: WriteLog, candidates: list[CrashState]) -> None:
+        """Judge `candidates` in order; the first finding ends the sweep."""
         builder = self.executor.builder
         seen: set[bytes] = set()
         for state in candidates:
@@ -177,7 +184,6 @@ class Runner:
             if judged.finding:
                 self.findings.append(judged.finding)
                 break
-        self.stats.phase_seconds["sweep"] += time.perf_counter() - t0
 
     def _deep(self) -> bool:
         every = self.budget.recovery_every

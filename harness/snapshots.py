@@ -53,11 +53,13 @@ def model_refuses(op, model: "ReferenceDisk") -> str | None:
 
 
 def judge(target: "Target", where: "Where", raw_recovered: bytes, pre: dict[int, bytes],
-          model: "ReferenceDisk", reader_of: "Callable[[], SnapshotReader] | None" = None) -> "Finding | None":
+          model: "ReferenceDisk", reader_of: "Callable[[], SnapshotReader] | None" = None,
+          accepted: "list[tuple[str, dict[int, bytes]]] | None" = None) -> "Finding | None":
     """The snapshot rules on a recovered crash image; None when there is nothing to judge or all hold.
 
     `reader_of` gives the image's snapshot reader (the judge's memoised one); by default
-    `target.snapshots(raw_recovered)`.
+    `target.snapshots(raw_recovered)`. `accepted` (the judge's, for one sweep over an
+    unchanging model) remembers the snapshot views the model found matching.
     """
     outcomes = model.snapshot_outcomes()
     if outcomes == [frozenset()] and not model.snapshot_names():
@@ -69,7 +71,7 @@ def judge(target: "Target", where: "Where", raw_recovered: bytes, pre: dict[int,
                              + " or ".join(str(sorted(o)) for o in outcomes), "recovery")
     sectors = sorted(model.touched_sectors())
     for name in sorted(found):
-        bad = _mismatch(reader, name, model, sectors)
+        bad = _mismatch(reader, name, model, sectors, accepted)
         if bad:
             return where.finding(Verdict.SNAPSHOT_CHANGED, bad, "recovery")
     cs = reader.cluster_size
@@ -79,7 +81,11 @@ def judge(target: "Target", where: "Where", raw_recovered: bytes, pre: dict[int,
     return None
 
 
-def _mismatch(reader: "SnapshotReader", name: str, model: "ReferenceDisk", sectors: list[int]) -> str | None:
+_ACCEPTED_VIEWS, _ACCEPTED_SECTORS = 4, 8192  # snapshot views remembered as matching: a few, small ones only
+
+
+def _mismatch(reader: "SnapshotReader", name: str, model: "ReferenceDisk", sectors: list[int],
+              accepted: "list[tuple[str, dict[int, bytes]]] | None" = None) -> str | None:
     """The model's snapshot_mismatch for one snapshot, its sectors read in runs when the reader offers it.
 
     `snapshot_mismatch` reads exactly the touched sectors and the snapshot's own, one at a
@@ -96,7 +102,12 @@ def _mismatch(reader: "SnapshotReader", name: str, model: "ReferenceDisk", secto
         except Exception:  # noqa: BLE001 - replayed one by one below
             got = None
         if got is not None:
+            if accepted is not None and any(n == name and (v is got or v == got) for n, v in accepted):
+                return None  # (this model found this very view matching: `accepted`)
             found = model.snapshot_mismatch_view(name, got, sectors)
+            if found == "" and accepted is not None and len(got) <= _ACCEPTED_SECTORS:
+                accepted.insert(0, (name, got))
+                del accepted[_ACCEPTED_VIEWS:]
             if found is not None:
                 return found or None
     return model.snapshot_mismatch(name, one, sectors)

@@ -38,6 +38,9 @@ class Differential:
         self.findings = 0
         self.verdicts: Counter[str] = Counter()
 
+    def sweep(self, model):
+        return self.fast.sweep(model)  # (the full path judges every view: it remembers none)
+
     def judge(self, where, image, model, log, *, deep: bool, key: bytes | None = None) -> Judged:
         self.full.rng.setstate(self.fast.rng.getstate())
         full = self.full.judge(where, as_bytes(image), model, log, deep=deep)  # (the full path: always one buffer)
