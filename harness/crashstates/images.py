@@ -190,6 +190,7 @@ class CrashImageBuilder:
 IMAGE_EXTENTS_FROM = 4 << 20
 
 
+_SMALL_EXTENT = 4096  # extents up to this size are hashed joined (`Extents.hash_range`)
 _ZEROS = memoryview(bytes(1 << 20))  # fed to the digest for zero extents, a MiB at a time
 
 
@@ -325,16 +326,28 @@ class Extents:
             return
         parts = self.parts
         i = bisect.bisect_right(self.ends, offset)
+        # Small extents (a 512-byte-cluster image is hundreds of sector-sized writes over its
+        # base) are copied into one buffer and hashed in one call: a call per extent cost more
+        # than the hashing. The hash streams, so the digest is the same.
+        small: list[bytes] = []
         while i < len(parts) and parts[i][0] < end:
             a, b, src, off = parts[i]
             lo, hi = max(a, offset), min(b, end)
-            if src is None:
-                for z in range(lo, hi, len(_ZEROS)):
-                    h.update(_ZEROS[:min(hi - z, len(_ZEROS))])
+            if hi - lo <= _SMALL_EXTENT:
+                small.append(bytes(hi - lo) if src is None else src[off + lo - a:off + hi - a])
             else:
-                with memoryview(src) as view:
-                    h.update(view[off + lo - a:off + hi - a])
+                if small:
+                    h.update(b"".join(small))
+                    small = []
+                if src is None:
+                    for z in range(lo, hi, len(_ZEROS)):
+                        h.update(_ZEROS[:min(hi - z, len(_ZEROS))])
+                else:
+                    with memoryview(src) as view:
+                        h.update(view[off + lo - a:off + hi - a])
             i += 1
+        if small:
+            h.update(b"".join(small))
 
     def digest(self) -> bytes:
         """XXH3-128 of the image's bytes (what `join` would return), hashed where they lie, without joining them."""
