@@ -300,7 +300,7 @@ _COMPARE_LINE = {
 _REPAIRED, _REFCOUNT_ERROR, _LEAK = Kind.REPAIRED, Kind.REFCOUNT_ERROR, Kind.LEAK
 
 
-def compare_refcounts(s: CheckState, imrt: Imrt, fix: int) -> tuple[bool, int]:
+def compare_refcounts(s: CheckState, imrt: Imrt, fix: int, *, again: bool = False) -> tuple[bool, int]:
     """Diff the IMRT against the on-disk refcounts, fixing what `fix` allows; returns (rebuild needed, highest cluster in use).
 
     The hottest loop of a crash sweep (a dirty 512-byte-cluster image can repair a million
@@ -310,7 +310,7 @@ def compare_refcounts(s: CheckState, imrt: Imrt, fix: int) -> tuple[bool, int]:
     block whose lookup fails, or whose repair frees a cached refcount block, goes through
     the cluster-by-cluster loop (`_compare_clusters`), which is QEMU's loop as written.
     """
-    done = _compare_vectorised(s, imrt, fix)
+    done = _compare_vectorised(s, imrt, fix, again)
     if done is not None:
         return done
     rebuild = False
@@ -340,7 +340,7 @@ _REFCOUNT_DTYPES = {3: numpy.dtype("u1"), 4: numpy.dtype(">u2"), 5: numpy.dtype(
 _VECTOR_FROM, _VECTOR_LIMIT = 1024, 1 << 20
 
 
-def _compare_vectorised(s: CheckState, imrt: Imrt, fix: int) -> tuple[bool, int] | None:
+def _compare_vectorised(s: CheckState, imrt: Imrt, fix: int, again: bool = False) -> tuple[bool, int] | None:
     """compare_refcounts with the two sides diffed as arrays; None (nothing done) where the block loop must run.
 
     The loop visits every block holding a candidate, and a consistent block (all of a
@@ -359,12 +359,19 @@ def _compare_vectorised(s: CheckState, imrt: Imrt, fix: int) -> tuple[bool, int]
     limit, rbe = imrt.size, s.rb_entries
     if not _VECTOR_FROM <= limit <= _VECTOR_LIMIT:
         return None
-    disk = _disk_refcounts(s, min(len(s.reftable), (limit + rbe - 1) // rbe))
-    if disk is None:
-        return None
-    disk = disk[:limit]
-    if len(disk) < limit:  # blocks past the refcount table: no refcount on disk
-        disk = numpy.concatenate([disk, numpy.zeros(limit - len(disk), dtype=numpy.uint64)])
+    last = s.compared_disk
+    s.compared_disk = None
+    if again and last is not None and last[0] == limit:
+        disk = last[1]  # (the dry pass's array: nothing was written since, and every block it loaded is cached)
+    else:
+        disk = _disk_refcounts(s, min(len(s.reftable), (limit + rbe - 1) // rbe))
+        if disk is None:
+            return None
+        disk = disk[:limit]
+        if len(disk) < limit:  # blocks past the refcount table: no refcount on disk
+            disk = numpy.concatenate([disk, numpy.zeros(limit - len(disk), dtype=numpy.uint64)])
+    if not fix:
+        s.compared_disk = (limit, disk)
     comp = imrt.dense(limit)
     used = numpy.flatnonzero(disk | comp)
     highest = int(used[-1]) if len(used) else 0
@@ -690,7 +697,8 @@ def qcow2_check_refcounts(s: CheckState, fix: int) -> None:
             raise CheckFailed(errno.EIO)
         if res.leaks or res.corruptions:
             s.res = res = pre_compare
-            _, highest = compare_refcounts(s, imrt, fix)
+            # (the dry pass above wrote nothing: its on-disk refcounts are the ones this pass fixes)
+            _, highest = compare_refcounts(s, imrt, fix, again=True)
     s.flush_refblocks()
 
     check_oflag_copied(s, fix)

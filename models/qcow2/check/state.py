@@ -99,6 +99,9 @@ class CheckState:
         # Each cached block also decoded to one int per entry, for lookups in C speed; kept
         # in step with the cache by set_refcount() and drop_refblock().
         self._decoded: dict[int, MutableSequence[int]] = {}
+        # The on-disk refcounts a dry compare pass diffed (clusters, array), for the fixing pass that
+        # follows it with nothing written in between (refcounts.compare_refcounts(again=True)).
+        self.compared_disk: tuple[int, object] | None = None
         self.generation = 0  # bumped whenever a cached block is dropped
         self.ol_cache: dict[str, set[int]] | None = None  # see overlap.metadata_clusters
         self.res = CheckCounts()
