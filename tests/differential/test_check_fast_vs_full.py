@@ -300,12 +300,12 @@ def test_block_memo_replays_what_the_compare_computes(cfg: tuple) -> None:
 @pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: f"cs{c[0]}-rc{c[1]}-v{c[2]}-{'lazy' if c[3] else 'eager'}")
 def test_l2_memo_replays_what_the_walk_counts(cfg: tuple, monkeypatch: pytest.MonkeyPatch) -> None:
     # calculate_refcounts answers a plain L2 table it walked before from models/qcow2/check/l2memo
-    # (from 1,024 clusters on: lowered here, the seeded images are smaller): every check and repair
-    # with a warm memo must be what it is with the memo emptied before it, and what the reference
-    # (full path) computes.
+    # (from `_WALK_MEMO_FROM` clusters on: lowered here, should it be raised again): every check and
+    # repair with a warm memo must be what it is with the memo emptied before it, and what the
+    # reference (full path) computes.
     from models.qcow2.check import l2memo, refcounts
 
-    monkeypatch.setattr(refcounts, "_VECTOR_FROM", 1)
+    monkeypatch.setattr(refcounts, "_WALK_MEMO_FROM", 0)
 
     images = [image for image in _seeded_images(cfg) if _header_ok(image)]
     cold = _cold_runs(images, l2memo.clear)
@@ -367,7 +367,7 @@ def test_copied_flags_found_right_by_arrays_agree_with_the_loop(cfg: tuple, monk
         answers.append(right(s))
         return answers[-1]
 
-    monkeypatch.setattr(refcounts, "_VECTOR_FROM", 1)  # (the seeded images are below the threshold)
+    monkeypatch.setattr(refcounts, "_COPIED_ARRAYS_FROM", 1)  # (the seeded images may be below the threshold)
     monkeypatch.setattr(refcounts, "_copied_all_right", noting)
     fast_runs = [_run(fast, image, fix, None) for image in images for fix in FIXES]
     monkeypatch.setattr(refcounts, "_copied_all_right", lambda s: False)

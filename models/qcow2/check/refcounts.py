@@ -244,8 +244,7 @@ def _grow_file(s: CheckState, new_size: int) -> int | None:
 def calculate_refcounts(s: CheckState, fix: int, nb_clusters: int) -> tuple[Imrt, bool]:
     """Count every reference into a fresh IMRT; returns it and whether a rebuild is needed."""
     imrt = Imrt(nb_clusters, s.rb_entries)
-    # (A small image's walk costs less than keying its tables: the memo from as many clusters as the arrays.)
-    s.walk_memo = nb_clusters >= _VECTOR_FROM
+    s.walk_memo = nb_clusters >= _WALK_MEMO_FROM
     qcow2_inc_refcounts_imrt(s, imrt, 0, s.cs)  # header
     check_refcounts_l1(s, imrt, True, fix)  # active L1, L2 tables, data
     _count_snapshots(s, imrt, fix)
@@ -338,6 +337,11 @@ _REFCOUNT_DTYPES = {3: numpy.dtype("u1"), 4: numpy.dtype(">u2"), 5: numpy.dtype(
 # Clusters from which the compare pass diffs whole arrays (below, numpy's fixed cost per call is more than
 # the block loop: measured per image size on the dev mix), and up to which (16 MiB of arrays at most).
 _VECTOR_FROM, _VECTOR_LIMIT = 1024, 1 << 20
+# Clusters from which the L2 walk is memoised (l2memo): from any size. (It was 1,024 until the
+# judge's other costs fell: on the dev mix's 20 examples, seed 7, callgrind counted 20.66 G
+# instructions with 1,024, 19.95 G with 64, 19.93 G with 256 and 19.89 G with 0.)
+_WALK_MEMO_FROM = 0
+_COPIED_ARRAYS_FROM = 1024  # clusters from which the COPIED check compares arrays first (`_copied_all_right`)
 
 
 def _compare_vectorised(s: CheckState, imrt: Imrt, fix: int, again: bool = False) -> tuple[bool, int] | None:
@@ -557,7 +561,7 @@ def _copied_all_right(s: CheckState) -> bool:
     table are compared at once; any wrong flag, a lookup that would fail (unaligned or
     unreadable block), sub-byte entries or a budget the walk would exhaust leave it to the loop.
     """
-    if s.file.size() >> s.geo.cluster_bits < _VECTOR_FROM:
+    if s.file.size() >> s.geo.cluster_bits < _COPIED_ARRAYS_FROM:
         return False  # (below, numpy's fixed cost is more than the loop, as for the compare pass)
     used = s.reftable_used()
     if not used or (used[-1] + 1) * s.rb_entries > _VECTOR_LIMIT:
