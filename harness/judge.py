@@ -108,8 +108,9 @@ class Judge:
         self._compared: list[tuple[dict, dict, int | None]] = []  # the last few (post, pre, first difference) of a state
         self._sites_of: Callable[[], WriteLog | None] = lambda: None  # the log `_sites` holds spans of (weakly)
         self._sites: dict[int, tuple[int, dict]] = {}  # start -> (ops scanned up to, site -> first write)
-        # (the sweep's model, views it accepted, snapshot views it found matching): see `sweep`
-        self._accepted: tuple[ReferenceDisk, list[dict[int, bytes]], list[tuple[str, dict[int, bytes]]]] | None = None
+        # The sweep's model, the read-only views it accepted and the snapshot views it found matching: see `sweep`
+        self._sweep_model: ReferenceDisk | None = None
+        self._views, self._snapshot_views = AcceptedViews(), AcceptedViews()
 
     @contextmanager
     def sweep(self, model: ReferenceDisk) -> Iterator[None]:
@@ -120,11 +121,12 @@ class Judge:
         same guest data (a nightly 512-byte example: 6 distinct views in 60 states), and
         the model's verdicts are a function of the view and of the model alone.
         """
-        self._accepted = (model, [], [])
+        self._sweep_model, self._views, self._snapshot_views = model, AcceptedViews(), AcceptedViews()
         try:
             yield
         finally:
-            self._accepted = None
+            # (the views go with the sweep: they pin their bytes)
+            self._sweep_model, self._views, self._snapshot_views = None, AcceptedViews(), AcceptedViews()
 
     def judge(self, where: Where, image: bytes | bytearray, model: ReferenceDisk, log: WriteLog, *, deep: bool,
               key: bytes | None = None) -> Judged:
@@ -201,7 +203,7 @@ class Judge:
             return Judged(bad)
         assert rec.image is not None
         bad = snapshots.judge(self.target, where, rec.image, pre, model, lambda: self.memo.snapshots(recovered),
-                              self._snapshots_accepted(model))
+                              self._snapshot_views if self._in_sweep(model) else None)
         if bad:
             return Judged(bad)
         if deep and rec.log is not None and len(rec.log):
@@ -245,23 +247,18 @@ class Judge:
 
     def _judge_view(self, model: ReferenceDisk, sectors: dict[int, bytes]) -> list[SectorVerdict]:
         """`model.judge_view`, or no verdicts for a view equal to one the sweep's model accepted (`sweep`)."""
-        scope = self._accepted
-        if scope is None or scope[0] is not model or not self.memo.enabled:
+        if not self._in_sweep(model):
             return model.judge_view(sectors)
-        accepted = scope[1]
-        for known in accepted:
-            if known is sectors or known == sectors:  # (compared at C speed; views are never mutated)
-                return []
+        if self._views.holds(None, sectors):
+            return []
         verdicts = model.judge_view(sectors)
-        if not verdicts and len(sectors) <= _ACCEPTED_SECTORS:
-            # (held views pin their bytes: a few, and small ones only)
-            accepted.insert(0, sectors)
-            del accepted[_ACCEPTED_VIEWS:]
+        if not verdicts:
+            self._views.add(None, sectors)
         return verdicts
 
-    def _snapshots_accepted(self, model: ReferenceDisk) -> list[tuple[str, dict[int, bytes]]] | None:
-        scope = self._accepted
-        return scope[2] if scope is not None and scope[0] is model and self.memo.enabled else None
+    def _in_sweep(self, model: ReferenceDisk) -> bool:
+        """Whether `model` is the sweep's and the fast path judges (the full path remembers no view)."""
+        return model is self._sweep_model and self.memo.enabled
 
     def _recover(self, raw: Facts, path: RecoveryPath, *, record: bool) -> tuple[Recovery, Facts | None]:
         rec, recovered = self.memo.recover(raw, path, self.target.options, record=record)
@@ -327,7 +324,23 @@ class Judge:
         return None
 
 
-_ACCEPTED_VIEWS, _ACCEPTED_SECTORS = 4, 8192  # views a sweep remembers as accepted: at most 4 of 4 MiB each
+class AcceptedViews:
+    """Views one sweep's model accepted, by key (None for a read-only view, a snapshot's name for its view),
+    most recent first. Held views pin their bytes: at most `MAX_VIEWS`, of at most `MAX_SECTORS` each."""
+
+    MAX_VIEWS, MAX_SECTORS = 4, 8192  # (4 views of 4 MiB)
+
+    def __init__(self) -> None:
+        self._held: list[tuple[str | None, dict[int, bytes]]] = []
+
+    def holds(self, key: str | None, view: dict[int, bytes]) -> bool:
+        """Whether this very view, or an equal one (compared at C speed; views are never mutated), was accepted."""
+        return any(k == key and (v is view or v == view) for k, v in self._held)
+
+    def add(self, key: str | None, view: dict[int, bytes]) -> None:
+        if len(view) <= self.MAX_SECTORS:
+            self._held.insert(0, (key, view))
+            del self._held[self.MAX_VIEWS:]
 
 
 def _first_difference(post: dict[int, bytes], pre: dict[int, bytes]) -> int | None:

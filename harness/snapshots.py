@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 from harness.oracle import Verdict
 
 if TYPE_CHECKING:
-    from harness.judge import Where
+    from harness.judge import AcceptedViews, Where
     from harness.oracle import Finding
     from collections.abc import Callable
 
@@ -54,7 +54,7 @@ def model_refuses(op, model: "ReferenceDisk") -> str | None:
 
 def judge(target: "Target", where: "Where", raw_recovered: bytes, pre: dict[int, bytes],
           model: "ReferenceDisk", reader_of: "Callable[[], SnapshotReader] | None" = None,
-          accepted: "list[tuple[str, dict[int, bytes]]] | None" = None) -> "Finding | None":
+          accepted: "AcceptedViews | None" = None) -> "Finding | None":
     """The snapshot rules on a recovered crash image; None when there is nothing to judge or all hold.
 
     `reader_of` gives the image's snapshot reader (the judge's memoised one); by default
@@ -81,11 +81,8 @@ def judge(target: "Target", where: "Where", raw_recovered: bytes, pre: dict[int,
     return None
 
 
-_ACCEPTED_VIEWS, _ACCEPTED_SECTORS = 4, 8192  # snapshot views remembered as matching: a few, small ones only
-
-
 def _mismatch(reader: "SnapshotReader", name: str, model: "ReferenceDisk", sectors: list[int],
-              accepted: "list[tuple[str, dict[int, bytes]]] | None" = None) -> str | None:
+              accepted: "AcceptedViews | None" = None) -> str | None:
     """The model's snapshot_mismatch for one snapshot, its sectors read in runs when the reader offers it.
 
     `snapshot_mismatch` reads exactly the touched sectors and the snapshot's own, one at a
@@ -102,12 +99,11 @@ def _mismatch(reader: "SnapshotReader", name: str, model: "ReferenceDisk", secto
         except Exception:  # noqa: BLE001 - replayed one by one below
             got = None
         if got is not None:
-            if accepted is not None and any(n == name and (v is got or v == got) for n, v in accepted):
+            if accepted is not None and accepted.holds(name, got):
                 return None  # (this model found this very view matching: `accepted`)
             found = model.snapshot_mismatch_view(name, got, sectors)
-            if found == "" and accepted is not None and len(got) <= _ACCEPTED_SECTORS:
-                accepted.insert(0, (name, got))
-                del accepted[_ACCEPTED_VIEWS:]
+            if found == "" and accepted is not None:
+                accepted.add(name, got)
             if found is not None:
                 return found or None
     return model.snapshot_mismatch(name, one, sectors)

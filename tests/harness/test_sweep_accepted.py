@@ -67,3 +67,18 @@ def test_another_model_or_the_full_path_remembers_nothing() -> None:
         full._judge_view(model, good)
         full._judge_view(model, good)
     assert model.judged == 2
+
+
+def test_accepted_views_are_kept_per_key_and_bounded() -> None:
+    from harness.judge import AcceptedViews
+
+    views = AcceptedViews()
+    snap = {0: b"\x11" * SECTOR}
+    views.add("a", snap)
+    assert views.holds("a", dict(snap)) and not views.holds("b", snap) and not views.holds(None, snap)
+    for k in range(AcceptedViews.MAX_VIEWS):
+        views.add(None, {k + 1: b"\x22" * SECTOR})
+    assert not views.holds("a", snap)  # the oldest went past MAX_VIEWS
+    large = dict.fromkeys(range(AcceptedViews.MAX_SECTORS + 1), bytes(SECTOR))
+    views.add(None, large)
+    assert not views.holds(None, large)  # too large to pin
