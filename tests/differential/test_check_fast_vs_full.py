@@ -375,3 +375,77 @@ def test_copied_flags_found_right_by_arrays_agree_with_the_loop(cfg: tuple, monk
     assert fast_runs == loop_runs, f"config {cfg}: skipping the COPIED loop changed a check or a repair"
     if cfg[1] >= 8:
         assert True in answers, "no image had its flags found right by the arrays: the skip was never compared"
+
+
+class _ReadNoting(MemoryFile):
+    """A MemoryFile that notes every read in order, and fails its `fail_at`-th read with EIO (as an error point would)."""
+
+    def __init__(self, data: bytes, fail_at: int | None = None) -> None:
+        super().__init__(data, name="diff.qcow2")
+        self.reads: list[tuple[int, int]] = []
+        self.fail_at = fail_at
+
+    def pread(self, offset: int, length: int) -> bytes:
+        self.reads.append((offset, length))
+        if len(self.reads) == self.fail_at:
+            from models.qcow2.errors import HostIOError
+
+            raise HostIOError(self.name, "read", offset, length, 5, "injected")
+        return super().pread(offset, length)
+
+
+def _observed(image: bytes, fix: fast.Fix, fail_at: int | None = None) -> tuple:
+    """One check or repair on a read-noting copy: its outcome, its reads in order, and the bytes it left."""
+    f = _ReadNoting(image, fail_at)
+    try:
+        result = fast.repair(f, fix) if fix else fast.check(f)
+        outcome = (fast.format_human(result, "diff.qcow2", bool(fix)), fast.exit_code(result), result.error)
+    except Qcow2Error as exc:
+        outcome = ("raised", type(exc).__name__, str(exc))
+    return outcome, f.reads, bytes(f.buf)
+
+
+@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: f"cs{c[0]}-rc{c[1]}-v{c[2]}-{'lazy' if c[3] else 'eager'}")
+def test_count_memo_replays_what_the_count_computes(cfg: tuple, monkeypatch: pytest.MonkeyPatch) -> None:
+    # calculate_refcounts answers tables it counted before from models/qcow2/check/calcmemo. With
+    # the memo off, then on (a first pass that fills it, a second that finds every count in it), every
+    # check and repair must be the same, down to the writes and the final bytes, and make the same
+    # reads in the same order (a read-set memo above it keys by them; error points count them).
+    from models.qcow2.check import calcmemo, refcounts
+
+    images = [image for image in _seeded_images(cfg) if _header_ok(image)]
+    monkeypatch.setattr(refcounts, "_COUNT_MEMO", False)
+    plain = [_run(fast, image, fix, None) for image in images for fix in FIXES]
+    plain_reads = [_observed(image, fix) for image in images for fix in FIXES]
+    monkeypatch.setattr(refcounts, "_COUNT_MEMO", True)
+    calcmemo.clear()
+    hits, misses = calcmemo.stats["hits"], calcmemo.stats["misses"]
+    for _pass in range(2):
+        assert [_run(fast, image, fix, None) for image in images for fix in FIXES] == plain, \
+            f"config {cfg}: a replayed count differs from the counted one"
+        assert [_observed(image, fix) for image in images for fix in FIXES] == plain_reads, \
+            f"config {cfg}: a replayed count read other ranges, or in another order"
+    assert plain == [_run(full, image, fix, None) for image in images for fix in FIXES]
+    if cfg[0] > calcmemo._MAX_CLUSTER_SIZE:  # (a replay would hold every large table it read)
+        assert (calcmemo.stats["hits"], calcmemo.stats["misses"]) == (hits, misses), "large clusters are memoised"
+        return
+    assert calcmemo.stats["hits"] > hits, "no count was replayed, so none was compared"
+    assert calcmemo.stats["misses"] > misses, "no replay missed, so the counts that follow a miss were not compared"
+
+
+@pytest.mark.parametrize("cfg", CONFIGS[:2] + CONFIGS[4:5], ids=lambda c: f"cs{c[0]}-rc{c[1]}-v{c[2]}")
+def test_count_memo_fails_each_read_where_the_count_does(cfg: tuple, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A failing read (an error point) in the memo's replay must fail the check exactly where the
+    # count's own read would: the count takes the replay's reads (and its error) instead of reading again.
+    from models.qcow2.check import calcmemo, refcounts
+
+    images = [image for image in _seeded_images(cfg) if _header_ok(image)][:4]
+    for image in images:
+        total = len(_observed(image, fast.Fix.ALL)[1])
+        for fail_at in range(1, total + 1):
+            monkeypatch.setattr(refcounts, "_COUNT_MEMO", False)
+            plain = _observed(image, fast.Fix.ALL, fail_at)
+            monkeypatch.setattr(refcounts, "_COUNT_MEMO", True)
+            _observed(image, fast.Fix.ALL)  # (the count remembered)
+            assert _observed(image, fast.Fix.ALL, fail_at) == plain, f"read {fail_at} of {total} failed elsewhere"
+    assert calcmemo.stats["misses"] and calcmemo.stats["hits"]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import array
 import bisect
+import dataclasses
 import errno
 import itertools
 import os
@@ -19,7 +20,7 @@ import numpy
 
 from models.blockio import WriteSite, read_exact
 from models.qcow2 import inject, spec
-from models.qcow2.check import blockmemo, l2memo
+from models.qcow2.check import blockmemo, calcmemo, l2memo
 from models.qcow2.check.imrt import Imrt, as_u64_table, nonzero_refcounts
 from models.qcow2.check.overlap import pre_write_overlap_check
 from models.qcow2.check.result import FIX_ERRORS, FIX_LEAKS, CheckCounts, Finding, Kind
@@ -93,7 +94,7 @@ def _spend(s: CheckState, entries: int) -> None:
 def check_refcounts_l2(s: CheckState, imrt: Imrt, l2_offset: int, frag: bool, fix: int) -> None:
     """Count the data clusters of one L2 table (QEMU 7.2 honours the zero flag even in v2 images)."""
     cs, geo, res = s.cs, s.geo, s.res
-    table = read_exact(s.file, l2_offset, cs)
+    table = _read(s, l2_offset, cs)
     key = l2memo.key(cs, table) if s.walk_memo else None
     plan = l2memo.lookup(key) if key is not None else ()
     if plan:  # a plain table walked before (l2memo): its references, counted at once
@@ -164,7 +165,7 @@ def check_refcounts_l1(s: CheckState, imrt: Imrt, frag: bool, fix: int, l1_offse
         return
     qcow2_inc_refcounts_imrt(s, imrt, l1_offset, l1_size * 8)
     # Entries past the end of the file read as zero, like the zero entries skipped below.
-    for _i, entry in nonzero_u64_items(read_exact(s.file, l1_offset, l1_bytes_in_file(s.file.size(), l1_offset, l1_size))):
+    for _i, entry in nonzero_u64_items(_read(s, l1_offset, l1_bytes_in_file(s.file.size(), l1_offset, l1_size))):
         if entry & spec.L1E_RESERVED_MASK:
             s.emit(Kind.L1_RESERVED, "ERROR found L1 entry with reserved bits set: {:x}", entry)
             s.res.corruptions += 1
@@ -242,9 +243,35 @@ def _grow_file(s: CheckState, new_size: int) -> int | None:
 
 
 def calculate_refcounts(s: CheckState, fix: int, nb_clusters: int) -> tuple[Imrt, bool]:
-    """Count every reference into a fresh IMRT; returns it and whether a rebuild is needed."""
-    imrt = Imrt(nb_clusters, s.rb_entries)
+    """Count every reference into a fresh IMRT; returns it and whether a rebuild is needed.
+
+    A count of tables counted before is replayed from calcmemo; the reads it makes are
+    the ones the count would make, in the same order (see `_read`).
+    """
     s.walk_memo = nb_clusters >= _WALK_MEMO_FROM
+    key = calcmemo.key(s, nb_clusters) if _COUNT_MEMO else None
+    if key is not None:
+        found = calcmemo.replay(key, lambda offset, length: _probe(s, offset, length))
+        if found is not None:
+            s.prefetched.clear()
+            return _replayed_count(s, found), False
+    s.count_reads = [] if key is not None else None
+    before, findings, budget = s.res.copy(), len(s.findings), s.l2_budget
+    try:
+        imrt, rebuild = _count(s, fix, nb_clusters)
+        reads = s.count_reads
+    finally:
+        s.count_reads = None
+        s.prefetched.clear()
+    if key is not None and len(s.findings) == findings:  # (printed nothing, so wrote nothing)
+        added = tuple((f.name, getattr(s.res, f.name) - getattr(before, f.name)) for f in dataclasses.fields(CheckCounts)
+                      if getattr(s.res, f.name) != getattr(before, f.name))
+        calcmemo.remember(key, reads, calcmemo.Counted(dict(imrt.counts), imrt.size, added, budget - s.l2_budget))
+    return imrt, rebuild
+
+
+def _count(s: CheckState, fix: int, nb_clusters: int) -> tuple[Imrt, bool]:
+    imrt = Imrt(nb_clusters, s.rb_entries)
     qcow2_inc_refcounts_imrt(s, imrt, 0, s.cs)  # header
     check_refcounts_l1(s, imrt, True, fix)  # active L1, L2 tables, data
     _count_snapshots(s, imrt, fix)
@@ -252,6 +279,49 @@ def calculate_refcounts(s: CheckState, fix: int, nb_clusters: int) -> tuple[Imrt
         qcow2_inc_refcounts_imrt(s, imrt, s.reftable_offset, len(s.reftable) * 8)
     rebuild = check_refblocks(s, imrt, fix)
     return imrt, rebuild
+
+
+def _replayed_count(s: CheckState, counted: calcmemo.Counted) -> Imrt:
+    imrt = Imrt(counted.size, s.rb_entries)
+    imrt.counts.update(counted.counts)
+    imrt.changed()
+    for name, delta in counted.added:
+        setattr(s.res, name, getattr(s.res, name) + delta)
+    s.l2_budget -= counted.spent
+    return imrt
+
+
+def _probe(s: CheckState, offset: int, length: int) -> int | None:
+    """A read calcmemo's replay asks for: made now, and kept for the count should the replay miss."""
+    try:
+        data = read_exact(s.file, offset, length)
+    except Exception as exc:  # (raised again where the count makes this read)
+        s.prefetched.append((offset, length, exc, None))
+        return None
+    digest = calcmemo.digest(data)
+    s.prefetched.append((offset, length, data, digest))
+    return digest
+
+
+def _read(s: CheckState, offset: int, length: int) -> bytes:
+    """A read of the count: taken from what a missed memo replay read first (the count makes the same reads,
+    in the same order, so a file that counts its reads, as the error points do, sees each once), then from
+    the file; noted with its digest while the count is to be remembered."""
+    pre = s.prefetched
+    if pre and pre[0][0] == offset and pre[0][1] == length:
+        _o, _n, data, digest = pre.popleft()
+        if isinstance(data, Exception):
+            raise data
+    else:
+        pre.clear()
+        data, digest = read_exact(s.file, offset, length), None
+    if s.count_reads is not None:
+        s.count_reads.append((offset, length, calcmemo.digest(data) if digest is None else digest))
+    return data
+
+
+# Whether counts are replayed from calcmemo (the differential tests switch it off for their reference runs).
+_COUNT_MEMO = True
 
 
 def _count_snapshots(s: CheckState, imrt: Imrt, fix: int) -> None:

@@ -7,6 +7,7 @@ only the refusals of what it does not implement.
 
 from __future__ import annotations
 
+import collections
 import errno
 import os
 from typing import Callable, MutableSequence
@@ -109,6 +110,10 @@ class CheckState:
         self.past_eof_clusters: set[int] = set()
         self.l2_budget = 0
         self.walk_memo = False  # whether the L2 walk uses models/qcow2/check/l2memo (set per calculate_refcounts)
+        # A count's reads (offset, length, digest) while it is to be remembered (calcmemo), and the
+        # reads a missed replay made first, for the count to take in order: (offset, length, bytes or error, digest).
+        self.count_reads: list[tuple[int, int, int]] | None = None
+        self.prefetched: collections.deque = collections.deque()
         self._used_for: object = None  # the reftable `_used` was computed for (see reftable_used)
         self._used: list[int] = []
         # Zeroed clusters not yet written (start, end): see discard_cluster.
