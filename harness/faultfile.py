@@ -254,13 +254,19 @@ class FaultInjectingFile:
     agrees on.
     """
 
-    def __init__(self, inner: BlockFile, errors: ErrorPlan | None = None) -> None:
+    def __init__(self, inner: BlockFile, errors: ErrorPlan | None = None, *, base=None) -> None:
+        """`base`: what `inner` holds now as an immutable image (bytes or Extents), when the caller has it:
+        the log starts from it instead of a copy of `inner` (a restart from a judged image)."""
         self.inner = inner
         self.name = inner.name
         self._size = inner.size()
         # A file that can hand over its bytes as they lie (a judged image as Extents) is not read whole.
         image = getattr(inner, "frozen_image", None)
-        self.log = WriteLog(image() if image is not None else inner.pread(0, self._size))
+        if base is None:
+            base = image() if image is not None else inner.pread(0, self._size)
+        elif len(base) != self._size:
+            raise ValueError(f"{self.name}: a log base of {len(base)} bytes for a file of {self._size}")
+        self.log = WriteLog(base)
         # I/O errors (device model, failing disk): an operation an ErrorPlan fails is not
         # passed on and not recorded, except the sectors a short write did land.
         self.errors = errors

@@ -228,10 +228,10 @@ class PythonTarget(Target):
         self._options = OpenOptions(CacheMode(config.cache_mode), None)
         self._attach(base)
 
-    def _attach(self, inner: MemoryFile) -> None:
+    def _attach(self, inner: MemoryFile, base: Image | None = None) -> None:
         old = self.image
         self._inner = inner
-        self._ff = FaultInjectingFile(inner)
+        self._ff = FaultInjectingFile(inner, base=base)
         self.image = self._open_live()
         if old is not None:
             old.release()  # (closed or aborted before: its cycles and tables go now, not at a collection)
@@ -312,7 +312,9 @@ class PythonTarget(Target):
         self.live.abort()
 
     def restart(self, image: Image) -> None:
-        self._attach(MemoryFile(as_bytes(image), name=IMAGE_NAME))
+        # The log starts from the judged image itself (the judge's memo holds it): not from a copy of
+        # the live buffer, which with 2 MiB clusters was 20 MiB more held for the rest of the example.
+        self._attach(MemoryFile(as_bytes(image), name=IMAGE_NAME), base=_image(image))
 
     # ---- internal snapshots ------------------------------------------------------------------
     def snapshot_create(self, name: str, *, date_sec: int = 0) -> tuple[str, ...]:

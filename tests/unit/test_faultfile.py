@@ -228,3 +228,13 @@ def test_split_sectors_slices_like_a_comprehension(sectors: int) -> None:
     assert split_sectors(bytearray(data)) == split_sectors(data)
     with pytest.raises(ValueError, match="whole number"):
         split_sectors(data + b"x")
+
+
+def test_a_given_log_base_is_kept_as_it_is_and_must_match_the_file():
+    data = bytes(range(256)) * 8
+    f = FaultInjectingFile(MemoryFile(data), base=data)
+    assert f.log.base is data
+    f.pwrite(0, b"x" * 512)
+    assert f.log.base is data and f.pread(0, 4) == b"xxxx"
+    with pytest.raises(ValueError, match="a log base of 2047 bytes for a file of 2048"):
+        FaultInjectingFile(MemoryFile(data), base=data[:-1])
