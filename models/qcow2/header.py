@@ -31,6 +31,7 @@ _BACKING_FORMAT_MAX = 16  # sizeof(bs->backing_format)
 _CRYPTO_EXT_SIZE = 16
 _INT_MAX = (1 << 31) - 1
 _QEMU_INCOMPAT_MASK = int(spec.INCOMPAT_MASK)
+_EXTENSIONS_READ = 65536  # cluster 0 read at once for the extensions (all of it up to 64 KiB clusters)
 
 
 def read_header(file: BlockFile, *, writable: bool, check_mode: bool = False) -> ParsedHeader:
@@ -165,7 +166,9 @@ def _read_extensions(file: BlockFile, hdr: Header) -> tuple[list[HeaderExtension
     path = file.name
     cs = 1 << hdr.cluster_bits
     end = hdr.backing_file_offset or cs
-    blob = read_exact(file, 0, end)
+    # The extensions end a few hundred bytes in: cluster 0 is read whole only up to _EXTENSIONS_READ
+    # (with 2 MiB clusters every open copied 2 MiB here), and the rest only if the chain goes on.
+    blob = read_exact(file, 0, min(end, _EXTENSIONS_READ))
     pos = hdr.header_length
     exts: list[HeaderExtension] = []
     names: dict[tuple[int, int], str] = {}
@@ -173,11 +176,15 @@ def _read_extensions(file: BlockFile, hdr: Header) -> tuple[list[HeaderExtension
         if pos + 8 > end:
             raise InvalidImage(path, pos, "header extension", pos,
                                f"Header extension too large (its 8-byte type and length run past {end:#x})")
+        if pos + 8 > len(blob):
+            blob += read_exact(file, len(blob), end - len(blob))
         ext_type, length = struct.unpack_from(">II", blob, pos)
         data_end = pos + 8 + length
         if data_end > end:
             raise InvalidImage(path, pos, "header extension length", length,
                                f"Header extension too large (extension {ext_type:#x} runs past {end:#x})")
+        if data_end > len(blob):
+            blob += read_exact(file, len(blob), end - len(blob))
         if ext_type == spec.EXT_END:
             break
         data = bytes(blob[pos + 8 : data_end])

@@ -276,3 +276,52 @@ def test_rule_read_only_image_refuses_write_by_name():
     img = Qcow2Image.open(MemoryFile(bytes(image()), name=NAME), readonly=True)
     with pytest.raises(ImageNotWritable, match=exact(f"{NAME}: write: image opened read-only")):
         img.write(0, b"x")
+
+
+class _ReadNoting(MemoryFile):
+    def __init__(self, data: bytes) -> None:
+        super().__init__(data, name=NAME)
+        self.reads: list[tuple[int, int]] = []
+
+    def pread(self, offset: int, length: int) -> bytes:
+        self.reads.append((offset, length))
+        return super().pread(offset, length)
+
+
+def test_cluster_0_is_read_as_far_as_the_extensions_need():
+    # With 2 MiB clusters every open copied all of cluster 0 to find extensions that end a few
+    # hundred bytes in: it is read whole only up to 64 KiB (all of it for clusters up to 64 KiB).
+    mem = _ReadNoting(bytes(image(cs=2 << 20)))
+    Qcow2Image.open(mem, readonly=True)
+    assert max(o + n for o, n in mem.reads if o < 2 << 20) <= 65536
+    mem = _ReadNoting(bytes(image(cs=65536)))
+    Qcow2Image.open(mem, readonly=True)
+    assert (0, 65536) in mem.reads
+
+
+@pytest.mark.parametrize("second_at, first_length", [(65528, None), (65536, None), (65544, None), (None, 100_001)])
+def test_an_extension_chain_past_the_first_read_is_read_on(second_at, first_length):
+    # Extensions that straddle or lie past the first 64 KiB of a large cluster 0 are read as before:
+    # the chain, its order and its bytes do not depend on where the first read ended (the second
+    # extension's header just before, exactly at and just past the end of the first read).
+    buf = image(cs=2 << 20)
+    end = 0x70
+    while struct.unpack_from(">I", buf, end)[0] != spec.EXT_END:  # (past the feature table)
+        end += 8 + (struct.unpack_from(">I", buf, end + 4)[0] + 7) // 8 * 8
+    if first_length is None:
+        first_length = second_at - end - 8
+    body = bytes(range(256)) * (first_length // 256 + 1)
+    second = end + 8 + (first_length + 7) // 8 * 8
+    assert second_at is None or second == second_at
+    struct.pack_into(f">II{first_length}s", buf, end, 0x12345678, first_length, body[:first_length])
+    struct.pack_into(">II5sxxxII", buf, second, 0x0BADF00D, 5, b"hello", spec.EXT_END, 0)
+    img = Qcow2Image.open(MemoryFile(bytes(buf), name=NAME), readonly=True)
+    kept = [(e.type, e.data) for e in img.extensions if e.type in (0x12345678, 0x0BADF00D)]
+    assert kept == [(0x12345678, body[:first_length]), (0x0BADF00D, b"hello")]
+
+
+def test_an_extension_running_past_a_large_cluster_0_is_refused_as_before():
+    buf = image(cs=1 << 17)
+    struct.pack_into(">II", buf, 0x70, 0x12345678, 1 << 17)
+    open_fails(buf, exact(f"{NAME} at offset 0x70: header extension length = 0x20000: Header extension too large "
+                          "(extension 0x12345678 runs past 0x20000)"))
