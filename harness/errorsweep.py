@@ -217,16 +217,38 @@ def _judge(raw: bytes, model: _Model, finding) -> ErrorFinding | None:
     except Qcow2Error as exc:
         return finding("corrupt", f"the next open fails: {exc}")
     try:
-        for s in model.sectors():
-            if s * SECTOR >= img.size:
-                continue
-            got = img.read(s * SECTOR, SECTOR)
+        for s, got in _sectors_read(img, [s for s in model.sectors() if s * SECTOR < img.size]):
             allowed = model.allowed(s)
             if got != bytes([got[0]]) * SECTOR or got[0] not in allowed:
                 return finding("lost", f"sector {s} reads {got[:4].hex()}..., allowed {sorted(allowed)}")
         return None
     finally:
         img.release()
+
+
+_READ_RUN = 2048  # consecutive sectors read at once (1 MiB)
+
+
+def _sectors_read(img: Qcow2Image, sectors: list[int]):
+    """(sector, its 512 bytes) for ascending `sectors`, read by runs of consecutive ones (one read per sector
+    made the sweep's checks a fifth of a 2 MiB-cluster example). A run whose read fails is read sector by
+    sector, so a sector judged before the failing one is still judged first, and the failure comes from its own sector."""
+    i = 0
+    while i < len(sectors):
+        j = i + 1
+        while j < len(sectors) and j - i < _READ_RUN and sectors[j] == sectors[j - 1] + 1:
+            j += 1
+        first = sectors[i]
+        try:
+            data = img.read(first * SECTOR, (j - i) * SECTOR)
+        except Exception:  # (re-raised below, from the sector whose read fails)
+            data = None
+        for k in range(j - i):
+            if data is None:
+                yield first + k, img.read((first + k) * SECTOR, SECTOR)
+            else:
+                yield first + k, data[k * SECTOR:(k + 1) * SECTOR]
+        i = j
 
 
 def error_points(w: Workload, base: bytes) -> list[ErrorPoint]:

@@ -67,3 +67,56 @@ def test_correct_implementation_gives_no_finding():
         assert es.sweep_workload(es.generate(s), stop_at_first=False) == []
     for s in range(2):
         assert es.repair_points(s) == []
+
+
+def _compressed_at(raw: bytes, guest_cluster: int) -> bytes:
+    """`raw` with the L2 entry of `guest_cluster` flagged compressed: a read of that cluster raises."""
+    import struct
+
+    from models.qcow2 import spec
+
+    buf = bytearray(raw)
+    cluster_bits, = struct.unpack_from(">I", buf, 20)
+    l1_offset, = struct.unpack_from(">Q", buf, 40)
+    l2 = struct.unpack_from(">Q", buf, l1_offset)[0] & spec.L1E_OFFSET_MASK
+    at = l2 + 8 * guest_cluster
+    entry, = struct.unpack_from(">Q", buf, at)
+    assert entry and cluster_bits == 9
+    struct.pack_into(">Q", buf, at, entry | spec.QCOW_OFLAG_COMPRESSED)
+    return bytes(buf)
+
+
+@pytest.mark.parametrize("broken", [None, 3, 40])
+def test_sectors_read_by_runs_as_one_by_one(broken, monkeypatch):
+    # The sweep reads the model's sectors by runs of consecutive ones; the sectors, their bytes, their
+    # order and the sector whose read fails (a run read that fails is read one by one) are those of
+    # one read per sector. Runs are cut short (_READ_RUN) to have several.
+    from models.qcow2.image import Qcow2Image
+
+    monkeypatch.setattr(es, "_READ_RUN", 16)
+    mem = MemoryFile(name="runs.qcow2")
+    Qcow2Image.create(mem, 1 << 20, cluster_size=512)
+    img = Qcow2Image.open(mem)
+    for s in list(range(0, 50)) + list(range(60, 70)):
+        img.write(s * 512, bytes([s]) * 512)
+    img.close()
+    raw = mem.getvalue() if broken is None else _compressed_at(mem.getvalue(), broken)
+    sectors = list(range(0, 50)) + [55] + list(range(60, 70))
+
+    def one_by_one():
+        img = Qcow2Image.open(MemoryFile(raw), readonly=True)
+        for s in sectors:
+            yield s, img.read(s * 512, 512)
+
+    def outcome(pairs):
+        got = []
+        try:
+            for pair in pairs:
+                got.append(pair)
+        except Exception as exc:  # noqa: BLE001 (the failure is part of what is compared)
+            return got, str(exc)
+        return got, None
+
+    runs = outcome(es._sectors_read(Qcow2Image.open(MemoryFile(raw), readonly=True), sectors))
+    assert runs == outcome(one_by_one())
+    assert len(runs[0]) == (len(sectors) if broken is None else broken) and (runs[1] is None) == (broken is None)
