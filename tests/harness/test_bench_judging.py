@@ -61,3 +61,27 @@ def test_a_run_counts_the_crash_states_of_its_recoveries() -> None:
                                 "finding": None, "maxrss_kib": 1, "recovery_states": out.stats.recovery_crash_states}],
                                None)
     assert again["recovery_crash_states"] == out.stats.recovery_crash_states
+
+
+def test_measure_warms_up_each_side_and_alternates_which_runs_first(monkeypatch, tmp_path) -> None:
+    # The first child of a run is slower (a cold machine): each checkout runs a thrown-away cell first,
+    # and the side that runs first alternates from cell to cell, so neither side always pays for going first.
+    calls: list[tuple[str, str, str, int]] = []
+
+    def fake_cell(where, profile, overrides, *, seed, examples, seconds):
+        calls.append((where.name, profile, overrides.get("cluster_size", "mix"), examples))
+        return judging.summarise([row(0, 10, 0.1)], None)
+
+    monkeypatch.setattr(judging, "run_cell", fake_cell)
+    monkeypatch.setattr(judging, "_commit", lambda where: None)
+    new, old = tmp_path / "new", tmp_path / "old"
+    r = judging.measure(checkout=new, baseline=old, profiles={"dev": 3}, classes=("mix", "512B", "4KiB"))
+    warm = judging.WARM_UP_EXAMPLES
+    assert calls[:2] == [("new", "dev", "mix", warm), ("old", "dev", "mix", warm)]
+    assert [c[0] for c in calls[2:]] == ["new", "old", "old", "new", "new", "old"]
+    assert [c["order"] for c in r["cells"]] == [["new", "old"], ["old", "new"], ["new", "old"]]
+    calls.clear()
+    judging.measure(checkout=new, baseline=None, profiles={"dev": 3}, classes=("mix", "512B"))
+    assert [c[0] for c in calls] == ["new", "new", "new"]  # (one warm-up, then the cells)
+    report = judging.measure(checkout=new, baseline=old, profiles={"dev": 3}, classes=("mix",))
+    assert "which one runs a cell first alternates" in "\n".join(judging.render(report))
