@@ -25,7 +25,7 @@ import random
 import time
 
 from harness.faultfile import ErrorKind, ErrorPlan, ErrorPoint, FaultInjectingFile, HostOpKind
-from harness.targets.python import CopyOnWriteFile
+from harness.targets.python import CopyOnWriteFile, _sector_runs
 from models.blockio import CacheMode, MemoryFile
 from models.qcow2 import check as checkmod
 from models.qcow2.errors import Qcow2Error
@@ -233,11 +233,7 @@ def _sectors_read(img: Qcow2Image, sectors: list[int]):
     """(sector, its 512 bytes) for ascending `sectors`, read by runs of consecutive ones (one read per sector
     made the sweep's checks a fifth of a 2 MiB-cluster example). A run whose read fails is read sector by
     sector, so a sector judged before the failing one is still judged first, and the failure comes from its own sector."""
-    i = 0
-    while i < len(sectors):
-        j = i + 1
-        while j < len(sectors) and j - i < _READ_RUN and sectors[j] == sectors[j - 1] + 1:
-            j += 1
+    for i, j in _sector_runs(sectors, _READ_RUN):
         first = sectors[i]
         try:
             data = img.read(first * SECTOR, (j - i) * SECTOR)
@@ -248,7 +244,6 @@ def _sectors_read(img: Qcow2Image, sectors: list[int]):
                 yield first + k, img.read((first + k) * SECTOR, SECTOR)
             else:
                 yield first + k, data[k * SECTOR:(k + 1) * SECTOR]
-        i = j
 
 
 def error_points(w: Workload, base: bytes) -> list[ErrorPoint]:

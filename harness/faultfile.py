@@ -47,8 +47,12 @@ import enum
 import errno
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from models.blockio import SECTOR, BlockFile, WriteSite
+
+if TYPE_CHECKING:
+    from harness.crashstates.images import Extents
 
 __all__ = ["HostOpKind", "HostOp", "WriteLog", "FaultInjectingFile", "sector_pieces", "ErrorKind", "ErrorPoint",
            "ErrorPlan"]
@@ -254,7 +258,7 @@ class FaultInjectingFile:
     agrees on.
     """
 
-    def __init__(self, inner: BlockFile, errors: ErrorPlan | None = None, *, base=None) -> None:
+    def __init__(self, inner: BlockFile, errors: ErrorPlan | None = None, *, base: bytes | Extents | None = None) -> None:
         """`base`: what `inner` holds now as an immutable image (bytes or Extents), when the caller has it:
         the log starts from it instead of a copy of `inner` (a restart from a judged image)."""
         self.inner = inner

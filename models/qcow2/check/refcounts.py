@@ -250,12 +250,13 @@ def calculate_refcounts(s: CheckState, fix: int, nb_clusters: int) -> tuple[Imrt
     """
     s.walk_memo = nb_clusters >= _WALK_MEMO_FROM
     key = calcmemo.key(s, nb_clusters) if _COUNT_MEMO else None
-    if key is not None:
-        found = calcmemo.replay(key, lambda offset, length: _probe(s, offset, length))
-        if found is not None:
-            s.prefetched.clear()
-            return _replayed_count(s, found), False
-    s.count_reads = [] if key is not None else None
+    if key is None:
+        return _count(s, fix, nb_clusters)
+    found = calcmemo.replay(key, lambda offset, length: _probe(s, offset, length))
+    if found is not None:
+        s.prefetched.clear()
+        return _replayed_count(s, found), False
+    s.count_reads = []
     before, findings, budget = s.res.copy(), len(s.findings), s.l2_budget
     try:
         imrt, rebuild = _count(s, fix, nb_clusters)
@@ -263,7 +264,7 @@ def calculate_refcounts(s: CheckState, fix: int, nb_clusters: int) -> tuple[Imrt
     finally:
         s.count_reads = None
         s.prefetched.clear()
-    if key is not None and len(s.findings) == findings:  # (printed nothing, so wrote nothing)
+    if len(s.findings) == findings:  # (printed nothing, so wrote nothing)
         added = tuple((f.name, getattr(s.res, f.name) - getattr(before, f.name)) for f in dataclasses.fields(CheckCounts)
                       if getattr(s.res, f.name) != getattr(before, f.name))
         calcmemo.remember(key, reads, calcmemo.Counted(dict(imrt.counts), imrt.size, added, budget - s.l2_budget))
