@@ -440,6 +440,7 @@ def test_count_memo_fails_each_read_where_the_count_does(cfg: tuple, monkeypatch
     from models.qcow2.check import calcmemo, refcounts
 
     images = [image for image in _seeded_images(cfg) if _header_ok(image)][:4]
+    hits, misses = calcmemo.stats["hits"], calcmemo.stats["misses"]  # (process-wide: counted from here)
     for image in images:
         total = len(_observed(image, fast.Fix.ALL)[1])
         for fail_at in range(1, total + 1):
@@ -448,4 +449,5 @@ def test_count_memo_fails_each_read_where_the_count_does(cfg: tuple, monkeypatch
             monkeypatch.setattr(refcounts, "_COUNT_MEMO", True)
             _observed(image, fast.Fix.ALL)  # (the count remembered)
             assert _observed(image, fast.Fix.ALL, fail_at) == plain, f"read {fail_at} of {total} failed elsewhere"
-    assert calcmemo.stats["misses"] and calcmemo.stats["hits"]
+    assert calcmemo.stats["hits"] > hits, "no count was replayed, so no failing read met a replay"
+    assert calcmemo.stats["misses"] > misses, "no replay missed, so no failing read met a missed replay's reads"
