@@ -25,8 +25,8 @@ import random
 import time
 
 from harness.faultfile import ErrorKind, ErrorPlan, ErrorPoint, FaultInjectingFile, HostOpKind
-from harness.targets.python import CopyOnWriteFile, _sector_runs
-from models.blockio import CacheMode, MemoryFile
+from harness.targets.python import CopyOnWriteFile
+from models.blockio import CacheMode, MemoryFile, sector_runs
 from models.qcow2 import check as checkmod
 from models.qcow2.errors import Qcow2Error
 from models.qcow2.image import Qcow2Image
@@ -233,7 +233,7 @@ def _sectors_read(img: Qcow2Image, sectors: list[int]):
     """(sector, its 512 bytes) for ascending `sectors`, read by runs of consecutive ones (one read per sector
     made the sweep's checks a fifth of a 2 MiB-cluster example). A run whose read fails is read sector by
     sector, so a sector judged before the failing one is still judged first, and the failure comes from its own sector."""
-    for i, j in _sector_runs(sectors, _READ_RUN):
+    for i, j in sector_runs(sectors, _READ_RUN):
         first = sectors[i]
         try:
             data = img.read(first * SECTOR, (j - i) * SECTOR)

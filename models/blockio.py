@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import enum
 import errno
+import operator
 import os
 import struct
 from typing import Protocol, runtime_checkable
@@ -40,6 +41,21 @@ def split_sectors(data: bytes | bytearray | memoryview) -> list[bytes]:
     if n % _SPLIT_BATCH:
         out.extend(_SECTOR_STRUCTS[n % _SPLIT_BATCH].unpack_from(data, whole))
     return out
+
+
+def sector_runs(sectors: list[int], limit: int):
+    """(start, end) index ranges of the runs of consecutive sectors, each at most `limit` long (breaks found in C)."""
+    n = len(sectors)
+    # breaks[k] is 1 where sectors[k + 1] does not follow sectors[k]
+    breaks = bytes(map(operator.ne, sectors[1:], map((1).__add__, sectors[:-1])))
+    i = 0
+    while i < n:
+        k = breaks.find(1, i)
+        run_end = n if k < 0 else k + 1
+        while i < run_end:
+            j = min(run_end, i + limit)
+            yield i, j
+            i = j
 
 
 class CacheMode(enum.StrEnum):

@@ -6,7 +6,6 @@ import array
 import contextlib
 import dataclasses
 import errno
-import operator
 import sys
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
@@ -19,7 +18,7 @@ from harness.snapshots import benign_copied, shared_data_events
 from harness.targets import (CheckSummary, HeaderInfo, OpenOptions, ReadOnlyView, Recovery, RecoveryPath,
                              SnapshotReader, SnapshotRefused, Target)
 from models.blockio import (INT64_MAX, SECTOR, BlockFile, CacheMode, MemoryFile, WriteSite, _check_range, _io_error,
-                            read_exact, split_sectors)
+                            read_exact, sector_runs, split_sectors)
 from models.qcow2 import check as checkmod
 from models.qcow2 import inject, snapshot, spec
 from models.qcow2.entries import ClusterType
@@ -773,7 +772,7 @@ def read_sectors(img: Qcow2Image, sectors: list[int], raw: bytes | None = None,
     512-byte clusters this was a fifth of a dev run.)
     """
     out: dict[int, bytes] = {}
-    for i, j in _sector_runs(sectors, 4096):
+    for i, j in sector_runs(sectors, 4096):
         offset, length = sectors[i] * SECTOR, (j - i) * SECTOR
         if raw is None:
             data = img.read(offset, length)
@@ -784,21 +783,6 @@ def read_sectors(img: Qcow2Image, sectors: list[int], raw: bytes | None = None,
                 plan.end_run(sectors[i], j - i)
         out.update(zip(sectors[i:j], split_sectors(data)))
     return out
-
-
-def _sector_runs(sectors: list[int], limit: int):
-    """(start, end) index ranges of the runs of consecutive sectors, each at most `limit` long (breaks found in C)."""
-    n = len(sectors)
-    # breaks[k] is 1 where sectors[k + 1] does not follow sectors[k]
-    breaks = bytes(map(operator.ne, sectors[1:], map((1).__add__, sectors[:-1])))
-    i = 0
-    while i < n:
-        k = breaks.find(1, i)
-        run_end = n if k < 0 else k + 1
-        while i < run_end:
-            j = min(run_end, i + limit)
-            yield i, j
-            i = j
 
 
 def _snapshot_sectors(img: Qcow2Image, name: str, sectors: list[int], raw: bytes | None = None,

@@ -108,3 +108,25 @@ def test_the_recovery_path_is_the_budgets_and_named_in_the_evidence() -> None:
     assert finding.evidence.endswith("(recovered by check-leaks)")
     judged, _state = judge_last_point(PythonTarget(), budget=Budget(recovery_paths=("check-all",)))
     assert judged.finding is None and judged.recovered is not None
+
+
+@pytest.mark.parametrize("wrong", [None, 0, 7, 16, 17, 40])
+def test_closed_reads_by_runs_find_the_sector_one_by_one_finds(wrong, monkeypatch) -> None:
+    # After a clean close the view's sectors are compared with the model by runs of consecutive
+    # sectors; the sector reported is the first that a compare of one sector at a time reports.
+    # Runs are cut short (_CLOSED_RUN) to have several, and the sectors have a gap and an untouched one.
+    import harness.judge as judgemod
+    from models.refdisk import ReferenceDisk
+
+    monkeypatch.setattr(judgemod, "_CLOSED_RUN", 8)
+    model = ReferenceDisk(1 << 20)
+    order = list(range(0, 20)) + [33] + list(range(40, 50))
+    for s in order:
+        if s != 33:  # 33 was never written: it reads zero
+            model.write(s * 512, make_payload(1, s * 512, 512, 9))
+    sectors = {s: model.read(s * 512, 512) for s in order}
+    if wrong is not None:
+        sectors[wrong] = b"\x01" * 512
+        sectors[max(order)] = b"\x02" * 512  # a later one too: the first is reported
+    one_by_one = next((s for s in sorted(sectors) if sectors[s] != model.read(s * 512, 512)), None)
+    assert judgemod.first_closed_mismatch(sectors, model) == one_by_one == wrong
