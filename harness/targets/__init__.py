@@ -26,7 +26,7 @@ from harness.config import Config
 from harness.errors import QcrashError
 from harness.faultfile import WriteLog
 from models.blockio import CacheMode
-from models.qcow2.spec import IncompatFeature
+from models.qcow2.spec import CORRUPT_BIT, DIRTY_BIT
 
 __all__ = [
     "CheckSummary", "HeaderInfo", "OpenOptions", "ReadOnlyView", "Recovery", "RecoveryPath", "SnapshotReader",
@@ -73,11 +73,11 @@ class HeaderInfo:
 
     @property
     def dirty(self) -> bool:
-        return bool(self.incompatible_features & IncompatFeature.DIRTY)
+        return bool(self.incompatible_features & DIRTY_BIT)
 
     @property
     def corrupt(self) -> bool:
-        return bool(self.incompatible_features & IncompatFeature.CORRUPT)
+        return bool(self.incompatible_features & CORRUPT_BIT)
 
 
 @dataclass(frozen=True, slots=True)

@@ -5,10 +5,12 @@ from __future__ import annotations
 import dataclasses
 import struct
 
+import xxhash
+
 from models.blockio import BlockFile, read_exact
 from models.qcow2 import spec
 from models.qcow2.errors import InvalidImage, UnsupportedFeature
-from models.qcow2.geometry import Geometry
+from models.qcow2.geometry import Geometry, geometry_of
 from models.qcow2.structs import FIELD_OFFSET, Header, HeaderExtension, feature_table_extension, parse_feature_table
 
 _FEATURE_KINDS = {0: "incompatible", 1: "compatible", 2: "autoclear"}
@@ -22,7 +24,7 @@ class ParsedHeader:
 
     @property
     def geometry(self) -> Geometry:
-        return Geometry(self.header.cluster_bits, self.header.refcount_order)
+        return geometry_of(self.header.cluster_bits, self.header.refcount_order)
 
 
 _SNAPSHOT_HEADER_SIZE = 40  # sizeof(QCowSnapshotHeader)
@@ -41,15 +43,60 @@ def read_header(file: BlockFile, *, writable: bool, check_mode: bool = False) ->
     with QEMU's words; only then does qcrash refuse the features it does not implement
     (encryption, backing files, snapshots, external data, extended L2, zstd).
     """
-    path = file.name
     # The file's size is what a read from 0 returns short of the header, not file.size():
     # a read-only open then depends on the bytes it read and nothing else (the python
     # target's read plans are keyed by exactly that, harness/targets/python.py).
     raw = file.pread(0, spec.V3_HEADER_LENGTH)
+    key = (bytes(raw), writable, check_mode, _EXTENSIONS_READ) if _MEMO else None
+    known = _known.get(key) if key is not None else None
+    blob = None
+    if known is not None:
+        # This header passed every rule before, with no backing file name and its extension chain
+        # inside the first read of cluster 0: the parse reads that range next, and nothing else.
+        length, digest, parsed = known
+        blob = read_exact(file, 0, length)
+        if xxhash.xxh3_128_digest(blob) == digest:
+            _stats["hits"] += 1
+            return ParsedHeader(Header.unpack(_padded(raw)), list(parsed.extensions), dict(parsed.feature_names))
+    _stats["misses"] += 1
+    parsed, first_read = _parse(file, raw, writable, check_mode, blob)
+    if key is not None and first_read is not None:
+        if len(_known) >= _MEMO_ENTRIES:
+            _known.clear()
+        _known[key] = (len(first_read), xxhash.xxh3_128_digest(first_read), parsed)
+        parsed = ParsedHeader(Header.unpack(_padded(raw)), list(parsed.extensions), dict(parsed.feature_names))
+    return parsed
+
+
+# read_header's memo. An open reads the header (112 bytes), then cluster 0 up to _EXTENSIONS_READ for
+# the extension chain, and parses both: about 15 us, a tenth of a dev-mix sweep whose states open the
+# same header again and again. A header that passed every rule, without a backing file name and with
+# its chain inside that first read, is remembered with the read's length and XXH3-128 digest; an open
+# that reads the same header and the same range gets a fresh copy of the result (callers change the
+# Header they are given: dirty bit, table offsets). Same reads, in the same order, as the parse; a
+# digest collision would give another cluster 0's extensions (2**-128, as the judge's memos accept).
+_MEMO = True
+_MEMO_ENTRIES = 1024  # then cleared whole
+_known: dict[tuple, tuple[int, bytes, ParsedHeader]] = {}
+_stats = {"hits": 0, "misses": 0}
+
+
+def _padded(raw: bytes) -> bytes:
+    # a v2 header may end with the file (read_exact pads zeros)
+    return raw + bytes(spec.V3_HEADER_LENGTH - len(raw)) if len(raw) < spec.V3_HEADER_LENGTH else raw
+
+
+def _parse(file: BlockFile, raw: bytes, writable: bool, check_mode: bool,
+           blob: bytes | None) -> tuple[ParsedHeader, bytes | None]:
+    """read_header's rules on the header `raw`; `blob`: the extensions' first read, when made already.
+
+    Returns the parsed header and that first read when the parse made no other read after it (the
+    memo's condition), else None.
+    """
+    path = file.name
     if len(raw) < spec.V2_HEADER_LENGTH:
         raise InvalidImage(path, 0, "file size", len(raw), f"too short for a qcow2 header ({spec.V2_HEADER_LENGTH} bytes)")
-    raw += bytes(spec.V3_HEADER_LENGTH - len(raw))  # a v2 header may end with the file (read_exact pads zeros)
-    hdr = Header.unpack(raw)
+    hdr = Header.unpack(_padded(raw))
 
     def bad(field: str, rule: str, value: object | None = None) -> InvalidImage:
         return InvalidImage(path, FIELD_OFFSET.get(field), field, getattr(hdr, field) if value is None else value, rule)
@@ -82,13 +129,13 @@ def read_header(file: BlockFile, *, writable: bool, check_mode: bool = False) ->
                         _SNAPSHOT_HEADER_SIZE, _SNAPSHOT_HEADER_SIZE * spec.QCOW_MAX_SNAPSHOTS, cs)
     _validate_table(path, "l1_table_offset", "Active L1 table", hdr.l1_table_offset, hdr.l1_size, 8,
                     spec.QCOW_MAX_L1_SIZE, cs)
-    geo = Geometry(hdr.cluster_bits, hdr.refcount_order)
+    geo = geometry_of(hdr.cluster_bits, hdr.refcount_order)
     need = geo.size_to_l1(hdr.size)
     if need > _INT_MAX:
         raise bad("size", f"Image is too big (the virtual size needs {need} L1 entries, more than INT_MAX)")
     if hdr.l1_size < need:
         raise bad("l1_size", f"L1 table is too small (the virtual size {hdr.size:#x} needs {need} entries)")
-    exts, names = _read_extensions(file, hdr)
+    exts, names, first_read, more = _read_extensions(file, hdr, blob)
     backing = b""
     if hdr.backing_file_offset:
         limit = min(_MAX_BACKING_NAME, cs - hdr.backing_file_offset)
@@ -96,17 +143,17 @@ def read_header(file: BlockFile, *, writable: bool, check_mode: bool = False) ->
             raise bad("backing_file_size", f"Backing file name too long (at most {limit} bytes here)")
         # QEMU reads the name as a C string: an empty one (size 0, or a NUL first) means no backing file.
         backing = read_exact(file, hdr.backing_file_offset, hdr.backing_file_size).split(b"\0", 1)[0]
-    if hdr.version >= 3 and hdr.autoclear_features & spec.AutoclearFeature.RAW_EXTERNAL and not (
-            hdr.incompatible_features & spec.IncompatFeature.EXTERNAL_DATA_FILE):
+    if hdr.version >= 3 and hdr.autoclear_features & spec.RAW_EXTERNAL_BIT and not (
+            hdr.incompatible_features & spec.EXTERNAL_DATA_FILE_BIT):
         raise bad("autoclear_features", "data-file-raw requires a data file")
     _refuse_unimplemented(path, hdr, exts, backing)
-    return ParsedHeader(hdr, exts, names)
+    return ParsedHeader(hdr, exts, names), (first_read if not more and not hdr.backing_file_offset else None)
 
 
 def _check_compression_type(path: str, hdr: Header) -> None:
     """QEMU's validate_compression_type: 0 zlib or 1 zstd, and incompatible bit 3 set exactly when it is not zlib."""
     ctype = hdr.compression_type if hdr.version >= 3 and hdr.header_length > 104 else 0
-    bit = hdr.incompatible_features & spec.IncompatFeature.COMPRESSION_TYPE
+    bit = hdr.incompatible_features & spec.COMPRESSION_TYPE_BIT
     if ctype not in (0, 1):
         raise InvalidImage(path, 104, "compression_type", ctype, f"qcow2: unknown compression type: {ctype}")
     if ctype == 0 and bit:
@@ -124,10 +171,10 @@ def _check_features(path: str, file: BlockFile, hdr: Header, *, writable: bool, 
         names = _feature_names(file, hdr)
         listed = [names.get((0, bit), f"unknown incompatible feature bit {bit}") for bit in range(64) if unknown >> bit & 1]
         raise UnsupportedFeature(path, FIELD_OFFSET["incompatible_features"], "incompatible_features", listed)
-    if incompat & spec.IncompatFeature.CORRUPT and writable and not check_mode:
+    if incompat & spec.CORRUPT_BIT and writable and not check_mode:
         raise InvalidImage(path, FIELD_OFFSET["incompatible_features"], "incompatible_features", incompat,
                            "qcow2: Image is corrupt; cannot be opened read/write (repair it with `check -r all`)")
-    if incompat & spec.IncompatFeature.EXTENDED_L2 and hdr.cluster_bits - 5 < spec.MIN_CLUSTER_BITS:
+    if incompat & spec.EXTENDED_L2_BIT and hdr.cluster_bits - 5 < spec.MIN_CLUSTER_BITS:
         sub = 1 << (hdr.cluster_bits - 5)
         raise InvalidImage(path, FIELD_OFFSET["cluster_bits"], "cluster_bits", hdr.cluster_bits,
                            f"Unsupported subcluster size: {sub}")
@@ -161,14 +208,21 @@ def _validate_table(path: str, field: str, name: str, offset: int, entries: int,
         raise InvalidImage(path, FIELD_OFFSET[field], field, offset, f"{name} offset invalid (must be cluster-aligned and fit in 63 bits)")
 
 
-def _read_extensions(file: BlockFile, hdr: Header) -> tuple[list[HeaderExtension], dict[tuple[int, int], str]]:
-    """QEMU's qcow2_read_extensions: from header_length up to the backing file name (or the end of cluster 0)."""
+def _read_extensions(file: BlockFile, hdr: Header, blob: bytes | None = None
+                     ) -> tuple[list[HeaderExtension], dict[tuple[int, int], str], bytes, bool]:
+    """QEMU's qcow2_read_extensions: from header_length up to the backing file name (or the end of cluster 0).
+
+    `blob`: the first read of cluster 0, when the caller made it already. Also returns that
+    first read, and whether the chain needed more of cluster 0 after it.
+    """
     path = file.name
     cs = 1 << hdr.cluster_bits
     end = hdr.backing_file_offset or cs
     # The extensions end a few hundred bytes in: cluster 0 is read whole only up to _EXTENSIONS_READ
     # (with 2 MiB clusters every open copied 2 MiB here), and the rest only if the chain goes on.
-    blob = read_exact(file, 0, min(end, _EXTENSIONS_READ))
+    if blob is None:
+        blob = read_exact(file, 0, min(end, _EXTENSIONS_READ))
+    first_read = blob
     pos = hdr.header_length
     exts: list[HeaderExtension] = []
     names: dict[tuple[int, int], str] = {}
@@ -194,7 +248,7 @@ def _read_extensions(file: BlockFile, hdr: Header) -> tuple[list[HeaderExtension
         else:
             exts.append(HeaderExtension(ext_type, data, pos))
         pos = data_end + (-length % 8)
-    return exts, names
+    return exts, names, first_read, blob is not first_read
 
 
 def _check_extension(path: str, hdr: Header, pos: int, ext_type: int, data: bytes) -> None:

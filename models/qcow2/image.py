@@ -47,8 +47,8 @@ class Qcow2Image:
         self.closed = False
         self.dead = False  # QEMU's bs->drv = NULL after a fatal corruption event
         self._corruption_logged = False
-        self.dirty = bool(self.hdr.incompatible_features & spec.IncompatFeature.DIRTY)
-        header_lazy = bool(self.hdr.compatible_features & spec.CompatFeature.LAZY_REFCOUNTS)
+        self.dirty = bool(self.hdr.incompatible_features & spec.DIRTY_BIT)
+        header_lazy = bool(self.hdr.compatible_features & spec.LAZY_REFCOUNTS_BIT)
         self.lazy = header_lazy if lazy_refcounts is None else lazy_refcounts
         if self.lazy and self.hdr.version < 3:
             raise InvalidRequest(f"{self.path}: Lazy refcounts require a qcow2 image with at least qemu 1.1 compatibility level")

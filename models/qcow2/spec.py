@@ -54,6 +54,17 @@ INCOMPAT_MASK = (
 INCOMPAT_SUPPORTED = IncompatFeature.DIRTY | IncompatFeature.CORRUPT
 AUTOCLEAR_MASK = AutoclearFeature.BITMAPS | AutoclearFeature.RAW_EXTERNAL
 
+# The bits that every open and check tests, as plain ints: `int & IntFlag` goes through enum's
+# Flag.__and__ and builds a flag object (about a microsecond; 2.6% of a dev-mix sweep's judging).
+DIRTY_BIT = int(IncompatFeature.DIRTY)
+CORRUPT_BIT = int(IncompatFeature.CORRUPT)
+EXTERNAL_DATA_FILE_BIT = int(IncompatFeature.EXTERNAL_DATA_FILE)
+COMPRESSION_TYPE_BIT = int(IncompatFeature.COMPRESSION_TYPE)
+EXTENDED_L2_BIT = int(IncompatFeature.EXTENDED_L2)
+LAZY_REFCOUNTS_BIT = int(CompatFeature.LAZY_REFCOUNTS)
+BITMAPS_BIT = int(AutoclearFeature.BITMAPS)
+RAW_EXTERNAL_BIT = int(AutoclearFeature.RAW_EXTERNAL)
+
 # Feature-name table entries in the order QEMU writes them (qcow2_update_header).
 FEATURE_NAMES: tuple[tuple[int, int, str], ...] = (
     (0, 0, "dirty bit"),

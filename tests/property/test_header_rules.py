@@ -325,3 +325,91 @@ def test_an_extension_running_past_a_large_cluster_0_is_refused_as_before():
     struct.pack_into(">II", buf, 0x70, 0x12345678, 1 << 17)
     open_fails(buf, exact(f"{NAME} at offset 0x70: header extension length = 0x20000: Header extension too large "
                           "(extension 0x12345678 runs past 0x20000)"))
+
+
+def _headers_and_reads(raw: bytes, memo: bool, monkeypatch, *, writable: bool = False, check_mode: bool = False):
+    """read_header of `raw` with its memo on or off: (outcome, reads made); the outcome is the parsed header's
+    fields, extensions and feature names, or the refusal's text."""
+    import models.qcow2.header as headermod
+
+    monkeypatch.setattr(headermod, "_MEMO", memo)
+    mem = _ReadNoting(raw)
+    try:
+        p = headermod.read_header(mem, writable=writable, check_mode=check_mode)
+        out = (p.header, [(e.type, e.data, e.offset) for e in p.extensions], p.feature_names)
+    except Qcow2Error as exc:
+        out = str(exc)
+    return out, mem.reads
+
+
+def _variants() -> list[bytes]:
+    """Cluster 0s that share a header and differ in their extensions, and some that differ in the header."""
+    out = []
+    for cs in (512, 4096, 65536, 2 << 20):
+        out.append(bytes(image(cs=cs)))
+    out.append(bytes(image(version=2, cs=512)))
+    out.append(bytes(image(cs=512, lazy_refcounts=True)))
+    base = image(cs=65536)
+    end = 0x70
+    while struct.unpack_from(">I", base, end)[0] != spec.EXT_END:
+        end += 8 + (struct.unpack_from(">I", base, end + 4)[0] + 7) // 8 * 8
+    for payload in (b"one", b"two", b"two"):  # the same header, another extension, then the same again
+        buf = bytearray(base)
+        struct.pack_into(">II3sxxxxxII", buf, end, 0x0BADF00D, 3, payload, spec.EXT_END, 0)
+        out.append(bytes(buf))
+    bad = bytearray(base)
+    struct.pack_into(">II", bad, end, 0x0BADF00D, 1 << 20)  # runs past cluster 0: refused
+    out.append(bytes(bad))
+    out.append(bytes(base))
+    return out
+
+
+@pytest.mark.parametrize("writable, check_mode", [(False, False), (True, False), (True, True)])
+def test_the_header_memo_reads_and_answers_as_the_parse(writable, check_mode, monkeypatch):
+    # read_header remembers headers that passed: opening a cluster 0 with the memo (cold and warm,
+    # in an order where the same header comes back with other extensions) gives what the parse
+    # gives, after the same reads in the same order.
+    for raw in _variants() + _variants():
+        want = _headers_and_reads(raw, False, monkeypatch, writable=writable, check_mode=check_mode)
+        assert _headers_and_reads(raw, True, monkeypatch, writable=writable, check_mode=check_mode) == want
+
+
+def test_a_remembered_header_is_handed_out_as_a_fresh_copy(monkeypatch):
+    # Callers change the Header they are given (the dirty bit, the refcount table's place): a later
+    # open of the same bytes must not see it, nor a change to the extension list or feature names.
+    from models.qcow2.header import _stats, read_header
+
+    raw = _variants()[6]  # 64 KiB clusters: a feature-name table and one unknown extension
+    want = _headers_and_reads(raw, False, monkeypatch, writable=True)[0]
+    monkeypatch.undo()
+    for _ in range(2):  # the parse's result, then the memo's
+        given = read_header(MemoryFile(raw, name=NAME), writable=True)
+        assert given.extensions and given.feature_names
+        given.header.incompatible_features |= spec.IncompatFeature.DIRTY
+        given.extensions.clear()
+        given.feature_names.clear()
+    hits = _stats["hits"]
+    again = _headers_and_reads(raw, True, monkeypatch, writable=True)[0]
+    assert _stats["hits"] == hits + 1
+    assert again == want and again[0].incompatible_features == 0
+
+
+@pytest.mark.parametrize("failing", range(3))
+def test_a_failing_read_fails_the_memo_where_it_fails_the_parse(failing, monkeypatch):
+    # Each read of the open failed in turn: with the memo warm the same read fails, with the same error.
+    from harness.faultfile import ErrorPlan, ErrorPoint, FaultInjectingFile
+
+    raw = bytes(image(cs=65536))
+
+    def outcome(memo: bool):
+        import models.qcow2.header as headermod
+
+        monkeypatch.setattr(headermod, "_MEMO", memo)
+        headermod.read_header(MemoryFile(raw, name=NAME), writable=False)  # (warms the memo when on)
+        f = FaultInjectingFile(MemoryFile(raw, name=NAME), ErrorPlan((ErrorPoint("read", failing),)))
+        try:
+            return headermod.read_header(f, writable=False).header
+        except Exception as exc:  # noqa: BLE001 (the failure is what is compared)
+            return f"{type(exc).__name__}: {exc}"
+
+    assert outcome(True) == outcome(False)

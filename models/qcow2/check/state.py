@@ -55,7 +55,7 @@ def hash_x(value: int) -> str:
 
 def _refuse_unimplemented(path: str, parsed: ParsedHeader) -> None:
     """What read_header accepts but the check does not implement: persistent dirty bitmaps."""
-    if parsed.header.autoclear_features & spec.AutoclearFeature.BITMAPS:
+    if parsed.header.autoclear_features & spec.BITMAPS_BIT:
         for ext in parsed.extensions:
             if ext.type == spec.EXT_BITMAPS:
                 raise UnsupportedFeature(path, ext.offset, "header extension", ["bitmaps"], "not implemented by qcrash's check")
@@ -81,7 +81,7 @@ class CheckState:
         self.writable = False
         self.signaled_corruption = False
         self.drv_dead = False  # QEMU sets bs->drv = NULL after a fatal corruption event
-        self.corrupt_bit = bool(hdr.incompatible_features & spec.IncompatFeature.CORRUPT)
+        self.corrupt_bit = bool(hdr.incompatible_features & spec.CORRUPT_BIT)
         rt_entries = hdr.refcount_table_clusters * self.cs // 8
         self.reftable_offset = hdr.refcount_table_offset
         # An array of u64, decoded in C: with 2 MiB clusters one reftable cluster holds 262,144 entries.
