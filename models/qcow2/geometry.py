@@ -73,12 +73,12 @@ class Geometry:
         return coffset, nb_csectors * 512 - (coffset & 511)
 
 
-
 @functools.lru_cache(maxsize=128)
 def geometry_of(cluster_bits: int, refcount_order: int) -> Geometry:
     """The Geometry of a cluster size and refcount width, made once and shared (it is frozen): every open
     and check state asks for one, and deriving its fields was 2% of a dev-mix sweep."""
     return Geometry(cluster_bits, refcount_order)
+
 
 def get_refcount(block: bytes | bytearray, index: int, order: int) -> int:
     """Read entry `index` of a refcount block of width 1 << order (sub-byte widths: bit 0 at the LSB)."""

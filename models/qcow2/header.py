@@ -57,14 +57,14 @@ def read_header(file: BlockFile, *, writable: bool, check_mode: bool = False) ->
         blob = read_exact(file, 0, length)
         if xxhash.xxh3_128_digest(blob) == digest:
             _stats["hits"] += 1
-            return ParsedHeader(Header.unpack(_padded(raw)), list(parsed.extensions), dict(parsed.feature_names))
+            return _copy_of(parsed, raw)
     _stats["misses"] += 1
     parsed, first_read = _parse(file, raw, writable, check_mode, blob)
     if key is not None and first_read is not None:
         if len(_known) >= _MEMO_ENTRIES:
             _known.clear()
         _known[key] = (len(first_read), xxhash.xxh3_128_digest(first_read), parsed)
-        parsed = ParsedHeader(Header.unpack(_padded(raw)), list(parsed.extensions), dict(parsed.feature_names))
+        parsed = _copy_of(parsed, raw)
     return parsed
 
 
@@ -79,6 +79,12 @@ _MEMO = True
 _MEMO_ENTRIES = 1024  # then cleared whole
 _known: dict[tuple, tuple[int, bytes, ParsedHeader]] = {}
 _stats = {"hits": 0, "misses": 0}
+
+
+def _copy_of(parsed: ParsedHeader, raw: bytes) -> ParsedHeader:
+    """A remembered header as a caller may change it: its Header decoded again from `raw`, its list and dict copied
+    (the extensions themselves are frozen)."""
+    return ParsedHeader(Header.unpack(_padded(raw)), list(parsed.extensions), dict(parsed.feature_names))
 
 
 def _padded(raw: bytes) -> bytes:
