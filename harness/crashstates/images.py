@@ -30,11 +30,15 @@ def _apply(image: bytearray, op: HostOp, sectors: tuple[int, ...] | None = None,
     if op.kind is not HostOpKind.WRITE or not op.data:
         return
     start, end = op.offset, op.offset + len(op.data)
-    if end > len(image):
-        _resize(image, end)
     if sectors is None:
+        # (a write from at most the end replaces what it covers and extends the rest in one step: an
+        # image grown a cluster at a time was first zero-extended, then overwritten)
+        if start > len(image):
+            _resize(image, start)
         image[start:end] = op.data
         return
+    if end > len(image):
+        _resize(image, end)
     data = memoryview(op.data)
     if garbage is not None:
         data_for_dropped = memoryview(_garbage_bytes(garbage, op.index, len(op.data)))

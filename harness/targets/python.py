@@ -35,6 +35,9 @@ def _image(raw: Image | bytearray) -> Image:
     return raw if type(raw) is bytes or type(raw) is Extents else bytes(raw)
 
 
+_VIEW_SLICE_FROM = 8192  # reads of a written image from this length are copied out through a memoryview
+
+
 class CopyOnWriteFile(MemoryFile):
     """A MemoryFile over immutable image bytes that copies them only at its first change.
 
@@ -80,7 +83,13 @@ class CopyOnWriteFile(MemoryFile):
     def _slice(self, offset: int, length: int) -> bytes:
         if self._over is not None:
             return self._over.read(offset, length)
-        return bytes(self.buf[offset:offset + length])
+        buf = self.buf
+        if length >= _VIEW_SLICE_FROM and type(buf) is bytearray:
+            # (a bytearray's slice is a bytearray, copied again into bytes; through a view, one copy:
+            # 2.8 us instead of 4.9 for a 64 KiB table. The temporary views die at once, so the
+            # buffer can still be resized.)
+            return bytes(memoryview(buf)[offset:offset + length])
+        return bytes(buf[offset:offset + length])
 
     def pread(self, offset: int, length: int) -> bytes:
         _check_range(self.name, offset, length)
@@ -686,7 +695,7 @@ class ReadPlan:
             return self.view
         last = _LAST_REPLAYS.get(self)
         runs: list[tuple[bytes, list[bytes]]] = []
-        same = last is not None
+        changed: list[int] = []  # the runs that read otherwise than last time
         for k, (_first, _count, pieces) in enumerate(self.runs):
             if len(pieces) == 1:
                 data = _piece(raw, *pieces[0])
@@ -696,13 +705,14 @@ class ReadPlan:
                 runs.append(last[1][k])  # this run reads as it did last time: the same sector objects
             else:
                 runs.append((data, split_sectors(data)))
-                same = False
-        if same:
-            assert last is not None
+                changed.append(k)
+        if last is not None and not changed:
             return dataclasses.replace(self.view, sectors=last[0])
-        out: dict[int, bytes] = {}
-        for (first, count, _p), (_d, objs) in zip(self.runs, runs):
-            out.update(zip(range(first, first + count), objs))
+        # (the last view's dict, copied in C, holds every sector of this plan: only the changed runs are set again)
+        out: dict[int, bytes] = last[0].copy() if last is not None else {}
+        for k in changed:
+            first, count, _p = self.runs[k]
+            out.update(zip(range(first, first + count), runs[k][1]))
         _LAST_REPLAYS.put(self, (out, runs), 2 * SECTOR * len(out))  # (each run's bytes and its sectors)
         return dataclasses.replace(self.view, sectors=out)
 

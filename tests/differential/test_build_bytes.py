@@ -93,3 +93,23 @@ def test_byte_runs_are_the_runs_of_sector_pieces() -> None:
         runs = imagesmod._runs(tuple(kept))
         assert imagesmod._byte_runs(start, start + length, runs) == \
             [(pieces[first][0], pieces[last][1]) for first, last in runs]
+
+
+def test_applying_a_write_equals_zero_extending_then_overwriting() -> None:
+    """images._apply writes from at most the image's end in one slice assignment: the same bytes as
+    extending with zeros to the write's end and overwriting, before, at, across and past the end."""
+    from harness.faultfile import HostOp, HostOpKind
+    from models.blockio import WriteSite
+
+    rng = random.Random(17)
+    ends = 0
+    for _ in range(3000):
+        image = bytearray(rng.randbytes(rng.randrange(0, 3000)))
+        offset = rng.choice((len(image), rng.randrange(0, 4000)))
+        data = rng.randbytes(rng.randrange(1, 1500))
+        want = bytearray(image) + bytes(max(0, offset + len(data) - len(image)))
+        want[offset:offset + len(data)] = data
+        imagesmod._apply(image, HostOp(0, HostOpKind.WRITE, offset, data, WriteSite.DATA, len(want)))
+        assert image == want, f"write of {len(data)} bytes at {offset}"
+        ends += offset == len(image) - len(data)
+    assert ends > 100, "few writes ended the image: the extending case was barely compared"

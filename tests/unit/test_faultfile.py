@@ -238,3 +238,18 @@ def test_a_given_log_base_is_kept_as_it_is_and_must_match_the_file():
     assert f.log.base is data and f.pread(0, 4) == b"xxxx"
     with pytest.raises(ValueError, match="a log base of 2047 bytes for a file of 2048"):
         FaultInjectingFile(MemoryFile(data), base=data[:-1])
+
+
+def test_a_recorded_op_equals_the_dataclass_built_the_usual_way():
+    # WriteLog.append builds HostOp with its slots set directly (faultfile._host_op): field for field
+    # the same value as the frozen dataclass's own constructor gives.
+    from harness.faultfile import HostOp, HostOpKind, WriteLog, _host_op
+    from models.blockio import WriteSite
+
+    fields = (7, HostOpKind.WRITE, 4096, b"\x01" * 512, WriteSite.L2, 8192)
+    assert _host_op(*fields) == HostOp(*fields)
+    log = WriteLog(b"")
+    op = log.append(HostOpKind.TRUNCATE, 1024, b"", WriteSite.OTHER, 1024)
+    assert op == HostOp(0, HostOpKind.TRUNCATE, 1024, b"", WriteSite.OTHER, 1024)
+    assert (op.index, op.kind, op.offset, op.data, op.site, op.size_after) == (0, HostOpKind.TRUNCATE, 1024, b"",
+                                                                               WriteSite.OTHER, 1024)
