@@ -255,3 +255,36 @@ def test_digest_over_extents_equals_the_digest_over_their_joined_bytes() -> None
     ranges = tuple(sorted((rng.randrange(25000), rng.randrange(0, 3000)) for _ in range(60)))
     assert digest_of(image, ranges) == digest_of(joined, ranges)
     assert digest_of(image, ranges) != digest_of(joined[:-1], ranges)
+
+
+def test_a_replayed_run_of_many_pieces_reads_as_its_pieces_one_by_one() -> None:
+    """A replayed run of several pieces (image slices, some past the image's end; zeros; bytes read through the
+    file) reads the same bytes as `_piece` for each piece, joined (the read-plan tests above replay runs of one
+    piece: their images' guest data is contiguous)."""
+    from harness.targets import ReadOnlyView
+    from harness.targets import python as pythonmod
+
+    rng = random.Random(9)
+    past_end = 0
+    for _ in range(300):
+        raw = rng.randbytes(rng.randrange(4096, 16384))
+        plan = pythonmod.ReadPlan()
+        pieces: list[tuple[int, int | bytes]] = []
+        for _ in range(rng.randrange(2, 12)):
+            length = 512 * rng.randrange(1, 4)
+            kind = rng.choice(("raw", "raw", "zeros", "const"))
+            if kind == "raw":
+                piece: tuple[int, int | bytes] = (rng.randrange(0, len(raw) + 1024), length)
+                past_end += piece[0] + length > len(raw)
+            else:
+                piece = (pythonmod.ZEROS, length) if kind == "zeros" else (pythonmod.CONST, rng.randbytes(length))
+            plan.piece(*piece)
+            pieces.append(piece)
+        count = sum(d if isinstance(d, int) else len(d) for _h, d in pieces) // 512
+        plan.end_run(0, count)
+        plan.finish(ReadOnlyView())
+        for image in (raw, raw + bytes(700)):  # (the second replay of a plan starts from its first's view)
+            want = b"".join(pythonmod._piece(image, h, d) for h, d in pieces)
+            got = plan.replay(image).sectors
+            assert b"".join(got[s] for s in range(count)) == want, f"pieces {[(h, len(d) if isinstance(d, bytes) else d) for h, d in pieces]}"
+    assert past_end > 20, "few pieces ran past the image's end: the zero-padded case was barely compared"
