@@ -288,3 +288,45 @@ def test_a_replayed_run_of_many_pieces_reads_as_its_pieces_one_by_one() -> None:
             got = plan.replay(image).sectors
             assert b"".join(got[s] for s in range(count)) == want, f"pieces {[(h, len(d) if isinstance(d, bytes) else d) for h, d in pieces]}"
     assert past_end > 20, "few pieces ran past the image's end: the zero-padded case was barely compared"
+
+
+def test_past_its_byte_bound_the_memo_drops_the_heaviest_call_not_everything(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Results that hold bytes (a recovery's writes) are bounded over all call keys; past the bound the call key
+    holding the most is dropped whole, and the others' results (read plans, checks) stay and still hit."""
+    from harness.targets import readmemo
+
+    monkeypatch.setattr(readmemo, "_MAX_BYTES", 4000)
+    reuse = ReadMemo()
+    image = bytes(range(256)) * 16
+    plan_key, recover_key, check_key = (reuse.call_key(kind) for kind in ("read_only", "recover", "check"))
+    reuse.store(plan_key, ((0, 64),), image, "plan", 100)
+    reuse.store(check_key, ((64, 64),), image, "check")
+    for n in range(12):  # 12 recoveries of 900 bytes each: past 4,000 several times
+        reuse.store(recover_key, ((128 + n, 64),), image, f"recovery {n}", 900)
+        assert reuse.bytes <= 4000
+    assert reuse.lookup(plan_key, image) == ("plan", ((0, 64),)), "a read plan was dropped with the recoveries"
+    assert reuse.lookup(check_key, image) == ("check", ((64, 64),))
+    assert reuse.lookup(recover_key, image) is not None, "the newest recovery was not kept"
+    assert reuse.bytes == 100 + 900 * sum(1 for n in range(12) if reuse._calls[recover_key].get(((128 + n, 64),)))
+    # The call key holding the most goes, whichever it is: here the plans'.
+    reuse.clear()
+    reuse.store(recover_key, ((5, 64),), image, "recovery", 900)
+    for n in range(4):  # 900 + 3 x 1,000, then a fourth plan: the plans (3,000 bytes) go, the recovery stays
+        reuse.store(plan_key, ((n, 64),), image, f"plan {n}", 1000)
+    assert reuse.lookup(recover_key, image) == ("recovery", ((5, 64),))
+    assert reuse.lookup(plan_key, image) == ("plan 3", ((3, 64),))
+    assert reuse.bytes == 1900
+    # Results dropped for the per-call bounds give their bytes back to their key too: a later drop of that
+    # key takes what it holds, not what it ever held.
+    monkeypatch.setattr(readmemo, "_GROUPS_PER_CALL", 2)
+    reuse.clear()
+    for n in range(5):
+        reuse.store(recover_key, ((n, 64),), image, f"recovery {n}", 500)
+    assert reuse.bytes == 1000, "results dropped with their read sets still count"
+    monkeypatch.setattr(readmemo, "_GROUPS_PER_CALL", 16)
+    reuse.store(plan_key, ((9, 64),), image, "plan", 900)
+    for n in range(3):  # 1,000 + 900 + 2 x 1,000, then a third check: the checks (2,000) are the heaviest
+        reuse.store(check_key, ((n, 64),), image, f"check {n}", 1000)
+    assert reuse.bytes == 1000 + 900 + 1000
+    assert reuse.lookup(recover_key, image) == ("recovery 4", ((4, 64),))
+    assert reuse.lookup(check_key, image) == ("check 2", ((2, 64),))
