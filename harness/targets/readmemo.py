@@ -150,7 +150,7 @@ class ReadMemo:
         A recovery's replayable writes are what fill the budget (a 512-byte-cluster repair
         zeroes hundreds of clusters); dropping the whole memo then also dropped every
         read plan and check, which hold next to nothing: a nightly 512-byte example with
-        64-bit refcounts cleared it 54 times, and its read-only opens hit 680 times, not 744.
+        64-bit refcounts cleared it 54 times, and its read-only opens hit 680 times (752 now).
         """
         key = max(self._key_bytes, key=self._key_bytes.__getitem__)
         for table in self._calls.pop(key, {}).values():
