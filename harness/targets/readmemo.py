@@ -30,9 +30,7 @@ Hazards:
   (the image memo's own hash and collision argument);
 - a recovery handed the raw image's check (`raw_check`) does not read what that check
   read: its read set is then extended with the check's, or the check is not handed over;
-- memory: per call key, a bounded number of read sets and results, oldest dropped first; the
-  bytes results hold (a recovery's writes), bounded over all keys: past the bound the call key
-  holding the most goes whole.
+- memory: per call key, a bounded number of read sets and results, oldest dropped first.
 """
 
 from __future__ import annotations
@@ -90,7 +88,6 @@ class ReadMemo:
     def __init__(self) -> None:
         self._calls: dict[tuple, OrderedDict[tuple, OrderedDict[bytes, object]]] = {}
         self._weights: dict[int, int] = {}
-        self._key_bytes: dict[tuple, int] = {}  # the weight each call key's results hold
         self._checks: list[tuple[bytes, tuple]] = []  # (image bytes, what their check read): the last check
         self.bytes = 0
         self.hits = 0
@@ -117,8 +114,8 @@ class ReadMemo:
     def store(self, key: tuple, ranges: tuple, data: bytes, result: object, weight: int = 0) -> None:
         if weight > _MAX_BYTES // 4:
             return
-        while self.bytes + weight > _MAX_BYTES:
-            self._drop_heaviest()
+        if self.bytes + weight > _MAX_BYTES:
+            self.clear()
         groups = self._calls.setdefault(key, OrderedDict())
         table = groups.get(ranges)
         if table is None:
@@ -126,37 +123,19 @@ class ReadMemo:
             if len(groups) > _GROUPS_PER_CALL:
                 _old, dropped = groups.popitem(last=False)
                 for value in dropped.values():
-                    self._forget(key, value)
+                    self._forget(value)
         else:
             groups.move_to_end(ranges)
         table[digest_of(data, ranges)] = result
         if weight:
             self._weights[id(result)] = weight
             self.bytes += weight
-            self._key_bytes[key] = self._key_bytes.get(key, 0) + weight
         if len(table) > _RESULTS_PER_GROUP:
             _old, value = table.popitem(last=False)
-            self._forget(key, value)
+            self._forget(value)
 
-    def _forget(self, key: tuple, value: object) -> None:
-        weight = self._weights.pop(id(value), 0)
-        self.bytes -= weight
-        if weight:
-            self._key_bytes[key] -= weight
-
-    def _drop_heaviest(self) -> None:
-        """Drop every result of the call key holding the most bytes.
-
-        A recovery's replayable writes are what fill the budget (a 512-byte-cluster repair
-        zeroes hundreds of clusters); dropping the whole memo then also dropped every
-        read plan and check, which hold next to nothing: a nightly 512-byte example with
-        64-bit refcounts cleared it 54 times, and its read-only opens hit 680 times (752 now).
-        """
-        key = max(self._key_bytes, key=self._key_bytes.__getitem__)
-        for table in self._calls.pop(key, {}).values():
-            for value in table.values():
-                self._weights.pop(id(value), None)
-        self.bytes -= self._key_bytes.pop(key)
+    def _forget(self, value: object) -> None:
+        self.bytes -= self._weights.pop(id(value), 0)
 
     def note_check(self, data: bytes, ranges: tuple) -> None:
         """Remember what the check of these very bytes read, for a recovery handed that check (`check_reads`)."""
@@ -168,7 +147,6 @@ class ReadMemo:
     def clear(self) -> None:
         self._calls.clear()
         self._weights.clear()
-        self._key_bytes.clear()
         self.bytes = 0
 
 
