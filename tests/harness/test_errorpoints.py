@@ -117,3 +117,27 @@ def test_the_sweep_collects_the_garbage_of_large_images(monkeypatch: pytest.Monk
     monkeypatch.setattr(heap, "_COLLECT_EVERY", 1)
     result = errorpoints.sweep(config, ops, seed=1, max_runs=6)
     assert result.finding is None and len(collections) >= result.judged
+
+
+def test_an_example_collects_its_young_generation_less_often_and_restores_the_threshold() -> None:
+    """Inside `frozen_heap` (an example) the young generation is collected every `_YOUNG` allocations; outside,
+    and after nested scopes end, the thresholds are the caller's again (harness/heap.py)."""
+    import gc
+
+    from harness import heap
+
+    before = gc.get_threshold()
+    try:
+        gc.set_threshold(700, 10, 10)
+        with heap.frozen_heap():
+            assert gc.get_threshold() == (heap._YOUNG, 10, 10)
+            with heap.frozen_heap():  # (the error sweep's scope inside an example's)
+                assert gc.get_threshold() == (heap._YOUNG, 10, 10)
+            assert gc.get_threshold() == (heap._YOUNG, 10, 10), "a nested scope's end restored the default"
+        assert gc.get_threshold() == (700, 10, 10)
+        gc.set_threshold(20000, 5, 5)  # a caller's own larger threshold is kept
+        with heap.frozen_heap():
+            assert gc.get_threshold() == (20000, 5, 5)
+        assert gc.get_threshold() == (20000, 5, 5)
+    finally:
+        gc.set_threshold(*before)
