@@ -12,9 +12,11 @@ _COLLECT_EVERY = 24 << 20  # bytes of such images judged between two collections
 # views of thousands of entries, check lines), so at 700 the collector ran 735 times over 40 dev
 # examples and traversed those containers each time: 0.55 s of 7.0 s (`gc.callbacks`, seed 7),
 # 0.54 s of 9.5 s on a 512-byte-cluster nightly example. At 5,000 that was 0.21 s and 0.18 s.
-# Hazard: garbage in reference cycles (an opened image and its table caches) lives longer; peak
-# RSS moved by -11 to +20 MiB on those runs (10,000 added 23 MiB to the nightly one, 50,000 234
-# MiB), and large images are collected by `collect_after` regardless.
+# Hazard: garbage in reference cycles lives longer. An image left open in one (its table caches
+# call back into it) then holds its bytes: before snapshot readers released theirs
+# (targets/python.py, `_Opened`), 5,000 took a nightly 4 KiB-cluster example from 387 to 687 MiB
+# peak RSS; since, from 290 to 294 MiB (dev at 2 MiB clusters: 182 to 187 MiB). Large images
+# are collected by `collect_after` regardless.
 _YOUNG = 5000
 
 

@@ -365,16 +365,13 @@ class PythonTarget(Target):
     def snapshots(self, raw: Image, *, reuse: ReadMemo | None = None) -> SnapshotReader:
         """The snapshot reader; with `reuse`, its `read_many` is answered from read plans (as `read_only`'s)."""
         raw = _image(raw)
-        opened = _Opened(Qcow2Image.open(CopyOnWriteFile(raw), readonly=True))
-        img = opened.img
-        names = tuple(sn.name for sn in snapshot.list_snapshots(img))
-        cluster_size = img.geo.cluster_size
-        del img  # (the readers hold `opened`, never the image: see _Opened)
+        opened = _Opened(Qcow2Image.open(CopyOnWriteFile(raw), readonly=True))  # (the readers hold this, not the image)
+        names = tuple(sn.name for sn in snapshot.list_snapshots(opened.img))
         if reuse is None:
             many = lambda name, sectors: _snapshot_sectors(opened.img, name, sectors)  # noqa: E731
         else:
             many = lambda name, sectors: _snapshot_view(raw, name, sectors, reuse)  # noqa: E731
-        return SnapshotReader(names, cluster_size,
+        return SnapshotReader(names, opened.img.geo.cluster_size,
                               lambda name, offset, length: snapshot.read(opened.img, name, offset, length), many)
 
     # ---- judging -----------------------------------------------------------------------------
