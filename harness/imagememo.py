@@ -9,8 +9,8 @@ depends on the model), and neither is anything that draws from the run's rng.
 
 Hazards, and why the memo is safe against them:
 
-- the digest is XXH3-128 of the bytes (not cryptographic: nobody crafts crash images to
-  collide; it hashes at memory speed, where BLAKE2b cost a tenth of a nightly example); a
+- the digest is XXH3-128 of the bytes (of their 256 KiB chunks' digests above 4 MiB:
+  `digest_bytes`; not cryptographic: nobody crafts crash images to collide; it hashes at memory speed, where BLAKE2b cost a tenth of a nightly example); a
   collision would merge two images' results (about 2**-64 for the images of a whole night:
   accepted, as the runner's own image dedup, which uses this digest, already accepts it);
 - cached results are shared objects: `Recovery.image` is immutable bytes, or `Extents`
@@ -31,9 +31,7 @@ import dataclasses
 from collections import OrderedDict
 from collections.abc import Iterable
 
-import xxhash
-
-from harness.crashstates.images import Extents, Image, as_bytes
+from harness.crashstates.images import Extents, Image, as_bytes, digest_bytes
 from harness.targets.readmemo import ReadMemo
 from harness.targets import (CheckSummary, HeaderInfo, OpenOptions, ReadOnlyView, Recovery, RecoveryPath,
                              SnapshotReader, Target)
@@ -44,7 +42,7 @@ DEFAULT_MAX_ENTRIES = 64
 
 def digest(data: bytes | bytearray | Extents) -> bytes:
     """The memo's key for image bytes (the runner's dedup key uses the same hash; `Extents` hash where they lie)."""
-    return data.digest() if type(data) is Extents else xxhash.xxh3_128_digest(data)
+    return data.digest() if type(data) is Extents else digest_bytes(data)
 
 
 class Facts:

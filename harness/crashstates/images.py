@@ -74,6 +74,7 @@ class CrashImageBuilder:
         # over it: the log's base never changes.)
         self._durable: bytes | bytearray | Extents = log.base
         self._applied = 0  # ops[0:_applied] are applied to _durable
+        self._chunks = ChunkDigests.for_base(log.base)  # shared by every image laid over the base
 
     def durable_image(self, point: int) -> bytes:
         """The image every crash state at `point` starts from: all ops up to the last flush before it."""
@@ -94,7 +95,7 @@ class CrashImageBuilder:
             if type(base) is Extents:
                 self._durable = base.copy()
             else:
-                self._durable = Extents(base) if size >= DURABLE_EXTENTS_FROM else bytearray(base)
+                self._durable = Extents(base, self._chunks) if size >= DURABLE_EXTENTS_FROM else bytearray(base)
         durable = self._durable
         for op in self.log.ops[self._applied : target]:
             if type(durable) is Extents:
@@ -140,7 +141,7 @@ class CrashImageBuilder:
         if problems:
             raise ValueError(f"crash state {state.id!r} does not fit this log: " + "; ".join(problems))
         durable = self._advance(state.point)
-        extents = durable.copy() if type(durable) is Extents else Extents(durable)
+        extents = durable.copy() if type(durable) is Extents else Extents(durable, self._chunks)
         tears = dict(state.tears)
         for index in state.kept:
             if not extents.apply(self.log.ops[index], tears.get(index), state.garbage):
@@ -160,7 +161,7 @@ class CrashImageBuilder:
         extents = self.extents(state)
         if extents is None:
             image = bytes(self.build(state))
-            key = Extents(image).digest()  # (one place computes the digest)
+            key = digest_bytes(image)
             return (None if known(key) else image), key
         key = extents.digest()
         if known(key):
@@ -197,6 +198,53 @@ IMAGE_EXTENTS_FROM = 4 << 20
 _SMALL_EXTENT = 4096  # extents up to this size are hashed joined (`Extents.hash_range`)
 _ZEROS = memoryview(bytes(1 << 20))  # fed to the digest for zero extents, a MiB at a time
 
+# Images larger than this are digested by chunks (`digest_bytes`): the digest of the chunks'
+# digests. A sweep's crash images with 2 MiB clusters are tens of MiB, nearly all of it the
+# log's base where it lay, and hashing each whole image was an eighth of such an example;
+# chunked, each chunk of the base is hashed once per log (`ChunkDigests`) and a crash image
+# rehashes only the chunks its kept ops touch. Smaller images keep the plain XXH3-128.
+CHUNKED_ABOVE = 4 << 20
+CHUNK = 256 << 10
+
+
+def digest_bytes(data) -> bytes:
+    """The image digest of a buffer: XXH3-128 up to `CHUNKED_ABOVE` bytes, else XXH3-128 over its
+    `CHUNK`s' XXH3-128 digests and its size (what `Extents.digest` computes where the bytes lie)."""
+    size = len(data)
+    if size <= CHUNKED_ABOVE:
+        return xxhash.xxh3_128_digest(data)
+    with memoryview(data) as view:
+        return _combine([xxhash.xxh3_128_digest(view[c:c + CHUNK]) for c in range(0, size, CHUNK)], size)
+
+
+def _combine(chunk_digests: list[bytes], size: int) -> bytes:
+    return xxhash.xxh3_128_digest(b"".join(chunk_digests) + size.to_bytes(8, "little"))
+
+
+class ChunkDigests:
+    """The digests of an immutable base's chunks, computed once each and shared by every image laid over it.
+
+    Only a chunk that an image takes whole from the base at the same offset uses them.
+    Hazard: the base must never change (bytes, not a bytearray): `for_base` gives None otherwise.
+    """
+
+    __slots__ = ("base", "digests")
+
+    def __init__(self, base: bytes) -> None:
+        self.base = base
+        self.digests: dict[int, bytes] = {}  # chunk start -> digest of base[start:start + CHUNK]
+
+    @classmethod
+    def for_base(cls, base) -> "ChunkDigests | None":
+        return cls(base) if type(base) is bytes and len(base) > CHUNKED_ABOVE else None
+
+    def of(self, start: int) -> bytes:
+        d = self.digests.get(start)
+        if d is None:
+            with memoryview(self.base) as view:
+                d = self.digests[start] = xxhash.xxh3_128_digest(view[start:start + CHUNK])
+        return d
+
 
 class Extents:
     """An image as ascending, disjoint extents [start, end) over source buffers (None: zeros), joined once.
@@ -211,12 +259,15 @@ class Extents:
     MAX = 256  # extents past which a state is built the plain way (many torn pieces)
     TORN_RUNS = 8  # kept runs of a torn write from which its range is laid as one buffer (`_torn`)
 
-    def __init__(self, base) -> None:
+    def __init__(self, base, chunks: ChunkDigests | None = None) -> None:
         self.size = len(base)
         self.parts: list[tuple[int, int, object, int]] = [(0, self.size, base, 0)] if self.size else []
         # Each part's end, in step with `parts`: searched in C (a bisect with a key function called
         # back into Python a dozen times per write of a recovery replayed over thousands of parts).
         self.ends: list[int] = [self.size] if self.size else []
+        # Chunk digests of an immutable base, shared with every copy (`digest`); pass the same
+        # object for every Extents over one base, so that each chunk is hashed once.
+        self.chunks = chunks if chunks is not None and chunks.base is base else ChunkDigests.for_base(base)
 
     def __len__(self) -> int:
         return self.size
@@ -232,6 +283,7 @@ class Extents:
         """Another image over the same source buffers (the parts are immutable tuples)."""
         other = Extents(b"")
         other.size, other.parts, other.ends = self.size, list(self.parts), list(self.ends)
+        other.chunks = self.chunks
         return other
 
     def apply(self, op: HostOp, sectors: tuple[int, ...] | None, garbage: int | None) -> bool:
@@ -354,10 +406,28 @@ class Extents:
             h.update(b"".join(small))
 
     def digest(self) -> bytes:
-        """XXH3-128 of the image's bytes (what `join` would return), hashed where they lie, without joining them."""
-        h = xxhash.xxh3_128()
-        self.hash_range(h, 0, self.size)
-        return h.digest()
+        """`digest_bytes` of the image's bytes (what `join` would return), hashed where they lie, without joining them."""
+        size = self.size
+        if size <= CHUNKED_ABOVE:
+            h = xxhash.xxh3_128()
+            self.hash_range(h, 0, size)
+            return h.digest()
+        chunks = self.chunks
+        base = chunks.base if chunks is not None else None
+        parts, ends = self.parts, self.ends
+        out = []
+        for c in range(0, size, CHUNK):
+            e = min(c + CHUNK, size)
+            a, b, src, off = parts[bisect.bisect_right(ends, c)]
+            # the base's own chunk, whole (and the image's chunk as long as the base's: an image cut
+            # short, or grown past its base, ends a chunk where the base does not)
+            if src is base and b >= e and off == a and base is not None and min(c + CHUNK, len(base)) == e:
+                out.append(chunks.of(c))
+            else:
+                h = xxhash.xxh3_128()
+                self.hash_range(h, c, e - c)
+                out.append(h.digest())
+        return _combine(out, size)
 
     def join(self) -> bytes:
         """The image's bytes, in one copy. (The views into the builder's own buffer are released at

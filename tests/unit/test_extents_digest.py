@@ -7,7 +7,12 @@ import random
 import pytest
 import xxhash
 
-from harness.crashstates.images import _SMALL_EXTENT, Extents
+from harness import imagememo
+from harness.crashstates.images import (_SMALL_EXTENT, CHUNK, CHUNKED_ABOVE, ChunkDigests, CrashImageBuilder, Extents,
+                                        digest_bytes)
+from harness.crashstates.state import CrashState, Policy
+from harness.faultfile import HostOpKind, WriteLog
+from models.blockio import WriteSite
 
 
 def _image(seed: int) -> Extents:
@@ -50,3 +55,120 @@ def test_a_changed_byte_in_a_small_extent_changes_the_digest() -> None:
     ext.put(a, a + 1, bytes(changed[a:a + 1]), 0)
     assert ext.digest() != before
     assert ext.digest() == xxhash.xxh3_128(bytes(changed)).digest()
+
+
+# Above CHUNKED_ABOVE an image's digest is taken over its chunks, and a chunk taken whole from
+# an immutable base reuses that base chunk's digest (`ChunkDigests`). Each image below is
+# checked against `digest_bytes` of its joined bytes, which hashes every chunk afresh.
+
+def _large_base(seed: int) -> bytes:
+    return random.Random(seed).randbytes(CHUNKED_ABOVE + 3 * CHUNK + 1000)
+
+
+def _shapes(base: bytes, rng: random.Random):
+    """Images over one base and one ChunkDigests: each is (name, Extents)."""
+    chunks = ChunkDigests.for_base(base)
+    assert chunks is not None
+    plain = Extents(base, chunks)
+    yield "the base", plain
+    written = plain.copy()
+    for _ in range(5):
+        lo = rng.randrange(len(base) - 100)
+        written.put(lo, lo + 64, rng.randbytes(64), 0)
+    yield "small writes", written
+    shifted = plain.copy()  # a chunk from the base, but not at its own offset
+    shifted.put(CHUNK, 2 * CHUNK, base, 0)
+    yield "base bytes moved", shifted
+    for cut in (len(base) - 10, len(base) - CHUNK // 2, CHUNKED_ABOVE + 1):
+        short = plain.copy()
+        short.cut(cut)
+        yield f"cut to {cut}", short
+    grown = plain.copy()
+    grown.grow(len(base) + CHUNK // 3)  # the base's last chunk is no longer the image's
+    yield "grown past the base", grown
+    regrown = plain.copy()  # cut inside the last chunk, then grown with zeros back to the base's size
+    regrown.cut(len(base) - 500)
+    regrown.grow(len(base))
+    yield "cut and regrown", regrown
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_a_large_images_digest_is_digest_bytes_of_its_bytes_whatever_its_chunks_share(seed: int) -> None:
+    base = _large_base(seed)
+    rng = random.Random(seed)
+    digests = {}
+    for name, ext in _shapes(base, rng):
+        joined = ext.join()
+        assert ext.digest() == digest_bytes(joined), name
+        assert ext.digest() == Extents(joined).digest(), name  # (no shared chunks at all)
+        assert imagememo.digest(joined) == imagememo.digest(ext), name
+        digests[name] = ext.digest()
+    assert len(set(digests.values())) == len(digests)  # every shape has other bytes
+
+
+def test_digest_bytes_is_plain_xxh3_up_to_the_threshold_and_chunked_above() -> None:
+    small = random.Random(1).randbytes(CHUNKED_ABOVE)
+    assert digest_bytes(small) == xxhash.xxh3_128_digest(small)
+    large = small + b"x"
+    assert digest_bytes(large) != xxhash.xxh3_128_digest(large)
+    changed = bytearray(large)
+    changed[CHUNK + 7] ^= 1
+    assert digest_bytes(bytes(changed)) != digest_bytes(large)
+    assert digest_bytes(large + bytes(1)) != digest_bytes(large)  # (the size is in the digest)
+
+
+def test_a_bytearray_base_shares_no_chunk_digests() -> None:
+    """A buffer that can change under its extents never lends its chunks' digests."""
+    buf = bytearray(_large_base(4))
+    assert ChunkDigests.for_base(buf) is None
+    ext = Extents(buf)
+    before = ext.digest()
+    buf[5] ^= 1
+    assert ext.digest() != before
+    assert ext.digest() == digest_bytes(bytes(buf))
+
+
+def test_crash_images_of_a_large_log_digest_as_their_bytes() -> None:
+    """The builder's images share its base's chunk digests: each state's digest is still its bytes'."""
+    base = _large_base(5)
+    rng = random.Random(5)
+    log = WriteLog(base=base)
+    size = len(base)
+    for _ in range(6):
+        lo = rng.randrange(len(base) + CHUNK)
+        data = rng.randbytes(rng.choice([512, 4096, CHUNK + 512]))
+        size = max(size, lo + len(data))
+        log.append(HostOpKind.WRITE, lo, data, WriteSite.OTHER, size)
+    log.append(HostOpKind.TRUNCATE, len(base) - 3000, b"", WriteSite.OTHER, len(base) - 3000)
+    builder = CrashImageBuilder(log)
+    point = len(log.ops)
+    ops = list(range(6))
+    for kept in ([], ops[:2], ops[1::2], ops + [6], [6]):
+        state = CrashState(point=point, policy=Policy.SUBSETS, kept=tuple(kept))
+        image, key = builder.image_and_digest(state)
+        assert key == digest_bytes(builder.build_bytes(state)), kept
+        assert key == imagememo.digest(image), kept
+
+
+def test_copies_share_the_base_chunks_and_hash_each_once() -> None:
+    """What the chunks are for: after the first image, a copy with a small write hashes the base no more."""
+    base = _large_base(6)
+    chunks = ChunkDigests.for_base(base)
+    ext = Extents(base, chunks)
+    ext.digest()
+    whole = len(chunks.digests)
+    assert whole == -(-len(base) // CHUNK)
+    seen = dict(chunks.digests)
+    other = ext.copy()
+    other.put(CHUNK + 3, CHUNK + 70, b"y" * 67, 0)
+    calls = []
+
+    class Counting(dict):
+        def get(self, key, default=None):
+            calls.append(key)
+            return super().get(key, default)
+
+    chunks.digests = Counting(seen)
+    other.digest()
+    assert len(calls) == whole - 1  # every chunk but the written one came from the base's digests
+    assert chunks.digests == seen  # (and none was hashed again)
