@@ -62,4 +62,4 @@ def create(image_cls: "type[Qcow2Image]", file: BlockFile, size: int, *, version
     img.refcache.flush()
     img.io.update_header()
     img._file_flush()
-    img.closed = True
+    img.release()  # (closed; its reference cycles broken, so the file it holds goes with its last user)
