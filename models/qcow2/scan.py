@@ -59,6 +59,16 @@ def nonzero_u64_items(raw: bytes | bytearray) -> list[tuple[int, int]]:
     return [(i, entries[i]) for i in itertools.compress(range(n), entries)]
 
 
+def zero_from(raw: bytes | bytearray, start: int) -> bool:
+    """Whether every byte of raw[start:] is zero. (A refcount block of a 2 MiB cluster past the end
+    of its file: bytes.count took 1.1 ms for it here, numpy's any 0.085 ms.)"""
+    if start >= len(raw):
+        return True
+    if len(raw) - start < _NUMPY_FROM:
+        return raw.count(0, start) == len(raw) - start
+    return not numpy.frombuffer(raw, dtype=numpy.uint8, offset=start).any()
+
+
 def u64_array(raw: bytes | bytearray) -> array.array:
     """The whole big-endian u64 entries of `raw` as an array, decoded in C (no int object per entry
     until one is read; a copy: `raw` may change after)."""

@@ -32,3 +32,18 @@ def test_rebuilt_table_bytes_are_struct_packed_big_endian(n: int) -> None:
     assert _be_u64(entries) == struct.pack(f">{n}Q", *entries)
     with pytest.raises(OverflowError):
         _be_u64([1 << 64])
+
+
+@pytest.mark.parametrize("size", [0, 1, 512, 8191, 8192, 2 << 20])
+def test_zero_from_says_whether_every_byte_from_start_is_zero(size: int) -> None:
+    from models.qcow2.scan import zero_from
+
+    rng = random.Random(size)
+    starts = sorted({0, size // 2, max(0, size - 1), size, size + 5} | {rng.randrange(size + 1) for _ in range(4)})
+    for where in sorted({0, size // 3, max(0, size - 1)}) if size else []:
+        raw = bytearray(size)
+        raw[where] = rng.randrange(1, 256)
+        for start in starts:
+            assert zero_from(bytes(raw), start) == (where < start), (size, where, start)
+            assert zero_from(raw, start) == (where < start), (size, where, start)
+    assert zero_from(bytes(size), 0)
