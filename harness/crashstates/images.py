@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import bisect
 import random
+import weakref
 
 import xxhash
 
@@ -74,7 +75,7 @@ class CrashImageBuilder:
         # over it: the log's base never changes.)
         self._durable: bytes | bytearray | Extents = log.base
         self._applied = 0  # ops[0:_applied] are applied to _durable
-        self._chunks = ChunkDigests.for_base(log.base)  # shared by every image laid over the base
+        self._chunks = ChunkDigests.for_base(log.base, log)  # shared by every image laid over the base
 
     def durable_image(self, point: int) -> bytes:
         """The image every crash state at `point` starts from: all ops up to the last flush before it."""
@@ -222,27 +223,57 @@ def _combine(chunk_digests: list[bytes], size: int) -> bytes:
 
 
 class ChunkDigests:
-    """The digests of an immutable base's chunks, computed once each and shared by every image laid over it.
+    """The digests of chunks of immutable buffers, computed once each and shared by every image laid over them.
 
-    Only a chunk that an image takes whole from the base at the same offset uses them.
-    Hazard: the base must never change (bytes, not a bytearray): `for_base` gives None otherwise.
+    Two kinds: a chunk that an image takes whole from the base at the same offset, and a
+    chunk that it takes whole from one of the log's written buffers (`of_source`: a 2 MiB
+    cluster write lies in every crash image that keeps it). Hazards: the base must never
+    change (bytes, not a bytearray: `for_base` gives None otherwise); a written buffer is
+    known by `id` only while the log holds it, so the log is held weakly and each use checks
+    that the log's op still holds that very buffer (an id can be reused once its object is
+    gone).
     """
 
-    __slots__ = ("base", "digests")
+    __slots__ = ("base", "digests", "_log", "_ids", "_indexed", "_written")
 
-    def __init__(self, base: bytes) -> None:
+    def __init__(self, base: bytes, log=None) -> None:
         self.base = base
         self.digests: dict[int, bytes] = {}  # chunk start -> digest of base[start:start + CHUNK]
+        self._log = weakref.ref(log) if log is not None else None
+        self._ids: dict[int, int] = {}  # id of a written buffer of CHUNK bytes or more -> its op's index
+        self._indexed = 0  # the log's ops looked at so far
+        self._written: dict[tuple[int, int, int], bytes] = {}  # (op index, offset, length) -> digest
 
     @classmethod
-    def for_base(cls, base) -> "ChunkDigests | None":
-        return cls(base) if type(base) is bytes and len(base) > CHUNKED_ABOVE else None
+    def for_base(cls, base, log=None) -> "ChunkDigests | None":
+        return cls(base, log) if type(base) is bytes and len(base) > CHUNKED_ABOVE else None
 
     def of(self, start: int) -> bytes:
         d = self.digests.get(start)
         if d is None:
             with memoryview(self.base) as view:
                 d = self.digests[start] = xxhash.xxh3_128_digest(view[start:start + CHUNK])
+        return d
+
+    def of_source(self, src, offset: int, length: int) -> bytes | None:
+        """The digest of src[offset:offset + length] when `src` is a buffer the log wrote; else None."""
+        log = self._log() if self._log is not None else None
+        if log is None:
+            return None
+        k = self._ids.get(id(src))
+        if k is None and self._indexed < len(log.ops):
+            for op in log.ops[self._indexed:]:
+                if len(op.data) >= CHUNK:
+                    self._ids[id(op.data)] = op.index
+            self._indexed = len(log.ops)
+            k = self._ids.get(id(src))
+        if k is None or log.ops[k].data is not src:
+            return None
+        key = (k, offset, length)
+        d = self._written.get(key)
+        if d is None:
+            with memoryview(src) as view:
+                d = self._written[key] = xxhash.xxh3_128_digest(view[offset:offset + length])
         return d
 
 
@@ -423,6 +454,9 @@ class Extents:
             # short, or grown past its base, ends a chunk where the base does not)
             if src is base and b >= e and off == a and base is not None and min(c + CHUNK, len(base)) == e:
                 out.append(chunks.of(c))
+            elif b >= e and chunks is not None and type(src) is bytes and \
+                    (d := chunks.of_source(src, off + c - a, e - c)) is not None:
+                out.append(d)  # (the chunk lies whole in one of the log's written buffers)
             else:
                 h = xxhash.xxh3_128()
                 self.hash_range(h, c, e - c)

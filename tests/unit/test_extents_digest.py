@@ -172,3 +172,36 @@ def test_copies_share_the_base_chunks_and_hash_each_once() -> None:
     other.digest()
     assert len(calls) == whole - 1  # every chunk but the written one came from the base's digests
     assert chunks.digests == seen  # (and none was hashed again)
+
+
+def test_a_chunk_of_a_written_buffer_is_hashed_once_while_its_log_lives() -> None:
+    """A large write lies in every crash image that keeps it: its chunks' digests are kept by (op, offset), checked
+    against the log's own buffer, and not used once the log is gone."""
+    import gc
+
+    base = _large_base(7)
+    log = WriteLog(base=base)
+    data = random.Random(7).randbytes(4 * CHUNK)
+    op = log.append(HostOpKind.WRITE, CHUNK, data, WriteSite.OTHER, len(base))
+    chunks = ChunkDigests.for_base(log.base, log)
+    assert chunks.of_source(op.data, CHUNK, CHUNK) == xxhash.xxh3_128_digest(data[CHUNK:2 * CHUNK])
+    assert chunks.of_source(bytes(bytearray(data)), 0, CHUNK) is None  # equal bytes, but not the log's buffer
+    chunks._ids[id(base)] = op.index  # (as if a freed buffer's id came back on another object)
+    assert chunks.of_source(base, 0, CHUNK) is None
+    ext = Extents(log.base, chunks)
+    ext.apply(op, None, None)
+    assert ext.digest() == digest_bytes(ext.join())
+    assert len(chunks._written) == 4  # every chunk of the write, hashed once
+    assert ext.copy().digest() == ext.digest() and len(chunks._written) == 4
+    builder_less = Extents(ext.join())
+    assert builder_less.digest() == ext.digest()
+    grown = log.append(HostOpKind.WRITE, len(base) - 500, data[:2 * CHUNK + 700], WriteSite.OTHER,
+                       len(base) + 2 * CHUNK + 200)
+    longer = ext.copy()
+    longer.apply(grown, None, None)  # (the image now ends inside a chunk that the write holds whole)
+    assert longer.size % CHUNK and longer.digest() == digest_bytes(longer.join())
+    assert any(length < CHUNK for _k, _off, length in chunks._written)
+    del log, op, grown
+    gc.collect()
+    assert chunks.of_source(data, 0, CHUNK) is None  # (the log is gone: nothing vouches for an id)
+    assert ext.digest() == digest_bytes(ext.join())
