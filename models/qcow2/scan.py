@@ -69,12 +69,28 @@ def zero_from(raw: bytes | bytearray, start: int) -> bool:
     return not numpy.frombuffer(raw, dtype=numpy.uint8, offset=start).any()
 
 
+_ZERO_ENTRY = array.array("Q", bytes(8))
+_SPARSE_SHARE = 32  # a table with fewer than 1/32 of its entries set is decoded entry by entry
+
+
 def u64_array(raw: bytes | bytearray) -> array.array:
     """The whole big-endian u64 entries of `raw` as an array, decoded in C (no int object per entry
-    until one is read; a copy: `raw` may change after)."""
+    until one is read; a copy: `raw` may change after).
+
+    A large sparse table (a refcount table, read at every open: 262,144 entries with 2 MiB
+    clusters, a handful set) is made as zeros and its non-zero entries set: 136 us instead
+    of 266 us for the byte-swapped copy (timeit)."""
+    n = len(raw) // 8
+    if len(raw) >= _NUMPY_FROM:
+        where = nonzero_words(numpy.frombuffer(raw, dtype=_U64, count=n))
+        if len(where) * _SPARSE_SHARE < n:
+            out = _ZERO_ENTRY * n
+            for i, e in zip(where.tolist(), numpy.frombuffer(raw, dtype=_BE_U64, count=n)[where].tolist()):
+                out[i] = e
+            return out
     out = array.array("Q")
     assert out.itemsize == 8, "array code 'Q' is not 64 bits wide here"
-    out.frombytes(bytes(raw[: len(raw) // 8 * 8]))
+    out.frombytes(bytes(raw[: n * 8]))
     if sys.byteorder == "little":
         out.byteswap()
     return out

@@ -47,3 +47,18 @@ def test_zero_from_says_whether_every_byte_from_start_is_zero(size: int) -> None
             assert zero_from(bytes(raw), start) == (where < start), (size, where, start)
             assert zero_from(raw, start) == (where < start), (size, where, start)
     assert zero_from(bytes(size), 0)
+
+
+@pytest.mark.parametrize("n", [0, 1, 1023, 1024, 4096, 262144])
+@pytest.mark.parametrize("set_share", [0, 1 / 4096, 1 / 33, 1 / 31, 1 / 2])
+def test_u64_array_is_the_struct_unpacked_table_sparse_or_dense(n: int, set_share: float) -> None:
+    from models.qcow2.scan import u64_array
+
+    rng = random.Random(n)
+    entries = [0] * n
+    for i in rng.sample(range(n), int(n * set_share)):
+        entries[i] = rng.choice((1, 1 << 63, rng.randrange(1, 1 << 64)))
+    raw = struct.pack(f">{n}Q", *entries) + b"\x07" * (n % 5)  # (a ragged tail is not an entry)
+    out = u64_array(raw)
+    assert out.typecode == "Q" and out.tolist() == entries
+    assert u64_array(bytearray(raw)).tolist() == entries
