@@ -73,13 +73,15 @@ class Values:
         self._keys: dict[tuple[int, int], tuple[int, int]] = {}
 
     def of(self, sector: int, chunk: bytes | bytearray | memoryview) -> Val:
-        head = bytes(chunk[: HEADER.size])
-        if head[: len(MAGIC)] == MAGIC:
-            _, op_index, origin_sector, seed = HEADER.unpack(head)
+        # One copy into bytes first: bytes compared with a memoryview go item by item (1.4 us a
+        # sector here, against 0.2 us for the copy and a bytes comparison), and a raw value keeps it.
+        data = chunk if type(chunk) is bytes else bytes(chunk)
+        if data.startswith(MAGIC) and len(data) >= HEADER.size:
+            _, op_index, origin_sector, seed = HEADER.unpack_from(data)
             # Only a payload made for this very sector is rebuilt from its header; anything else is copied.
-            if origin_sector == sector and payload_sector(op_index, sector, seed) == chunk:
+            if origin_sector == sector and payload_sector(op_index, sector, seed) == data:
                 key = self._keys.setdefault((op_index, seed), (op_index, seed))
-                return Val(crc32c(chunk), self.maker, key)
-        if chunk == ZERO_SECTOR:
+                return Val(crc32c(data), self.maker, key)
+        if data == ZERO_SECTOR:
             return self.zeros
-        return Val(crc32c(chunk), self.maker, bytes(chunk))
+        return Val(crc32c(data), self.maker, data)

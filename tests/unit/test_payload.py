@@ -78,3 +78,28 @@ def test_describe_messages() -> None:
         == "sector 17 holds the data of write #5 to sector 42 from run seed 9 (this run's seed is 7)"
     )
     assert describe(17, payload_sector(5, 42, SEED), seed=SEED) == "sector 17 holds the data of write #5 to sector 42"
+
+
+@pytest.mark.parametrize("kind", [bytes, bytearray, memoryview])
+def test_values_keep_an_intact_payload_as_its_key_and_anything_else_as_its_bytes(kind) -> None:
+    """The model's value of a sector: an intact payload of that very sector is kept as (op, seed) and rebuilt; a
+    payload of another sector, a damaged one, zeros and foreign bytes keep what they are; each reads back as given."""
+    from models.refvalues import ZERO_SECTOR, Values, crc32c
+
+    values = Values(5, "write #5", "write #5 (zeros)")
+    data = make_payload(5, 512 * 10, 512 * 3, 77)
+    sector11 = data[512:1024]
+    damaged = bytearray(sector11)
+    damaged[300] ^= 1
+    cases = {
+        "intact": (11, sector11, (5, 77)),
+        "another sector's": (12, sector11, bytes(sector11)),
+        "damaged": (11, bytes(damaged), bytes(damaged)),
+        "zeros": (11, ZERO_SECTOR, None),
+        "foreign": (11, bytes(range(256)) * 2, bytes(range(256)) * 2),
+        "a header only": (11, sector11[:40] + bytes(472), sector11[:40] + bytes(472)),
+    }
+    for name, (sector, chunk, src) in cases.items():
+        val = values.of(sector, kind(bytearray(chunk)) if kind is not bytes else bytes(chunk))
+        assert val.src == src and type(val.src) is type(src), name
+        assert val.data(sector) == bytes(chunk) and val.fp == crc32c(bytes(chunk)), name
