@@ -141,9 +141,18 @@ def _percentile(sorted_values: list[float], q: float) -> float:
 
 
 def measure(*, checkout: Path, baseline: Path | None, profiles: dict[str, int], seed: int = 7,
-            cell_seconds: float = 120.0, classes: tuple[str, ...] = tuple(CLASSES),
+            cell_seconds: float = 120.0, classes: tuple[str, ...] = tuple(CLASSES), rounds: int = 1,
             progress=lambda _line: None) -> dict:
-    """Every (profile, class) cell on `checkout` and, alternating, on `baseline`; `profiles` maps profile -> examples."""
+    """Every (profile, class) cell on `checkout` and, alternating, on `baseline`; `profiles` maps profile -> examples.
+
+    With `rounds` > 1 each cell runs that many times on each side, the sides alternating
+    within the cell too, and a side's figures are those of its median round (by states/s;
+    peak RSS is the highest of any round). A dev cell is about one CPU second and the same
+    code varied by about 15% from run to run: one round cannot tell a 5% change from noise.
+    The ratio is the median of the rounds' ratios, with their range beside it.
+    """
+    if rounds < 1:
+        raise ValueError(f"bench: rounds = {rounds}: must be at least 1")
     cells = []
     sides = [(label, where) for label, where in (("new", checkout), ("old", baseline)) if where is not None]
     for label, where in sides:
@@ -154,19 +163,49 @@ def measure(*, checkout: Path, baseline: Path | None, profiles: dict[str, int], 
             cell = {"profile": profile, "class": name, "examples_asked": examples}
             # Which checkout runs first alternates from cell to cell: a child that follows another
             # runs on a warmer machine, and a fixed order put that on one side of every ratio.
-            order = sides if len(cells) % 2 == 0 else sides[::-1]
-            cell["order"] = [label for label, _where in order]
-            for label, where in order:
-                progress(f"bench judging: {profile} {name} on {label} ({where})")
-                cell[label] = run_cell(where, profile, CLASSES[name], seed=seed, examples=examples,
-                                       seconds=cell_seconds)
+            runs: dict[str, list[dict]] = {label: [] for label, _where in sides}
+            for r in range(rounds):
+                order = sides if (len(cells) + r) % 2 == 0 else sides[::-1]
+                if r == 0:
+                    cell["order"] = [label for label, _where in order]
+                for label, where in order:
+                    progress(f"bench judging: {profile} {name} on {label} ({where})"
+                             + (f", round {r + 1}/{rounds}" if rounds > 1 else ""))
+                    runs[label].append(run_cell(where, profile, CLASSES[name], seed=seed, examples=examples,
+                                                seconds=cell_seconds))
+            for label, results in runs.items():
+                cell[label] = _median_round(results)
             if baseline is not None:
-                cell["ratio_new_over_old"] = _ratio(cell["new"], cell["old"])
+                cell["ratio_new_over_old"] = _ratio_of_rounds(runs["new"], runs["old"])
             cells.append(cell)
-    return {"seed": seed, "cell_seconds": cell_seconds, "checkout": str(checkout),
+    return {"seed": seed, "cell_seconds": cell_seconds, "rounds": rounds, "checkout": str(checkout),
             "baseline": str(baseline) if baseline else None, "baseline_commit": _commit(baseline),
             "commit": _commit(checkout), "goals": goals(cells), "cells": cells,
             "note": "per core = crash states / CPU seconds of the single-threaded child; times per example are CPU seconds"}
+
+
+def _median_round(results: list[dict]) -> dict:
+    """The round with the median states/s (the lower middle of an even count); peak RSS of all rounds."""
+    if len(results) == 1:
+        return results[0]
+    ranked = sorted(results, key=lambda s: s["states_per_second_per_core"] or 0.0)
+    out = dict(ranked[(len(ranked) - 1) // 2])
+    out["rounds_states_per_second"] = [s["states_per_second_per_core"] for s in results]
+    out["peak_worker_rss_mib"] = max(s["peak_worker_rss_mib"] for s in results)
+    return out
+
+
+def _ratio_of_rounds(new: list[dict], old: list[dict]) -> dict:
+    """`_ratio` of each round's pair; the median ratio, with every round's and their range."""
+    per_round = [_ratio(a, b) for a, b in zip(new, old)]
+    if len(per_round) == 1:
+        return per_round[0]
+    rates = [r["states_per_second_per_core"] for r in per_round if r["states_per_second_per_core"] is not None]
+    out = dict(_ratio(_median_round(new), _median_round(old)))
+    out["states_per_second_per_core"] = round(statistics.median(rates), 2) if rates else None
+    out["rounds"] = [r["states_per_second_per_core"] for r in per_round]
+    out["range"] = [min(rates), max(rates)] if rates else None
+    return out
 
 
 def _ratio(new: dict, old: dict) -> dict:
@@ -218,7 +257,10 @@ def render(r: dict) -> list[str]:
              f"seed {r['seed']}, commit {r['commit']}" + (f", baseline {r['baseline_commit']} ({r['baseline']})"
                                                        if base else "") + f", at most {r['cell_seconds']:g} s per cell"
              + (f"; each checkout first ran {WARM_UP_EXAMPLES} {WARM_UP[0]} examples (not counted), and which one "
-                "runs a cell first alternates" if base else ""), "",
+                "runs a cell first alternates" if base else "")
+             + (f"; each cell ran {r['rounds']} rounds per checkout, alternating: figures are the median round's, "
+                "peak RSS the highest round's, and the speed-up is the median of the rounds' ratios (their range in "
+                "brackets)" if r.get("rounds", 1) > 1 else ""), "",
              "| profile | class | examples | states | states/s/core | median s | p99 s | slowest seed (s) | "
              "lowest states/s | peak RSS MiB | unfinished |" + (" old states/s/core | old median s | old peak MiB | "
                                                                "old unfinished | speed-up |" if base else ""),
@@ -232,7 +274,7 @@ def render(r: dict) -> list[str]:
         if base:
             old = cell["old"]
             row += (f" {old['states_per_second_per_core']} | {old['median_example_seconds']} | "
-                    f"{old['peak_worker_rss_mib']} | {_unf(old)} | {cell['ratio_new_over_old']['states_per_second_per_core']} |")
+                    f"{old['peak_worker_rss_mib']} | {_unf(old)} | {_speedup(cell['ratio_new_over_old'])} |")
         lines.append(row)
     lines += ["", "Work per crash state on the new checkout: a deep state also crashes its own recovery at "
               "sampled points (the profile's recovery_every and recovery_points), and each of those crash states "
@@ -256,3 +298,8 @@ def render(r: dict) -> list[str]:
 def _unf(s: dict) -> str:
     u = s["unfinished"]
     return f"example {u['index']} after {u['wall_so_far']} s wall" if u else "-"
+
+
+def _speedup(ratio: dict) -> str:
+    spread = ratio.get("range")
+    return f"{ratio['states_per_second_per_core']}" + (f" ({spread[0]}-{spread[1]})" if spread else "")

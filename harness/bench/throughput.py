@@ -24,7 +24,7 @@ MIB = 1 << 20
 
 
 def run(*, quick: bool, out: Path | None = None, baseline: Path | None = None, judging_only: bool = False,
-        progress=lambda _line: None) -> Path:
+        rounds: int = 1, progress=lambda _line: None) -> Path:
     from harness.bench import judging
     from harness.fuzz.report import utc_stamp
 
@@ -37,7 +37,7 @@ def run(*, quick: bool, out: Path | None = None, baseline: Path | None = None, j
     results["judging"] = judging.measure(
         checkout=Path(__file__).resolve().parents[2], baseline=baseline.resolve() if baseline else None,
         profiles={"dev": 6, "nightly": 2} if quick else {"dev": 20, "nightly": 6},
-        cell_seconds=30.0 if quick else 120.0, progress=progress)
+        cell_seconds=30.0 if quick else 120.0, rounds=rounds, progress=progress)
     if not judging_only:
         results.update(harness=fuzz_throughput(fuzz_seconds), qcow2_throughput=qcow2_vs_qemu(n_writes),
                        io_cost_per_write=io_costs(64 if quick else 256))

@@ -30,6 +30,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--baseline", default=None, metavar="DIR",
                    help="an older checkout (git worktree add DIR COMMIT): judging measured on both, side by side, with ratios")
     p.add_argument("--judging-only", action="store_true", help="only the crash-states-per-second figures")
+    p.add_argument("--rounds", type=int, default=1, metavar="N",
+                   help="run each judging cell N times per checkout, alternating, and report the median round "
+                        "(a dev cell varies by about 15%% between runs; default 1)")
     common_options(p)  # --inject: measure with these bugs switched on
     p.add_argument("--target", choices=("python", "qemu"), default=None,
                    help="instead: crash states judged per second (per core) on this target beside the python target")
@@ -87,7 +90,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if baseline is not None and not (baseline / "harness").is_dir():
         print(f"qcrash bench: --baseline {baseline}: not a qcrash checkout (no harness/ directory)")
         return 2
+    if args.rounds < 1:
+        print(f"qcrash bench: --rounds {args.rounds}: must be at least 1")
+        return 2
     out = bench.run(quick=args.quick, out=Path(args.out) if args.out else None, baseline=baseline,
-                    judging_only=args.judging_only, progress=lambda line: print(line, flush=True))
+                    judging_only=args.judging_only, rounds=args.rounds, progress=lambda line: print(line, flush=True))
     print(f"bench: {out}/bench.md")
     return 0

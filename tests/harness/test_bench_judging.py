@@ -85,3 +85,44 @@ def test_measure_warms_up_each_side_and_alternates_which_runs_first(monkeypatch,
     assert [c[0] for c in calls] == ["new", "new", "new"]  # (one warm-up, then the cells)
     report = judging.measure(checkout=new, baseline=old, profiles={"dev": 3}, classes=("mix",))
     assert "which one runs a cell first alternates" in "\n".join(judging.render(report))
+
+
+def test_rounds_alternate_within_a_cell_and_report_the_median_round(monkeypatch, tmp_path) -> None:
+    # A dev cell is about a CPU second and varied by 15% between runs of the same code: with rounds,
+    # each side runs the cell N times, alternating, and the report takes the median round and ratio.
+    calls: list[str] = []
+    rates = {"new": iter([100.0, 400.0, 200.0]), "old": iter([100.0, 100.0, 400.0])}
+    rss = {"new": iter([1, 5, 2]), "old": iter([1, 1, 1])}
+
+    def fake_cell(where, profile, overrides, *, seed, examples, seconds):
+        calls.append(where.name)
+        if examples == judging.WARM_UP_EXAMPLES:
+            return judging.summarise([row(0, 10, 0.1)], None)
+        rate = next(rates[where.name])
+        return judging.summarise([row(0, int(rate), 1.0, next(rss[where.name]) * 1024)], None)
+
+    monkeypatch.setattr(judging, "run_cell", fake_cell)
+    monkeypatch.setattr(judging, "_commit", lambda where: None)
+    new, old = tmp_path / "new", tmp_path / "old"
+    r = judging.measure(checkout=new, baseline=old, profiles={"dev": 3}, classes=("mix",), rounds=3)
+    assert calls[2:] == ["new", "old", "old", "new", "new", "old"]
+    cell = r["cells"][0]
+    assert cell["new"]["states_per_second_per_core"] == 200.0  # the median round (the mean would be 233.3)
+    assert cell["new"]["rounds_states_per_second"] == [100.0, 400.0, 200.0]
+    assert cell["old"]["states_per_second_per_core"] == 100.0  # (mean 200: the outlier round does not count)
+    assert cell["new"]["peak_worker_rss_mib"] == 5.0  # the highest round's
+    ratio = cell["ratio_new_over_old"]
+    assert ratio["rounds"] == [1.0, 4.0, 0.5] and ratio["states_per_second_per_core"] == 1.0
+    assert ratio["range"] == [0.5, 4.0]
+    text = "\n".join(judging.render(r))
+    assert "3 rounds per checkout" in text and "| 1.0 (0.5-4.0) |" in text
+    import pytest
+    with pytest.raises(ValueError, match="rounds"):
+        judging.measure(checkout=new, baseline=old, profiles={"dev": 1}, rounds=0)
+
+
+def test_bench_refuses_fewer_than_one_round(capsys) -> None:
+    from harness.cli import main
+
+    assert main(["bench", "--judging-only", "--rounds", "0"]) == 2
+    assert "--rounds 0: must be at least 1" in capsys.readouterr().out
