@@ -26,7 +26,7 @@ def collect_after(image: bytes | bytearray) -> None:
     The images opened while judging sit in reference cycles (a table cache calls back into
     its image) that the cyclic collector frees only after enough *objects* were allocated;
     large images are few objects and many bytes, so without this a worker with 2 MiB
-    clusters holds dozens of dead copies. A collection (and the heap trim) follows every
+    clusters holds dozens of dead copies. A collection follows every
     `_COLLECT_EVERY` bytes of such images: after each one with 2 MiB clusters (20 MiB and
     more), after every third with 1 MiB clusters. What the collection frees goes back to the
     system as `tune_malloc` says, not by a trim here.
@@ -89,7 +89,7 @@ frozen_heap = _HEAP.scope
 # the size of the largest mmapped block freed (up to 32 MiB), so once a 20 MiB image was freed
 # every later image came from the heap and fragmented it; `collect_after` then gave the free
 # heap back with malloc_trim, and the next state faulted those pages in again. On nightly at
-# 2 MiB clusters (6 examples, seed 7) that was a quarter of the CPU time, 10-11 s of sys time.
+# 2 MiB clusters (6 examples, seed 7) that was a quarter of the CPU time, 10-12 s of sys time.
 # Fixed instead: blocks from 16 MiB (joined 2 MiB-cluster images) are mmapped and go back to
 # the system when freed; smaller ones (tables, reads) reuse the heap; the heap's top is
 # returned once 64 MiB of it are free. Measured side by side (nightly and dev 12 at 2 MiB

@@ -9,10 +9,11 @@ depends on the model), and neither is anything that draws from the run's rng.
 
 Hazards, and why the memo is safe against them:
 
-- the digest is XXH3-128 of the bytes (of their 256 KiB chunks' digests above 4 MiB:
-  `digest_bytes`; not cryptographic: nobody crafts crash images to collide; it hashes at memory speed, where BLAKE2b cost a tenth of a nightly example); a
-  collision would merge two images' results (about 2**-64 for the images of a whole night:
-  accepted, as the runner's own image dedup, which uses this digest, already accepts it);
+- the digest is XXH3-128 of the bytes (above 4 MiB, of their 256 KiB chunks' digests:
+  `digest_bytes`); not cryptographic: nobody crafts crash images to collide; it hashes at
+  memory speed, where BLAKE2b cost a tenth of a nightly example; a collision would merge two
+  images' results (about 2**-64 for the images of a whole night: accepted, as the runner's
+  own image dedup, which uses this digest, already accepts it);
 - cached results are shared objects: `Recovery.image` is immutable bytes, or `Extents`
   over immutable bytes that nobody lays anything over (harness/crashstates/images.py), its
   `log` is only read (crash images are built from it), and views are never mutated by the judge;

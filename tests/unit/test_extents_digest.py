@@ -205,3 +205,12 @@ def test_a_chunk_of_a_written_buffer_is_hashed_once_while_its_log_lives() -> Non
     gc.collect()
     assert chunks.of_source(data, 0, CHUNK) is None  # (the log is gone: nothing vouches for an id)
     assert ext.digest() == digest_bytes(ext.join())
+
+
+def test_a_large_image_of_zeros_without_a_base_digests_as_its_bytes() -> None:
+    """An image grown from nothing is one zero part (src None) and has no chunk digests (chunks None): the
+    base test must not take that None source for a base."""
+    ext = Extents(b"")
+    ext.grow(CHUNKED_ABOVE + CHUNK + 9)
+    assert ext.chunks is None and ext.parts[0][2] is None
+    assert ext.digest() == digest_bytes(bytes(ext.size))
