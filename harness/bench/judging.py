@@ -55,10 +55,11 @@ for i in range(examples):
 
 
 def run_cell(checkout: Path, profile: str, overrides: dict[str, str], *, seed: int, examples: int,
-             seconds: float) -> dict:
-    """One cell in a child process in `checkout`; its examples, summary figures and peak RSS."""
+             seconds: float, python: str | None = None) -> dict:
+    """One cell in a child process in `checkout` (run by `python`, default this interpreter); its examples,
+    summary figures and peak RSS."""
     env = dict(os.environ, PYTHONPATH=str(checkout), QCRASH_INJECT="")
-    proc = subprocess.Popen([sys.executable, "-c", _CHILD, profile, str(seed), str(examples), json.dumps(overrides)],
+    proc = subprocess.Popen([python or sys.executable, "-c", _CHILD, profile, str(seed), str(examples), json.dumps(overrides)],
                             cwd=checkout, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     rows: list[dict] = []
     started = time.perf_counter()
@@ -142,7 +143,7 @@ def _percentile(sorted_values: list[float], q: float) -> float:
 
 def measure(*, checkout: Path, baseline: Path | None, profiles: dict[str, int], seed: int = 7,
             cell_seconds: float = 120.0, classes: tuple[str, ...] = tuple(CLASSES), rounds: int = 1,
-            progress=lambda _line: None) -> dict:
+            baseline_python: str | None = None, progress=lambda _line: None) -> dict:
     """Every (profile, class) cell on `checkout` and, alternating, on `baseline`; `profiles` maps profile -> examples.
 
     With `rounds` > 1 each cell runs that many times on each side, the sides alternating
@@ -150,14 +151,17 @@ def measure(*, checkout: Path, baseline: Path | None, profiles: dict[str, int], 
     peak RSS is the highest of any round). A dev cell is about one CPU second and the same
     code varied by about 15% from run to run: one round cannot tell a 5% change from noise.
     The ratio is the median of the rounds' ratios, with their range beside it.
+    `baseline_python` runs the baseline's cells with another interpreter (the same checkout
+    under two interpreters, or an old checkout under the interpreter it was measured with).
     """
     if rounds < 1:
         raise ValueError(f"bench: rounds = {rounds}: must be at least 1")
     cells = []
     sides = [(label, where) for label, where in (("new", checkout), ("old", baseline)) if where is not None]
+    pythons = {"new": sys.executable, "old": baseline_python or sys.executable}
     for label, where in sides:
-        progress(f"bench judging: warming up on {label} ({where})")
-        run_cell(where, *WARM_UP, seed=seed, examples=WARM_UP_EXAMPLES, seconds=cell_seconds)
+        progress(f"bench judging: warming up on {label} ({where}, {pythons[label]})")
+        run_cell(where, *WARM_UP, seed=seed, examples=WARM_UP_EXAMPLES, seconds=cell_seconds, python=pythons[label])
     for profile, examples in profiles.items():
         for name in classes:
             cell = {"profile": profile, "class": name, "examples_asked": examples}
@@ -172,7 +176,7 @@ def measure(*, checkout: Path, baseline: Path | None, profiles: dict[str, int], 
                     progress(f"bench judging: {profile} {name} on {label} ({where})"
                              + (f", round {r + 1}/{rounds}" if rounds > 1 else ""))
                     runs[label].append(run_cell(where, profile, CLASSES[name], seed=seed, examples=examples,
-                                                seconds=cell_seconds))
+                                                seconds=cell_seconds, python=pythons[label]))
             for label, results in runs.items():
                 cell[label] = _median_round(results)
             if baseline is not None:
@@ -180,6 +184,8 @@ def measure(*, checkout: Path, baseline: Path | None, profiles: dict[str, int], 
             cells.append(cell)
     return {"seed": seed, "cell_seconds": cell_seconds, "rounds": rounds, "checkout": str(checkout),
             "baseline": str(baseline) if baseline else None, "baseline_commit": _commit(baseline),
+            "python": interpreter(pythons["new"]),
+            "baseline_python": interpreter(pythons["old"]) if baseline is not None else None,
             "commit": _commit(checkout), "goals": goals(cells), "cells": cells,
             "note": "per core = crash states / CPU seconds of the single-threaded child; times per example are CPU seconds"}
 
@@ -243,6 +249,12 @@ def goals(cells: list[dict]) -> dict:
     return out
 
 
+def interpreter(python: str) -> str:
+    """An interpreter as the report names it: its path and the version it prints."""
+    proc = subprocess.run([python, "-c", "import sys; print(sys.version.split()[0])"], capture_output=True, text=True)
+    return f"{python} (Python {proc.stdout.strip() or '?'})"
+
+
 def _commit(where: Path | None) -> str | None:
     if where is None:
         return None
@@ -258,6 +270,8 @@ def render(r: dict) -> list[str]:
                                                        if base else "") + f", at most {r['cell_seconds']:g} s per cell"
              + (f"; each checkout first ran {WARM_UP_EXAMPLES} {WARM_UP[0]} examples (not counted), and which one "
                 "runs a cell first alternates" if base else "")
+             + (f"; interpreters: new {r['python']}, old {r['baseline_python']}"
+                if base and r.get("baseline_python") and r.get("baseline_python") != r.get("python") else "")
              + (f"; each cell ran {r['rounds']} rounds per checkout, alternating: figures are the median round's, "
                 "peak RSS the highest round's, and the speed-up is the median of the rounds' ratios (their range in "
                 "brackets)" if r.get("rounds", 1) > 1 else ""), "",

@@ -24,7 +24,7 @@ MIB = 1 << 20
 
 
 def run(*, quick: bool, out: Path | None = None, baseline: Path | None = None, judging_only: bool = False,
-        rounds: int = 1, progress=lambda _line: None) -> Path:
+        rounds: int = 1, baseline_python: str | None = None, progress=lambda _line: None) -> Path:
     from harness.bench import judging
     from harness.fuzz.report import utc_stamp
 
@@ -32,12 +32,13 @@ def run(*, quick: bool, out: Path | None = None, baseline: Path | None = None, j
     out.mkdir(parents=True, exist_ok=True)
     n_writes = 400 if quick else 2000
     fuzz_seconds = 20.0 if quick else 90.0
-    results: dict = {"quick": quick, "python": platform.python_version(), "machine": platform.machine(),
+    results: dict = {"quick": quick, "python": f"{platform.python_version()} ({sys.executable})",
+                     "machine": platform.machine(),
                      "cores": os.cpu_count()}
     results["judging"] = judging.measure(
         checkout=Path(__file__).resolve().parents[2], baseline=baseline.resolve() if baseline else None,
         profiles={"dev": 6, "nightly": 2} if quick else {"dev": 20, "nightly": 6},
-        cell_seconds=30.0 if quick else 120.0, rounds=rounds, progress=progress)
+        cell_seconds=30.0 if quick else 120.0, rounds=rounds, baseline_python=baseline_python, progress=progress)
     if not judging_only:
         results.update(harness=fuzz_throughput(fuzz_seconds), qcow2_throughput=qcow2_vs_qemu(n_writes),
                        io_cost_per_write=io_costs(64 if quick else 256))

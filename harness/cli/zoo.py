@@ -29,6 +29,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default=None, help="report directory (default reports/bench-<UTC time>)")
     p.add_argument("--baseline", default=None, metavar="DIR",
                    help="an older checkout (git worktree add DIR COMMIT): judging measured on both, side by side, with ratios")
+    p.add_argument("--baseline-python", default=None, metavar="PATH",
+                   help="run the baseline's judging cells with this interpreter (without --baseline: this "
+                        "checkout under both interpreters, side by side)")
     p.add_argument("--judging-only", action="store_true", help="only the crash-states-per-second figures")
     p.add_argument("--rounds", type=int, default=1, metavar="N",
                    help="run each judging cell N times per checkout, alternating, and report the median round "
@@ -87,6 +90,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
         return 0
 
     baseline = Path(args.baseline) if args.baseline else None
+    if args.baseline_python:
+        import shutil
+
+        found = shutil.which(args.baseline_python)
+        if found is None:
+            print(f"qcrash bench: --baseline-python {args.baseline_python}: no such interpreter")
+            return 2
+        args.baseline_python = found
+        if baseline is None:
+            baseline = Path(__file__).resolve().parents[2]  # this checkout, under the other interpreter
     if baseline is not None and not (baseline / "harness").is_dir():
         print(f"qcrash bench: --baseline {baseline}: not a qcrash checkout (no harness/ directory)")
         return 2
@@ -94,6 +107,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         print(f"qcrash bench: --rounds {args.rounds}: must be at least 1")
         return 2
     out = bench.run(quick=args.quick, out=Path(args.out) if args.out else None, baseline=baseline,
-                    judging_only=args.judging_only, rounds=args.rounds, progress=lambda line: print(line, flush=True))
+                    judging_only=args.judging_only, rounds=args.rounds, baseline_python=args.baseline_python,
+                    progress=lambda line: print(line, flush=True))
     print(f"bench: {out}/bench.md")
     return 0

@@ -68,7 +68,7 @@ def test_measure_warms_up_each_side_and_alternates_which_runs_first(monkeypatch,
     # and the side that runs first alternates from cell to cell, so neither side always pays for going first.
     calls: list[tuple[str, str, str, int]] = []
 
-    def fake_cell(where, profile, overrides, *, seed, examples, seconds):
+    def fake_cell(where, profile, overrides, *, seed, examples, seconds, python=None):
         calls.append((where.name, profile, overrides.get("cluster_size", "mix"), examples))
         return judging.summarise([row(0, 10, 0.1)], None)
 
@@ -94,7 +94,7 @@ def test_rounds_alternate_within_a_cell_and_report_the_median_round(monkeypatch,
     rates = {"new": iter([100.0, 400.0, 200.0]), "old": iter([100.0, 100.0, 400.0])}
     rss = {"new": iter([1, 5, 2]), "old": iter([1, 1, 1])}
 
-    def fake_cell(where, profile, overrides, *, seed, examples, seconds):
+    def fake_cell(where, profile, overrides, *, seed, examples, seconds, python=None):
         calls.append(where.name)
         if examples == judging.WARM_UP_EXAMPLES:
             return judging.summarise([row(0, 10, 0.1)], None)
@@ -126,3 +126,63 @@ def test_bench_refuses_fewer_than_one_round(capsys) -> None:
 
     assert main(["bench", "--judging-only", "--rounds", "0"]) == 2
     assert "--rounds 0: must be at least 1" in capsys.readouterr().out
+
+
+def test_baseline_python_runs_the_old_side_with_that_interpreter(monkeypatch, tmp_path) -> None:
+    # The interpreter is part of what a bench compares (README, Measuring): with baseline_python the
+    # old side's cells, warm-up included, run under it, the new side's under this one, and the report names both.
+    import sys
+
+    seen: list[tuple[str, str | None]] = []
+
+    def fake_cell(where, profile, overrides, *, seed, examples, seconds, python=None):
+        seen.append((where.name, python))
+        return judging.summarise([row(0, 10, 0.1)], None)
+
+    monkeypatch.setattr(judging, "run_cell", fake_cell)
+    monkeypatch.setattr(judging, "_commit", lambda where: None)
+    other = sys.executable + "-other"
+    monkeypatch.setattr(judging, "interpreter", lambda python: f"{python} (Python 3.11.x)")
+    r = judging.measure(checkout=tmp_path / "new", baseline=tmp_path / "old", profiles={"dev": 1}, classes=("mix",),
+                        baseline_python=other)
+    assert sorted(set(seen)) == [("new", sys.executable), ("old", other)] and len(seen) == 4
+    assert r["python"].startswith(sys.executable) and r["baseline_python"].startswith(other)
+    assert f"interpreters: new {sys.executable} (Python 3.11.x), old {other}" in "\n".join(judging.render(r))
+    seen.clear()
+    r = judging.measure(checkout=tmp_path / "new", baseline=tmp_path / "old", profiles={"dev": 1}, classes=("mix",))
+    assert {p for _w, p in seen} == {sys.executable} and "interpreters:" not in "\n".join(judging.render(r))
+
+
+def test_interpreter_names_the_path_and_the_version_it_prints() -> None:
+    import platform
+    import sys
+
+    assert judging.interpreter(sys.executable) == f"{sys.executable} (Python {platform.python_version()})"
+
+
+def test_bench_refuses_a_baseline_python_that_is_not_there(capsys) -> None:
+    from harness.cli import main
+
+    assert main(["bench", "--judging-only", "--baseline-python", "/nonexistent/python3"]) == 2
+    assert "--baseline-python /nonexistent/python3: no such interpreter" in capsys.readouterr().out
+
+
+def test_dev_names_the_interpreter_it_makes_the_environment_from(tmp_path) -> None:
+    # ./dev prefers a Python 3.11 that can make a venv (Debian's first: measured faster); QCRASH_PYTHON
+    # overrides it, and one that is not there is refused by name before anything is made.
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    dev = Path(__file__).resolve().parents[2] / "dev"
+    env = dict(os.environ, QCRASH_PYTHON=sys.executable)
+    got = subprocess.run([str(dev), "which-python"], capture_output=True, text=True, env=env)
+    assert got.returncode == 0 and got.stdout.strip() == sys.executable
+    env["QCRASH_PYTHON"] = str(tmp_path / "python3")
+    got = subprocess.run([str(dev), "which-python"], capture_output=True, text=True, env=env)
+    assert got.returncode == 2 and f"QCRASH_PYTHON={tmp_path / 'python3'}: not a Python 3.11" in got.stderr
+    env.pop("QCRASH_PYTHON")
+    chosen = subprocess.run([str(dev), "which-python"], capture_output=True, text=True, env=env).stdout.strip()
+    version = subprocess.run([chosen, "-c", "import sys; print(sys.version_info[:2])"], capture_output=True, text=True)
+    assert version.stdout.strip() == "(3, 11)"
