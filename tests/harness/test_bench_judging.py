@@ -186,3 +186,23 @@ def test_dev_names_the_interpreter_it_makes_the_environment_from(tmp_path) -> No
     chosen = subprocess.run([str(dev), "which-python"], capture_output=True, text=True, env=env).stdout.strip()
     version = subprocess.run([chosen, "-c", "import sys; print(sys.version_info[:2])"], capture_output=True, text=True)
     assert version.stdout.strip() == "(3, 11)"
+
+
+def test_bench_with_only_a_baseline_python_compares_this_checkout_under_both(monkeypatch, tmp_path) -> None:
+    import shutil
+    import sys
+    from pathlib import Path
+
+    from harness.bench import throughput
+    from harness.cli import main
+
+    asked: dict = {}
+
+    def fake_run(**kw):
+        asked.update(kw)
+        return tmp_path
+
+    monkeypatch.setattr(throughput, "run", fake_run)
+    assert main(["bench", "--judging-only", "--baseline-python", sys.executable]) == 0
+    assert asked["baseline"] == Path(judging.__file__).resolve().parents[2]  # (this checkout)
+    assert asked["baseline_python"] == shutil.which(sys.executable)
