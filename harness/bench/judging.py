@@ -249,6 +249,23 @@ def goals(cells: list[dict]) -> dict:
     return out
 
 
+# What a bench child needs of its interpreter: the Python the project requires, and the
+# dependencies it imports (a bare interpreter, pyenv's say, has none of them).
+_CHILD_NEEDS = "import sys; assert sys.version_info >= (3, 11), sys.version; import numpy, xxhash, crc32c, crcmod"
+
+
+def interpreter_problem(python: str) -> str | None:
+    """Why `python` cannot run a bench cell (its last error line), or None when it can."""
+    try:
+        proc = subprocess.run([python, "-c", _CHILD_NEEDS], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"cannot be run ({exc})"
+    if proc.returncode:
+        lines = proc.stderr.strip().splitlines()
+        return lines[-1] if lines else f"exit status {proc.returncode}"
+    return None
+
+
 def interpreter(python: str) -> str:
     """An interpreter as the report names it: its path and the version it prints."""
     proc = subprocess.run([python, "-c", "import sys; print(sys.version.split()[0])"], capture_output=True, text=True)

@@ -93,9 +93,17 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.baseline_python:
         import shutil
 
+        from harness.bench.judging import interpreter_problem as judging_problem
+
         found = shutil.which(args.baseline_python)
         if found is None:
             print(f"qcrash bench: --baseline-python {args.baseline_python}: no such interpreter")
+            return 2
+        problem = judging_problem(found)
+        if problem is not None:
+            print(f"qcrash bench: --baseline-python {args.baseline_python}: cannot run a bench cell: {problem} "
+                  "(it needs Python 3.11 and the project's dependencies: a venv made from it, with "
+                  "`pip install -e .`, or an older checkout's .venv)")
             return 2
         args.baseline_python = found
         if baseline is None:

@@ -206,3 +206,21 @@ def test_bench_with_only_a_baseline_python_compares_this_checkout_under_both(mon
     assert main(["bench", "--judging-only", "--baseline-python", sys.executable]) == 0
     assert asked["baseline"] == Path(judging.__file__).resolve().parents[2]  # (this checkout)
     assert asked["baseline_python"] == shutil.which(sys.executable)
+
+
+def test_bench_refuses_a_baseline_python_without_the_projects_dependencies(capsys, tmp_path) -> None:
+    # A bare interpreter (no numpy, xxhash, ...) would fail in the first child with a traceback;
+    # it is refused before anything runs, with the import that failed and what to do instead.
+    import subprocess
+    import sys
+
+    from harness.cli import main
+
+    assert judging.interpreter_problem(sys.executable) is None
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(tmp_path / "bare")], check=True)
+    bare = str(tmp_path / "bare" / "bin" / "python")
+    assert "No module named" in judging.interpreter_problem(bare)
+    assert main(["bench", "--judging-only", "--baseline-python", bare]) == 2
+    out = capsys.readouterr().out
+    assert f"--baseline-python {bare}: cannot run a bench cell: ModuleNotFoundError: No module named" in out
+    assert "the project's dependencies" in out
