@@ -110,15 +110,17 @@ def _read_host(img: "Qcow2Image", entry: int, l2_off: int, idx: int) -> int:
 
 def allocated_guest_clusters(img: "Qcow2Image") -> list[int]:
     """Guest offsets of every cluster that maps to host data (NORMAL entries), in guest order."""
-    out = []
-    cs, per_l2 = img.geo.cluster_size, img.geo.l2_entries
+    out: list[int] = []
+    cs, per_l2, size = img.geo.cluster_size, img.geo.l2_entries, img.hdr.size
+    # NORMAL (l2_cluster_type), tested inline: the judge lists every crash image's clusters,
+    # thousands with 512-byte clusters. Not compressed, not the v3 zero flag, a host offset.
+    special = spec.QCOW_OFLAG_COMPRESSED | (spec.QCOW_OFLAG_ZERO if img.hdr.version >= 3 else 0)
+    mask = spec.L2E_OFFSET_MASK
     for i in range(len(img.l1)):
         l2_off = l2_table_offset(img, i)
         if not l2_off:
             continue
-        for j, entry in nonzero_u64_items(img.l2cache.get(l2_off)):
-            if l2_cluster_type(entry, img.hdr.version) is ClusterType.NORMAL:
-                guest = (i * per_l2 + j) * cs
-                if guest < img.hdr.size:
-                    out.append(guest)
+        base = i * per_l2 * cs
+        out.extend([guest for j, entry in nonzero_u64_items(img.l2cache.get(l2_off))
+                    if entry & mask and not entry & special and (guest := base + j * cs) < size])
     return out

@@ -13,7 +13,8 @@ import random
 
 import pytest
 
-from harness.targets.python import ReadOnlyFile, read_sectors
+from harness.targets import ReadOnlyView
+from harness.targets.python import ReadOnlyFile, ReadPlan, read_sectors
 from models.blockio import SECTOR
 from models.qcow2 import Qcow2Image, inject
 from models.qcow2.errors import Qcow2Error
@@ -111,3 +112,43 @@ def test_snapshot_reads_agree_on_every_path(cluster_size: int, bug: str) -> None
         inject.set_active(before)
     assert compared == len(images) * 4 * 2
     assert reuse.hits, "no snapshot read was replayed from a plan: the comparison proved nothing about plans"
+
+
+@pytest.mark.parametrize("version,cluster_size", [(2, 512), (3, 512), (3, 4096)])
+def test_interleaved_host_runs_read_alike(version: int, cluster_size: int) -> None:
+    """Writes that interleave data with refcount blocks and L2 tables in the file (512-byte clusters, 64-bit
+    refcounts: a new block every 64 clusters), or that allocate clusters out of guest order, leave L2
+    segments of several host-contiguous runs, runs of unallocated entries and (v3) zero clusters between
+    them. The fast path reads each run as one piece and must give the image's own bytes, for reads that
+    start and end inside a cluster and inside a run too."""
+    from models.blockio import MemoryFile
+
+    f = MemoryFile(name="runs.qcow2")
+    size = 1 << 20
+    Qcow2Image.create(f, size, cluster_size=cluster_size, refcount_bits=64 if version == 3 else 16,
+                      version=version, lazy_refcounts=version == 3)
+    img = Qcow2Image.open(f)
+    rng = random.Random(version * cluster_size)
+    img.write(4096, bytes(rng.randrange(256) for _ in range(300 * SECTOR)))  # past several refcount blocks
+    clusters = list(range(64, 96))
+    rng.shuffle(clusters)  # (allocated in this order: runs of a few clusters each, out of guest order)
+    for start in range(0, len(clusters), 3):
+        for c in sorted(clusters[start:start + 3]):
+            img.write(c * cluster_size, bytes([c % 251 + 1]) * cluster_size)
+    img.write(200 * SECTOR, bytes([7]) * SECTOR * 3)  # rewritten in place (COPIED)
+    img.write_zeroes(100 * cluster_size // SECTOR * SECTOR, 2 * cluster_size)
+    img.close()
+    image = f.getvalue()
+    per = cluster_size // SECTOR
+    plans = []
+    for sectors in (list(range(size // SECTOR)), list(range(9, 330)), list(range(64 * per + 3, 90 * per + 5)),
+                    list(range(95, 107)) + list(range(520, 1000))):
+        ro = Qcow2Image.open(ReadOnlyFile(image), readonly=True)
+        plan = ReadPlan()
+        fast = read_sectors(ro, sectors, image, plan)
+        assert fast == _read(image, sectors, False), f"v{version} {cluster_size}, sectors {sectors[0]}..{sectors[-1]}"
+        plan.finish(ReadOnlyView(fast))
+        assert plan.replay(image).sectors == fast
+        plans.append(sum(len(p) for _f, _n, p in plan.runs))
+    # (a piece per run, not per cluster: the whole disk is far fewer pieces than its clusters)
+    assert plans[0] < (size // cluster_size) // 4, plans
