@@ -50,6 +50,8 @@ for i in range(examples):
                       "recovery_states": getattr(out.stats, "recovery_crash_states", None),
                       "cpu": time.process_time() - c0, "wall": time.perf_counter() - w0,
                       "finding": out.finding.verdict.value if out.finding else None,
+                      "cluster_size": getattr(out.config, "cluster_size", None),
+                      "refcount_bits": getattr(out.config, "refcount_bits", None),
                       "maxrss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}), flush=True)
 """
 
@@ -127,8 +129,32 @@ def summarise(rows: list[dict], unfinished: dict | None) -> dict:
         "lowest_example_states_per_second": round(min(rates), 1) if rates else None,
         "peak_worker_rss_mib": round(max((r["maxrss_kib"] for r in rows), default=0) / 1024, 1),
         "unfinished": unfinished,
+        "by_geometry": by_geometry(rows),
         "rows": rows,
     }
+
+
+def by_geometry(rows: list[dict]) -> list[dict]:
+    """Where a cell's CPU time went, by the examples' refcount width and cluster size (rows that name both).
+
+    A mix's rate is dominated by its slowest configurations; this says which they are.
+    (On the dev mix at seed 7, 11 of 40 examples had 64-bit refcounts and took 72% of its
+    CPU time: 512-byte clusters with the widest refcounts are the edge geometry, whose fill
+    grows the refcount table and leaves images of thousands of clusters.)
+    """
+    groups: dict[tuple[int, int], list[dict]] = {}
+    for r in rows:
+        if r.get("refcount_bits") is not None and r.get("cluster_size") is not None:
+            groups.setdefault((r["refcount_bits"], r["cluster_size"]), []).append(r)
+    total = sum(r["cpu"] for r in rows) or 1e-9
+    out = []
+    for (bits, cluster), members in sorted(groups.items()):
+        cpu = sum(r["cpu"] for r in members)
+        states = sum(r["states"] for r in members)
+        out.append({"refcount_bits": bits, "cluster_size": cluster, "examples": len(members), "crash_states": states,
+                    "cpu_seconds": round(cpu, 3), "cpu_share": round(cpu / total, 3),
+                    "states_per_second_per_core": round(states / cpu, 1) if cpu else None})
+    return out
 
 
 def _percentile(sorted_values: list[float], q: float) -> float:
@@ -320,9 +346,27 @@ def render(r: dict) -> list[str]:
             continue
         lines.append(f"| {cell['profile']} | {cell['class']} | {new['crash_states']} | {extra} | "
                      f"{extra / new['crash_states']:.2f} | {new['all_states_per_second_per_core']} |")
+    lines += _geometry_lines(r["cells"])
     lines += ["", "Goals on the new checkout:", ""]
     for key, ok in r["goals"].items():
         lines.append(f"- {key}: " + ", ".join(f"{name} {'yes' if v else 'NO'}" for name, v in ok.items()))
+    return lines
+
+
+def _geometry_lines(cells: list[dict]) -> list[str]:
+    """Each mix cell's CPU time by refcount width and cluster size, on the new checkout (largest share first)."""
+    mixes = [c for c in cells if c["class"] == "mix" and c["new"].get("by_geometry")]
+    if not mixes:
+        return []
+    lines = ["", "Where each mix's CPU time went on the new checkout, by the examples' refcount width and cluster "
+             "size (largest share first):", "",
+             "| profile | refcount bits | cluster size | examples | crash states | CPU s | share of CPU | states/s/core |",
+             "|---|---|---|---|---|---|---|---|"]
+    for cell in mixes:
+        for g in sorted(cell["new"]["by_geometry"], key=lambda g: -g["cpu_seconds"]):
+            lines.append(f"| {cell['profile']} | {g['refcount_bits']} | {g['cluster_size']} | {g['examples']} | "
+                         f"{g['crash_states']} | {g['cpu_seconds']} | {g['cpu_share'] * 100:.1f}% | "
+                         f"{g['states_per_second_per_core']} |")
     return lines
 
 

@@ -224,3 +224,31 @@ def test_bench_refuses_a_baseline_python_without_the_projects_dependencies(capsy
     out = capsys.readouterr().out
     assert f"--baseline-python {bare}: cannot run a bench cell: ModuleNotFoundError: No module named" in out
     assert "the project's dependencies" in out
+
+
+def test_a_mix_cell_says_which_geometries_took_its_cpu_time() -> None:
+    def geo(index: int, states: int, cpu: float, bits: int, cluster: int) -> dict:
+        return dict(row(index, states, cpu), refcount_bits=bits, cluster_size=cluster)
+
+    rows = [geo(0, 100, 3.0, 64, 512), geo(1, 500, 0.5, 16, 65536), geo(2, 50, 1.0, 64, 512), row(3, 10, 0.5)]
+    s = judging.summarise(rows, None)
+    # (an older checkout's rows name no geometry: counted in the total, in no group)
+    assert s["by_geometry"] == [
+        {"refcount_bits": 16, "cluster_size": 65536, "examples": 1, "crash_states": 500, "cpu_seconds": 0.5,
+         "cpu_share": 0.1, "states_per_second_per_core": 1000.0},
+        {"refcount_bits": 64, "cluster_size": 512, "examples": 2, "crash_states": 150, "cpu_seconds": 4.0,
+         "cpu_share": 0.8, "states_per_second_per_core": 37.5}]
+    report = {"baseline": None, "seed": 7, "commit": "x", "cell_seconds": 1, "goals": {},
+              "cells": [{"profile": "dev", "class": "mix", "new": s}, {"profile": "dev", "class": "512B", "new": s}]}
+    text = judging.render(report)
+    first = text.index("| dev | 64 | 512 | 2 | 150 | 4.0 | 80.0% | 37.5 |")
+    assert text.index("| dev | 16 | 65536 | 1 | 500 | 0.5 | 10.0% | 1000.0 |") == first + 1  # largest share first
+    assert sum(line.startswith("| dev | 64 | 512 |") for line in text) == 1  # mix cells only
+
+
+def test_the_bench_child_reports_each_examples_geometry(tmp_path) -> None:
+    cell = judging.run_cell(__import__("pathlib").Path(__file__).resolve().parents[2], "dev", {"cluster_size": "4096"},
+                            seed=7, examples=1, seconds=120)
+    (only,) = cell["rows"]
+    assert only["cluster_size"] == 4096 and only["refcount_bits"] in (1, 2, 4, 8, 16, 32, 64)
+    assert cell["by_geometry"][0]["examples"] == 1
