@@ -265,9 +265,20 @@ class CheckState:
         """
         self._store(offset, self.decoded_refblock(offset), [(cluster - base, value) for cluster, value in repairs])
         cs = self.cs
+        # (consecutive freed clusters discarded as one run: discard_clusters joins them into the
+        # pending zero run exactly as one discard_cluster after another would, clipped alike)
+        first, count = -1, 0
         for cluster, value in repairs:
-            if value == 0:
-                self.discard_cluster(cluster * cs)
+            if value:
+                continue
+            if cluster == first + count:
+                count += 1
+                continue
+            if count:
+                self.discard_clusters(first * cs, count)
+            first, count = cluster, 1
+        if count:
+            self.discard_clusters(first * cs, count)
 
     def replace_refblock(self, offset: int, data: bytes) -> None:
         """Set the cached refcount block at `offset` (and its decoded view) to `data`, marked dirty: a replayed repair."""
