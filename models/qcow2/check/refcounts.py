@@ -545,37 +545,16 @@ def _compare_block(s: CheckState, imrt: Imrt, fix: int, block_index: int,
         cs = s.cs
         if any(c * cs != offset and c * cs in cached for c, r1, r2 in diff if r2 == 0 and r1 > 0):
             return None  # a freed cluster is a cached refcount block: dropped, and re-read later
-    res, append = s.res, s.findings.append
+    res, findings = s.res, s.findings
     rebuild = False
     repairs = []
-    # _classify inlined, its counts added once per block: a dirty 512-byte-cluster repair
-    # classifies tens of thousands of clusters per sweep, most of them leaks it frees.
-    corruptions = leaks = corruptions_fixed = leaks_fixed = 0
     for cluster, refcount1, refcount2 in diff:
+        kind = _classify(res, refcount1, refcount2, fix_leaks, fix_errors)
         if refcount1 == 0:
-            corruptions += 1
             rebuild = True  # never fixed here: the refcount block itself may be missing
-            kind = _REFCOUNT_ERROR
-        elif refcount1 > refcount2:
-            if fix_leaks:
-                leaks_fixed += 1
-                kind = _REPAIRED
-                repairs.append((cluster, refcount2))
-            else:
-                leaks += 1
-                kind = _LEAK
-        elif fix_errors:
-            corruptions_fixed += 1
-            kind = _REPAIRED
+        elif kind is _REPAIRED:
             repairs.append((cluster, refcount2))
-        else:
-            corruptions += 1
-            kind = _REFCOUNT_ERROR
-        append(Finding(kind, cluster, refcount1, refcount2, _COMPARE_LINE[kind], (cluster, refcount1, refcount2)))
-    res.corruptions += corruptions
-    res.leaks += leaks
-    res.corruptions_fixed += corruptions_fixed
-    res.leaks_fixed += leaks_fixed
+        findings.append(Finding(kind, cluster, refcount1, refcount2, _COMPARE_LINE[kind], (cluster, refcount1, refcount2)))
     if repairs:
         s.set_refcounts(offset, base, repairs)
     return rebuild, highest
