@@ -21,7 +21,7 @@ from models.blockio import (INT64_MAX, SECTOR, BlockFile, CacheMode, MemoryFile,
                             read_exact, sector_runs, split_sectors)
 from models.qcow2 import check as checkmod
 from models.qcow2 import inject, snapshot, spec
-from models.qcow2.entries import ClusterType
+from models.qcow2.entries import ClusterType, not_normal_flags
 from models.qcow2.errors import Qcow2Error, RepairFailed
 from models.qcow2.header import read_header
 from models.qcow2.image import Qcow2Image
@@ -909,7 +909,7 @@ def _read_segment(img: Qcow2Image, view: memoryview, pos: int, end: int, entries
     cs = img.geo.cluster_size
     # A NORMAL entry: no compressed bit, no zero flag (v3; bit 0 is reserved in v2), an
     # aligned non-zero host offset. Such an entry is read as `_lookup` would, without it.
-    special = spec.QCOW_OFLAG_COMPRESSED | (spec.QCOW_OFLAG_ZERO if img.hdr.version >= 3 else 0)
+    special = not_normal_flags(img.hdr.version)
     offset_mask = spec.L2E_OFFSET_MASK
     if entries.count(0) == len(entries):  # nothing allocated
         if plan is not None:

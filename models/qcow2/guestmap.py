@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Iterator
 from models.blockio import read_exact
 from models.qcow2 import inject, spec
 from models.qcow2.scan import nonzero_u64_items
-from models.qcow2.entries import ClusterType, get_entry, l2_cluster_type
+from models.qcow2.entries import ClusterType, get_entry, l2_cluster_type, not_normal_flags
 from models.qcow2.errors import CorruptImage, UnsupportedFeature
 from models.qcow2.geometry import Geometry
 from models.qcow2.overlap import c_hex, corruption_event
@@ -114,7 +114,7 @@ def allocated_guest_clusters(img: "Qcow2Image") -> list[int]:
     cs, per_l2, size = img.geo.cluster_size, img.geo.l2_entries, img.hdr.size
     # NORMAL (l2_cluster_type), tested inline: the judge lists every crash image's clusters,
     # thousands with 512-byte clusters. Not compressed, not the v3 zero flag, a host offset.
-    special = spec.QCOW_OFLAG_COMPRESSED | (spec.QCOW_OFLAG_ZERO if img.hdr.version >= 3 else 0)
+    special = not_normal_flags(img.hdr.version)
     mask = spec.L2E_OFFSET_MASK
     for i in range(len(img.l1)):
         l2_off = l2_table_offset(img, i)

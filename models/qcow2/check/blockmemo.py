@@ -29,7 +29,7 @@ from itertools import repeat
 
 from models.qcow2 import inject
 from models.qcow2.check.result import FIX_LEAKS, Kind
-from models.qcow2.check.state import RefcountIOError
+from models.qcow2.check.state import RefcountIOError, cluster_runs
 
 _MAX_ENTRIES = 8192
 _MAX_KEY_BYTES = 4096  # blocks up to this size are their own key; larger ones are digested
@@ -104,7 +104,7 @@ def compare_block(s, imrt, fix: int, block_index: int, clusters, compute, signat
     freed = [f.cluster for f in lines if f.kind is _REPAIRED and f.reference == 0]
     after = bytes(s.raw_refblock(offset)) if offset and any(f.kind is _REPAIRED for f in lines) else None
     cs = s.cs
-    value = _memo[key] = (done, lines, added, after, _runs(freed), frozenset(c * cs for c in freed) - {offset})
+    value = _memo[key] = (done, lines, added, after, cluster_runs(freed), frozenset(c * cs for c in freed) - {offset})
     stats["bytes"] += _weight(key, value)
     while len(_memo) > _MAX_ENTRIES or stats["bytes"] > _MAX_BYTES:
         stats["bytes"] -= _weight(*_memo.popitem(last=False))
@@ -128,13 +128,3 @@ def _replay(s, offset: int, fix: int, found: tuple):
         s.discard_clusters(first * s.cs, count)
     return done
 
-
-def _runs(clusters: list[int]) -> tuple[tuple[int, int], ...]:
-    """Ascending clusters as (first, count) runs of consecutive ones."""
-    out: list[list[int]] = []
-    for c in clusters:
-        if out and out[-1][0] + out[-1][1] == c:
-            out[-1][1] += 1
-        else:
-            out.append([c, 1])
-    return tuple((a, n) for a, n in out)

@@ -48,6 +48,17 @@ def l1_bytes_in_file(file_size: int, l1_offset: int, l1_size: int) -> int:
     return max(0, min(l1_size * 8, file_size - l1_offset)) // 8 * 8
 
 
+def cluster_runs(clusters: list[int]) -> tuple[tuple[int, int], ...]:
+    """Ascending clusters as (first, count) runs of consecutive ones (what discard_clusters takes)."""
+    out: list[list[int]] = []
+    for c in clusters:
+        if out and out[-1][0] + out[-1][1] == c:
+            out[-1][1] += 1
+        else:
+            out.append([c, 1])
+    return tuple((a, n) for a, n in out)
+
+
 def hash_x(value: int) -> str:
     """C's "%#" PRIx64: 0 prints as "0", anything else with a 0x prefix."""
     return f"{value:#x}" if value else "0"
@@ -267,17 +278,7 @@ class CheckState:
         cs = self.cs
         # (consecutive freed clusters discarded as one run: discard_clusters joins them into the
         # pending zero run exactly as one discard_cluster after another would, clipped alike)
-        first, count = -1, 0
-        for cluster, value in repairs:
-            if value:
-                continue
-            if cluster == first + count:
-                count += 1
-                continue
-            if count:
-                self.discard_clusters(first * cs, count)
-            first, count = cluster, 1
-        if count:
+        for first, count in cluster_runs([cluster for cluster, value in repairs if value == 0]):
             self.discard_clusters(first * cs, count)
 
     def replace_refblock(self, offset: int, data: bytes) -> None:
