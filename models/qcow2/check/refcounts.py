@@ -459,6 +459,17 @@ def _compare_vectorised(s: CheckState, imrt: Imrt, fix: int, again: bool = False
         # (a dirty 512-byte-cluster image frees hundreds of leaked clusters: looked up in C)
         if cached and not cached.keys().isdisjoint((freed * s.cs).tolist()):
             return None
+    if fix:
+        rebuild = _compare_differing_blocks(s, imrt, fix, diff, comp)
+    else:  # (a dry pass writes nothing: the sweep's images repeat whole passes, answered at once)
+        rebuild = blockmemo.dry_pass(s, disk, comp, lambda: _compare_differing_blocks(s, imrt, fix, diff, comp))
+    s.write_pending_zeros()
+    return rebuild, highest
+
+
+def _compare_differing_blocks(s: CheckState, imrt: Imrt, fix: int, diff: numpy.ndarray, comp: numpy.ndarray) -> bool:
+    """The loop's per-block step on each block holding a cluster of `diff`, in order; whether a rebuild is needed."""
+    limit, rbe = len(comp), s.rb_entries
     rebuild = False
     for block_index in numpy.unique(diff // rbe).tolist():
         base = block_index * rbe
@@ -473,8 +484,7 @@ def _compare_vectorised(s: CheckState, imrt: Imrt, fix: int, again: bool = False
         if done is None:  # (not reached: a freed cached refcount block was declined above)
             done = _compare_clusters(s, imrt, fix, block())
         rebuild = rebuild or done[0]
-    s.write_pending_zeros()
-    return rebuild, highest
+    return rebuild
 
 
 def _disk_refcounts(s: CheckState, nblocks: int) -> numpy.ndarray | None:
