@@ -190,7 +190,7 @@ class Judge:
     def _judge(self, where: Where, raw: Facts, model: ReferenceDisk, *, deep: bool) -> Judged:
         assert where.state is not None
         touched = model.touched_sectors()  # one read set for every image of this state
-        bad, pre = self._judge_raw(where, raw, model, touched)
+        bad, pre, pre_fingerprint = self._judge_raw(where, raw, model, touched)
         if bad:
             return Judged(bad)
         path = recovery_path(self.budget, where.state)
@@ -198,7 +198,7 @@ class Judge:
             self.stats.coverage[f"recovered by {path}"] += 1
         rec, recovered = self._recover(raw, path, record=True)
         wanted = frozenset(pre).union(touched)
-        bad = self._judge_recovery(where, rec, recovered, pre, wanted, _recovery(path))
+        bad = self._judge_recovery(where, rec, recovered, pre, wanted, _recovery(path), pre_fingerprint)
         if bad:
             return Judged(bad)
         assert rec.image is not None
@@ -207,24 +207,24 @@ class Judge:
         if bad:
             return Judged(bad)
         if deep and rec.log is not None and len(rec.log):
-            bad = self._crash_recovery(where, rec.log, pre, wanted, path)
+            bad = self._crash_recovery(where, rec.log, pre, wanted, path, pre_fingerprint)
             if bad:
                 return Judged(bad)
         return Judged(None, rec.image, pre)
 
     def _judge_raw(self, where: Where, raw: Facts, model: ReferenceDisk,
-                   touched: frozenset[int]) -> tuple[Finding | None, dict[int, bytes]]:
-        """Step 1; with no finding, the guest data the read-only open read."""
+                   touched: frozenset[int]) -> tuple[Finding | None, dict[int, bytes], bytes | None]:
+        """Step 1; with no finding, the guest data the read-only open read (and its view's fingerprint)."""
         memo = self.memo
         hdr = memo.inspect(raw)
         if hdr.error is not None:
-            return where.finding(Verdict.UNOPENABLE, hdr.error, "raw"), {}
+            return where.finding(Verdict.UNOPENABLE, hdr.error, "raw"), {}, None
         self.stats.coverage["dirty at open" if hdr.dirty else "clean at open"] += 1
         # The order of the rng calls is part of every seed's behaviour digest.
         if self.budget.qemu_every and self.rng.randrange(self.budget.qemu_every) == 0:
             disagreement = qemu_disagreement(as_bytes(raw.data))
             if disagreement:
-                return where.finding(Verdict.QEMU_DISAGREES, disagreement, "raw"), {}
+                return where.finding(Verdict.QEMU_DISAGREES, disagreement, "raw"), {}, None
             self.stats.coverage["qemu-img check agreed"] += 1
         if not hdr.dirty:
             result = memo.check(raw)
@@ -232,28 +232,29 @@ class Judge:
             # leaks` repairs it fully (CRASH-CONTRACT.md, Snapshots).
             if (result.corruptions or result.check_errors) and not (model.snapshot_in_flight()
                                                                     and result.copied_benign):
-                return where.finding(Verdict.CORRUPTION_WITHOUT_DIRTY, result.text(), "raw"), {}
+                return where.finding(Verdict.CORRUPTION_WITHOUT_DIRTY, result.text(), "raw"), {}, None
             if result.leaks:
                 self.stats.coverage["leaks after crash"] += 1
         view = memo.read_only(raw, touched)
         if view.changed is not None:
-            return where.finding(Verdict.READONLY_OPEN_CHANGED, view.changed, "raw"), {}
+            return where.finding(Verdict.READONLY_OPEN_CHANGED, view.changed, "raw"), {}, None
         if view.error is not None:
-            return where.finding(Verdict.UNOPENABLE, f"read-only open: {view.error}", "raw"), {}
-        verdicts = self._judge_view(model, view.sectors)
+            return where.finding(Verdict.UNOPENABLE, f"read-only open: {view.error}", "raw"), {}, None
+        verdicts = self._judge_view(model, view.sectors, view.fingerprint)
         if verdicts:
-            return data_finding(where, verdicts, "raw"), {}
-        return None, view.sectors
+            return data_finding(where, verdicts, "raw"), {}, None
+        return None, view.sectors, view.fingerprint
 
-    def _judge_view(self, model: ReferenceDisk, sectors: dict[int, bytes]) -> list[SectorVerdict]:
+    def _judge_view(self, model: ReferenceDisk, sectors: dict[int, bytes],
+                    fingerprint: bytes | None = None) -> list[SectorVerdict]:
         """`model.judge_view`, or no verdicts for a view equal to one the sweep's model accepted (`sweep`)."""
         if not self._in_sweep(model):
             return model.judge_view(sectors)
-        if self._views.holds(None, sectors):
+        if self._views.holds(None, sectors, fingerprint):
             return []
         verdicts = model.judge_view(sectors)
         if not verdicts:
-            self._views.add(None, sectors)
+            self._views.add(None, sectors, fingerprint)
         return verdicts
 
     def _in_sweep(self, model: ReferenceDisk) -> bool:
@@ -266,7 +267,7 @@ class Judge:
         return rec, recovered
 
     def _judge_recovery(self, where: Where, rec: Recovery, recovered: Facts | None, pre: dict[int, bytes],
-                        wanted: frozenset[int], phase: _Phase) -> Finding | None:
+                        wanted: frozenset[int], phase: _Phase, pre_fingerprint: bytes | None = None) -> Finding | None:
         """Step 2 on one recovery: it succeeded, the image is clean and reads as `pre` did (`wanted`: pre's sectors and the model's)."""
         if rec.image is None:
             return where.finding(phase.failed, f"{rec.error}{phase.suffix}", phase.name)
@@ -280,14 +281,16 @@ class Judge:
                                  f"{hdr.incompatible_features:#x}, refcounts past EOF: {past_eof[:8]}{phase.suffix}",
                                  phase.name)
         post = _require_view(memo.read_only(recovered, wanted), "recovered image")
-        sector = self._first_difference(post.sectors, pre)
+        sector = self._first_difference(post.sectors, pre, post.fingerprint is not None
+                                        and post.fingerprint == pre_fingerprint)
         if sector is not None:
             return where.finding(phase.changed, f"sector {sector} reads differently after {phase.name} than the "
                                  f"read-only view before it{phase.suffix}", phase.name, sector=sector)
         return None
 
-    def _first_difference(self, post: dict[int, bytes], pre: dict[int, bytes]) -> int | None:
-        """`_first_difference`, remembered for the last few pairs of view objects.
+    def _first_difference(self, post: dict[int, bytes], pre: dict[int, bytes], same: bool = False) -> int | None:
+        """`_first_difference`, remembered for the last few pairs of view objects; None at once when `same`
+        (the two views' fingerprints are equal: ReadOnlyView.fingerprint).
 
         The crashes of one recovery mostly recover to the image the first recovery gave, so
         the memo hands back the very same view, to be compared with the same `pre` again:
@@ -296,6 +299,8 @@ class Judge:
         """
         if not self.memo.enabled:
             return _first_difference(post, pre)
+        if same:
+            return None
         for seen_post, seen_pre, result in self._compared:
             if seen_post is post and seen_pre is pre:
                 return result
@@ -304,7 +309,7 @@ class Judge:
         return result
 
     def _crash_recovery(self, where: Where, log: WriteLog, pre: dict[int, bytes], wanted: frozenset[int],
-                        path: RecoveryPath) -> Finding | None:
+                        path: RecoveryPath, pre_fingerprint: bytes | None = None) -> Finding | None:
         """Step 3: crash the recovery at sampled points of its log, recover again, judge again."""
         self.stats.coverage["recovery crashed"] += 1
         builder = CrashImageBuilder(log)
@@ -316,7 +321,8 @@ class Judge:
                 self.stats.recovery_crash_states += 1
                 image, key = builder.image_and_digest(sub, known=self.memo.has)
                 rec, recovered = self._recover(self.memo.facts(image, key), path, record=False)
-                bad = self._judge_recovery(where, rec, recovered, pre, wanted, _recovery_crash(sub, path))
+                bad = self._judge_recovery(where, rec, recovered, pre, wanted, _recovery_crash(sub, path),
+                                           pre_fingerprint)
                 if bad:
                     return bad
                 if image is not None:
@@ -331,15 +337,24 @@ class AcceptedViews:
     MAX_VIEWS, MAX_SECTORS = 4, 8192  # (4 views of 4 MiB)
 
     def __init__(self) -> None:
-        self._held: list[tuple[str | None, dict[int, bytes]]] = []
+        self._held: list[tuple[str | None, dict[int, bytes], bytes | None]] = []
 
-    def holds(self, key: str | None, view: dict[int, bytes]) -> bool:
-        """Whether this very view, or an equal one (compared at C speed; views are never mutated), was accepted."""
-        return any(k == key and (v is view or v == view) for k, v in self._held)
+    def holds(self, key: str | None, view: dict[int, bytes], fingerprint: bytes | None = None) -> bool:
+        """Whether this very view, or an equal one, was accepted.
 
-    def add(self, key: str | None, view: dict[int, bytes]) -> None:
+        Equal is an equal fingerprint (ReadOnlyView.fingerprint: the consecutive crash
+        images of a sweep read the same guest data through different metadata, so their
+        views are equal dicts of distinct objects, which a dict compare walks sector by
+        sector: a twentieth of a nightly 512-byte-cluster example), else equal sectors
+        (compared at C speed; views are never mutated).
+        """
+        if fingerprint is not None and any(k == key and f == fingerprint for k, _v, f in self._held):
+            return True
+        return any(k == key and (v is view or v == view) for k, v, _f in self._held)
+
+    def add(self, key: str | None, view: dict[int, bytes], fingerprint: bytes | None = None) -> None:
         if len(view) <= self.MAX_SECTORS:
-            self._held.insert(0, (key, view))
+            self._held.insert(0, (key, view, fingerprint))
             del self._held[self.MAX_VIEWS:]
 
 

@@ -124,6 +124,11 @@ class ReadOnlyView:
     allocated: tuple[int, ...] = ()  # guest offsets of allocated clusters (foreign data hides there)
     changed: str | None = None  # the read-only open tried to change the file: what it did
     error: str | None = None  # the read-only open failed: the implementation's message
+    # Optional: a digest of `sectors` the target computed on the side (XXH3-128 over each run of
+    # consecutive sectors it read: the run's place and the digest of its bytes). Two views whose
+    # fingerprints are equal hold equal sectors (the image memo's collision argument); None, or
+    # unequal fingerprints, say nothing: compare the sectors. (Not part of a view's equality.)
+    fingerprint: bytes | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True, slots=True)

@@ -6,9 +6,12 @@ import array
 import contextlib
 import dataclasses
 import errno
+import struct
 import sys
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
+
+import xxhash
 
 from harness.config import Config
 from harness.crashstates.images import Extents, Image, as_bytes
@@ -665,8 +668,7 @@ def _planned(reuse: ReadMemo, parts: tuple, raw: bytes, name: str, read) -> Read
             return found[0].replay(raw)  # type: ignore[attr-defined]
     file = RecordingReadOnlyFile(raw, name=name)
     plan = ReadPlan()
-    view = read(file, plan)
-    plan.finish(view)
+    view = plan.finish(read(file, plan))
     reuse.store(keys[file.sized], merged(file.reads), raw, plan, plan.weight)
     return view
 
@@ -701,11 +703,12 @@ class ReadPlan:
     recorded one on every read range gets the same plan; only the raw slices differ.
     """
 
-    __slots__ = ("runs", "_pieces", "view", "weight")
+    __slots__ = ("runs", "_pieces", "_digests", "view", "weight")
 
     def __init__(self) -> None:
         self.runs: list[tuple[int, int, tuple]] = []  # (first sector, sectors, pieces)
         self._pieces: list[tuple[int, int | bytes]] = []
+        self._digests: list[bytes] = []  # each run's `run_digest` as the recorded open read it
         self.view: ReadOnlyView | None = None  # an error or a refused write: replayed as it is
         self.weight = 0
 
@@ -714,23 +717,39 @@ class ReadPlan:
         ZEROS) or the bytes `data` (host CONST)."""
         self._pieces.append((host, data))
 
-    def end_run(self, first: int, count: int) -> None:
+    def end_run(self, first: int, count: int, digest: bytes) -> None:
+        """Close the current run: sectors [first, first + count), whose bytes hash to `digest` (`run_digest`)."""
         self.runs.append((first, count, tuple(self._pieces)))
+        self._digests.append(digest)
         self.weight += 64 + 32 * len(self._pieces) + sum(len(d) for h, d in self._pieces if h == CONST)
         self._pieces = []
 
-    def finish(self, view: ReadOnlyView) -> None:
+    def finish(self, view: ReadOnlyView) -> ReadOnlyView:
+        """Keep what a replay needs of the recorded open's `view`; return `view`, with its fingerprint when it read."""
         if view.changed is not None or view.error is not None:
             self.runs, self.view = [], view
-        else:
-            self.view = dataclasses.replace(view, sectors={})
+            return view
+        self.view = dataclasses.replace(view, sectors={})
+        return dataclasses.replace(view, fingerprint=self._fingerprint(self._digests))
+
+    def _fingerprint(self, digests: list[bytes]) -> bytes:
+        """ReadOnlyView.fingerprint of a view made of this plan's runs with these bytes' digests.
+
+        The runs are the sorted sectors cut where they break or reach 4,096 (`read_sectors`),
+        so a view's runs are a function of its sectors: equal fingerprints, equal places and bytes.
+        """
+        h = xxhash.xxh3_128()
+        for (first, count, _p), digest in zip(self.runs, digests):
+            h.update(_RUN_PLACE.pack(first, count))
+            h.update(digest)
+        return h.digest()
 
     def replay(self, raw: bytes) -> ReadOnlyView:
         assert self.view is not None
         if not self.runs and (self.view.changed is not None or self.view.error is not None):
             return self.view
         last = _LAST_REPLAYS.get(self)
-        runs: list[tuple[bytes, list[bytes]]] = []
+        runs: list[tuple[bytes, list[bytes], bytes]] = []  # (bytes, sector objects, run_digest)
         changed: list[int] = []  # the runs that read otherwise than last time
         for k, (_first, _count, pieces) in enumerate(self.runs):
             if len(pieces) == 1:
@@ -740,17 +759,18 @@ class ReadPlan:
             if last is not None and last[1][k][0] == data:
                 runs.append(last[1][k])  # this run reads as it did last time: the same sector objects
             else:
-                runs.append((data, split_sectors(data)))
+                runs.append((data, split_sectors(data), run_digest(data)))
                 changed.append(k)
         if last is not None and not changed:
-            return dataclasses.replace(self.view, sectors=last[0])
+            return dataclasses.replace(self.view, sectors=last[0], fingerprint=last[2])
         # (the last view's dict, copied in C, holds every sector of this plan: only the changed runs are set again)
         out: dict[int, bytes] = last[0].copy() if last is not None else {}
         for k in changed:
             first, count, _p = self.runs[k]
             out.update(zip(range(first, first + count), runs[k][1]))
-        _LAST_REPLAYS.put(self, (out, runs), 2 * SECTOR * len(out))  # (each run's bytes and its sectors)
-        return dataclasses.replace(self.view, sectors=out)
+        fingerprint = self._fingerprint([run[2] for run in runs])
+        _LAST_REPLAYS.put(self, (out, runs, fingerprint), 2 * SECTOR * len(out))  # (each run's bytes and its sectors)
+        return dataclasses.replace(self.view, sectors=out, fingerprint=fingerprint)
 
 
 class _LastReplays:
@@ -794,6 +814,14 @@ class _LastReplays:
 _LAST_REPLAYS = _LastReplays()
 
 
+_RUN_PLACE = struct.Struct("<QQ")  # a run's first sector and count, in a view's fingerprint
+
+
+def run_digest(data: bytes) -> bytes:
+    """The digest of one run's bytes in a view's fingerprint (XXH3-128, as the image memo's)."""
+    return xxhash.xxh3_128_digest(data)
+
+
 ZEROS, CONST = -2, -1  # ReadPlan pieces that are not slices of the image: `n` zero bytes, or given bytes
 
 
@@ -826,7 +854,7 @@ def read_sectors(img: Qcow2Image, sectors: list[int], raw: bytes | None = None,
             img._check_request(offset, length, "read")
             data = _read_run(img, raw, offset, length, plan)
             if plan is not None:
-                plan.end_run(sectors[i], j - i)
+                plan.end_run(sectors[i], j - i, run_digest(data))
         out.update(zip(sectors[i:j], split_sectors(data)))
     return out
 

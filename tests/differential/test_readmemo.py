@@ -139,6 +139,61 @@ def test_replayed_read_plans_equal_fresh_reads(cfg: tuple) -> None:
     assert replayed, "no read-only open was replayed: the comparison proved nothing about read plans"
 
 
+def _host_of_a_sector(image: bytes, view, rng: random.Random) -> int | None:
+    """The host offset of a sector of `view` that lies in a plain data cluster of `image`, or None."""
+    from models.blockio import MemoryFile
+    from models.qcow2 import Qcow2Image
+    from models.qcow2.entries import ClusterType
+
+    if not view.allocated:
+        return None
+    img = Qcow2Image.open(MemoryFile(image), readonly=True)
+    try:
+        guest = rng.choice(view.allocated)
+        _entry, ctype, host = img._lookup(guest)
+        return host if ctype is ClusterType.NORMAL and host + 512 <= len(image) else None
+    finally:
+        img.release()
+
+
+@pytest.mark.parametrize("cfg", [c for c in CONFIGS if c[0] <= 1 << 16][::2],
+                         ids=lambda c: f"cs{c[0]}-rc{c[1]}-v{c[2]}-{'lazy' if c[3] else 'eager'}")
+def test_view_fingerprints_are_equal_exactly_when_the_views_are(cfg: tuple) -> None:
+    """ReadOnlyView.fingerprint, on fresh and replayed read-only opens of crash images and of copies with other
+    guest data: equal fingerprints hold equal sectors (the judge then compares no sectors), and views of the same
+    sectors with unequal fingerprints differ."""
+    target = PythonTarget()
+    reuse = ReadMemo()
+    seed = sum(cfg) % 7919 + 3
+    rng = random.Random(seed)
+    images = _crash_images(cfg, seed, per_config=6) + _crash_images(cfg, seed + 2, per_config=6)
+    touched = frozenset(rng.sample(range(cfg[4] // 512), 24))
+    views = []
+    for image in list(images):
+        first = target.read_only(image, touched, reuse=reuse)
+        views.append(first)
+        pos = _outside(_last_read_set(reuse, "read_only"), len(image), rng)
+        if pos is not None:  # the same metadata, other unread bytes: a replayed plan
+            views.append(target.read_only(_flipped(image, pos), touched, reuse=reuse))
+        host = _host_of_a_sector(image, first, rng)
+        if host is not None:  # the same metadata, a guest sector's bytes changed where they lie: a replayed plan
+            views.append(target.read_only(_flipped(image, host + rng.randrange(512)), touched, reuse=reuse))
+        views.append(target.read_only(image, touched, reuse=reuse))  # (its plan replayed on the bytes it read)
+    printed = [v for v in views if v.fingerprint is not None]
+    assert len(printed) >= len(images), "few read-only opens carried a fingerprint"
+    shortcut = differ = 0
+    for i, a in enumerate(printed):
+        for b in printed[i + 1:]:
+            if a.fingerprint == b.fingerprint:
+                assert a.sectors == b.sectors, f"{cfg}: equal fingerprints, different sectors"
+                shortcut += a.sectors is not b.sectors
+            elif a.sectors.keys() == b.sectors.keys():
+                assert a.sectors != b.sectors, f"{cfg}: the same sectors, unequal fingerprints"
+                differ += 1
+    assert shortcut, "no two distinct views shared a fingerprint: the judge's shortcut was not exercised"
+    assert differ, "no two views of the same sectors differed: unequal fingerprints were not compared"
+
+
 def test_replayed_writes_are_asked_for_by_their_digest_before_joining() -> None:
     """replay_writes hands `image_for` the digest of the bytes it would join; what it returns is the result."""
     from harness.imagememo import digest
@@ -281,10 +336,13 @@ def test_a_replayed_run_of_many_pieces_reads_as_its_pieces_one_by_one() -> None:
             plan.piece(*piece)
             pieces.append(piece)
         count = sum(d if isinstance(d, int) else len(d) for _h, d in pieces) // 512
-        plan.end_run(0, count)
+        recorded = b"".join(pythonmod._piece(raw, h, d) for h, d in pieces)
+        plan.end_run(0, count, pythonmod.run_digest(recorded))
         plan.finish(ReadOnlyView())
         for image in (raw, raw + bytes(700)):  # (the second replay of a plan starts from its first's view)
             want = b"".join(pythonmod._piece(image, h, d) for h, d in pieces)
-            got = plan.replay(image).sectors
+            view = plan.replay(image)
+            got = view.sectors
             assert b"".join(got[s] for s in range(count)) == want, f"pieces {[(h, len(d) if isinstance(d, bytes) else d) for h, d in pieces]}"
+            assert (view.fingerprint == plan._fingerprint([pythonmod.run_digest(recorded)])) == (want == recorded)
     assert past_end > 20, "few pieces ran past the image's end: the zero-padded case was barely compared"
